@@ -1,0 +1,38 @@
+"""Shared test setup: 8 fake CPU devices, a compilation cache, and tiny Hugging Face models."""
+
+import os
+
+# Must happen before JAX initialises its backends (i.e. before any test imports jax).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = os.environ.get("ZSJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zsjax"))
+jax.config.update("jax_compilation_cache_dir", os.path.join(_CACHE, "jax_compile"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+from hf_models import build_torch_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """Builds (once per session and variant) a saved transformers model; returns (dir, model)."""
+    made = {}
+
+    def make(family, *, tied, rope=None, bias=True, max_shard_size=None):
+        key = (family, tied, repr(rope), bias, max_shard_size)
+        if key not in made:
+            model = build_torch_model(family, tied=tied, rope=rope, bias=bias)
+            path = tmp_path_factory.mktemp(f"{family}_{'tied' if tied else 'untied'}")
+            kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+            model.save_pretrained(path, **kwargs)
+            made[key] = (str(path), model)
+        return made[key]
+
+    return make

@@ -1,0 +1,179 @@
+"""Logits parity with transformers' PyTorch models, loaded from save_pretrained folders."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_models import LLAMA3_ROPE, torch_logits
+from zsjax.models import forward, init_cache, load_hf, save_hf
+from zsjax.models.decoder import Decoder
+from zsjax.models import rope
+
+VARIANTS = {
+    "qwen2-bias-tied": dict(family="qwen2", tied=True),
+    "qwen2-bias-untied": dict(family="qwen2", tied=False),
+    "llama3rope-tied": dict(family="llama", tied=True, rope=LLAMA3_ROPE, bias=False),
+    "llama3rope-untied": dict(family="llama", tied=False, rope=LLAMA3_ROPE, bias=False),
+    "llama-attnbias-untied": dict(family="llama", tied=False, bias=True),
+}
+
+
+def _tokens(batch, length, vocab=257, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, (batch, length))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(hf_model_dir, variant):
+    path, model = hf_model_dir(**VARIANTS[variant])
+    config, params = load_hf(path)
+    assert config.tie_embeddings == VARIANTS[variant]["tied"]
+    assert ("lm_head" in params) != config.tie_embeddings
+    # 200 positions reach the low-frequency RoPE bands that Llama-3 scaling changes.
+    tokens = _tokens(2, 200)
+    ours = np.asarray(forward(config, params, tokens))
+    ref = torch_logits(model, tokens)
+    assert np.abs(ref).std() > 0.3  # the weights are large enough for a bug to show
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["qwen2-bias-untied", "llama3rope-tied"])
+def test_right_padded_batch_matches_transformers(hf_model_dir, variant):
+    path, model = hf_model_dir(**VARIANTS[variant])
+    config, params = load_hf(path)
+    lengths = [23, 9, 16]
+    tokens = _tokens(3, 23, seed=1)
+    mask = np.arange(23)[None, :] < np.array(lengths)[:, None]
+    tokens = np.where(mask, tokens, 0)
+    ours = np.asarray(forward(config, params, tokens, attention_mask=mask))
+    ref = torch_logits(model, tokens, attention_mask=mask)
+    for row, n in enumerate(lengths):
+        np.testing.assert_allclose(ours[row, :n], ref[row, :n], atol=1e-4, rtol=0)
+        # Each padded row must equal the same sequence run alone (padding truly masked).
+        alone = torch_logits(model, tokens[row:row + 1, :n])[0]
+        np.testing.assert_allclose(ours[row, :n], alone, atol=1e-4, rtol=0)
+
+
+def test_rope_inverse_frequencies_match_transformers(hf_model_dir):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    path, model = hf_model_dir(**VARIANTS["llama3rope-untied"])
+    config, _ = load_hf(path)
+    ref, scale = ROPE_INIT_FUNCTIONS["llama3"](model.config, device="cpu")
+    ours = rope.inverse_frequencies(config)
+    assert scale == 1.0
+    # all three Llama-3 bands (kept, interpolated, divided) are present in this config
+    base = rope.inverse_frequencies(config.replace(rope_scaling=None))
+    ratio = ours / base
+    assert np.any(np.isclose(ratio, 1.0)) and np.any(np.isclose(ratio, 1 / 8))
+    assert np.any((ratio > 1 / 8 + 1e-3) & (ratio < 1 - 1e-3))
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
+
+
+def test_kv_cache_decode_matches_full_forward(hf_model_dir):
+    """Left-padded ragged prefill, then one token at a time, against transformers' logits."""
+    path, model = hf_model_dir(**VARIANTS["qwen2-bias-untied"])
+    config, params = load_hf(path)
+    seqs = [list(_tokens(1, n, seed=n)[0]) for n in (12, 7)]
+    prompt_len, steps = 12, 6
+    batch = len(seqs)
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    mask = np.zeros((batch, prompt_len), bool)
+    for i, s in enumerate(seqs):  # left padding
+        tokens[i, prompt_len - len(s):] = s
+        mask[i, prompt_len - len(s):] = True
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    model_fn = Decoder(config)
+    apply = jax.jit(lambda p, t, pos, c, m: model_fn.apply({"params": p}, t, pos, c, m))
+    cache = init_cache(config, batch, prompt_len + steps)
+    logits, cache = apply(params, tokens, positions, cache, mask)
+    rng = np.random.RandomState(3)
+    full = [list(s) for s in seqs]
+    last = np.asarray(logits[:, -1])
+    for step in range(steps):
+        for i, s in enumerate(full):
+            ref = torch_logits(model, [s])[0, -1]
+            np.testing.assert_allclose(last[i], ref, atol=1e-4, rtol=0)
+        nxt = rng.randint(0, 257, (batch, 1))
+        for i in range(batch):
+            full[i].append(int(nxt[i, 0]))
+        pos = np.array([[len(s) - 1] for s in full])
+        logits, cache = apply(params, nxt, pos, cache, np.ones((batch, 1), bool))
+        last = np.asarray(logits[:, -1])
+    assert int(cache.index) == prompt_len + steps
+
+
+def test_round_trip_through_save_hf(hf_model_dir, tmp_path):
+    import transformers
+    for variant in ("qwen2-bias-tied", "llama3rope-untied"):
+        path, model = hf_model_dir(**VARIANTS[variant])
+        config, params = load_hf(path)
+        out = tmp_path / variant
+        save_hf(config, params, str(out))
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="float32").eval()
+        assert type(reloaded) is type(model)
+        tokens = _tokens(2, 50)
+        np.testing.assert_allclose(torch_logits(reloaded, tokens), torch_logits(model, tokens),
+                                   atol=1e-6, rtol=0)
+        config2, params2 = load_hf(str(out))
+        assert config2 == config
+        jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_sharded_checkpoint_and_sharded_export(hf_model_dir, tmp_path):
+    path, model = hf_model_dir(family="llama", tied=False, rope=LLAMA3_ROPE,
+                               max_shard_size="40KB")
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 2
+    config, params = load_hf(path)
+    tokens = _tokens(2, 30)
+    np.testing.assert_allclose(np.asarray(forward(config, params, tokens)),
+                               torch_logits(model, tokens), atol=1e-4, rtol=0)
+    save_hf(config, params, str(tmp_path), max_shard_bytes=60_000)
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 2
+    import transformers
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="float32")
+    np.testing.assert_allclose(torch_logits(reloaded.eval(), tokens), torch_logits(model, tokens),
+                               atol=1e-6, rtol=0)
+
+
+def test_legacy_config_style(hf_model_dir, tmp_path):
+    """Older folders: top-level rope_theta and rope_scaling (with `type` instead of rope_type)."""
+    path, model = hf_model_dir(**VARIANTS["llama3rope-untied"])
+    legacy = tmp_path / "legacy"
+    shutil.copytree(path, legacy)
+    cfg = json.load(open(legacy / "config.json"))
+    rp = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    rp["type"] = rp.pop("rope_type")
+    cfg["rope_scaling"] = rp
+    json.dump(cfg, open(legacy / "config.json", "w"))
+    config, params = load_hf(str(legacy))
+    assert config.rope_theta == 500000.0 and config.rope_scaling.rope_type == "llama3"
+    tokens = _tokens(1, 200)
+    np.testing.assert_allclose(np.asarray(forward(config, params, tokens)),
+                               torch_logits(model, tokens), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_params_and_compute(hf_model_dir):
+    path, model = hf_model_dir(**VARIANTS["qwen2-bias-untied"])
+    config, params = load_hf(path, dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    tokens = _tokens(2, 40)
+    ours = np.asarray(forward(config, params, tokens))
+    assert ours.dtype == np.float32
+    ref = torch_logits(model, tokens)
+    err = np.abs(ours - ref).max()
+    # bfloat16 has 8 mantissa bits: expect ~1e-2 relative error, not 1e-4, but no blow-up.
+    assert err < 0.05 * np.abs(ref).max(), err
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    # and the same folder exported in bfloat16 reloads bit-exactly
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(config, params, d)
+        config2, params2 = load_hf(d, dtype="bfloat16")
+        jax.tree.map(np.testing.assert_array_equal, params2, params)

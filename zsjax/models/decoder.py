@@ -1,0 +1,285 @@
+"""The Llama / Qwen2 decoder as a Flax Linen module applied as a pure function.
+
+    logits_btv, cache = Decoder(config).apply({"params": params}, tokens_bt, positions_bt, cache)
+
+The KV cache is an explicit argument and result (a `KVCache` pytree), never a mutable Flax
+collection, so the same module serves training (no cache), prefill and decode. Params carry
+logical axis names (see `zsjax.sharding`); `param_logical_axes` reads them off the module.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from zsjax import sharding
+from zsjax.models import rope
+from zsjax.models.config import ModelConfig
+
+Params = Any
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values in fixed-capacity slots, shared by all rows of a batch.
+
+    New tokens are written at slots [index, index + T) for every row; `valid` marks which slots
+    hold real tokens, so rows may be left-padded or carry padding in the middle (ragged appends).
+    """
+
+    k: tuple[jax.Array, ...]  # per layer [B, KVH, S, Dh]
+    v: tuple[jax.Array, ...]  # per layer [B, KVH, S, Dh]
+    valid: jax.Array  # [B, S] bool
+    index: jax.Array  # [] int32, next slot to write
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+
+def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: str | None = None
+               ) -> KVCache:
+    """An empty cache for `batch` rows and `capacity` token slots."""
+    shape = (batch, config.n_kv_heads, capacity, config.head_dim)
+    dt = jnp.dtype(dtype or config.dtype)
+    zeros = tuple(jnp.zeros(shape, dt) for _ in range(config.n_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(config.n_layers)),
+                   valid=jnp.zeros((batch, capacity), bool), index=jnp.zeros((), jnp.int32))
+
+
+def _dense_init(axes):
+    return nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+
+
+def _zeros_init(axes):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # transformers casts back to the input dtype before the scale multiply.
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: Any = sharding.DEFAULT_RULES
+
+    @nn.compact
+    def __call__(self, x_btd, cos, sin, mask_bts, kv_cache, cache_index):
+        c = self.config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+
+        def proj(name, heads, head_axis, bias):
+            return nn.DenseGeneral(
+                (heads, c.head_dim), axis=-1, use_bias=bias, dtype=dt, param_dtype=pdt,
+                kernel_init=_dense_init(("embed", head_axis, "head_dim")),
+                bias_init=_zeros_init((head_axis, "head_dim")), name=name)(x_btd)
+
+        q = proj("q_proj", c.n_heads, "heads", c.qkv_bias)  # [B, T, H, Dh]
+        k = proj("k_proj", c.n_kv_heads, "kv_heads", c.qkv_bias)  # [B, T, KVH, Dh]
+        v = proj("v_proj", c.n_kv_heads, "kv_heads", c.qkv_bias)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        k = k.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
+        v = v.transpose(0, 2, 1, 3)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
+                                             (0, 0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
+                                             (0, 0, cache_index, 0))
+            kv_cache = (k, v)
+        cache_names = ("batch", "kv_heads", "length", "head_dim")
+        k = sharding.constrain(k, cache_names, self.mesh, self.rules)
+        v = sharding.constrain(v, cache_names, self.mesh, self.rules)
+
+        b, t = q.shape[:2]
+        groups = c.n_heads // c.n_kv_heads
+        q = q.reshape(b, t, c.n_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(dt),
+                            preferred_element_type=jnp.float32) * (c.head_dim ** -0.5)
+        # A finite fill keeps rows with no visible key (left padding) free of NaNs.
+        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt)).reshape(
+            b, t, c.n_heads, c.head_dim)
+        out = nn.DenseGeneral(
+            c.d_model, axis=(-2, -1), use_bias=c.o_bias, dtype=dt, param_dtype=pdt,
+            kernel_init=_dense_init(("heads", "head_dim", "embed")),
+            bias_init=_zeros_init(("embed",)), name="o_proj")(out)
+        return out, kv_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        dense = functools.partial(nn.Dense, use_bias=False, dtype=dt, param_dtype=pdt)
+        gate = dense(c.d_ff, kernel_init=_dense_init(("embed", "mlp")), name="gate_proj")(x)
+        up = dense(c.d_ff, kernel_init=_dense_init(("embed", "mlp")), name="up_proj")(x)
+        return dense(c.d_model, kernel_init=_dense_init(("mlp", "embed")),
+                     name="down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: Any = sharding.DEFAULT_RULES
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask_bts, kv_cache, cache_index):
+        c = self.config
+        norm = functools.partial(RMSNorm, c.rms_norm_eps, jnp.dtype(c.dtype),
+                                 jnp.dtype(c.param_dtype))
+        h, kv_cache = Attention(c, self.mesh, self.rules, name="attn")(
+            norm(name="attn_norm")(x), cos, sin, mask_bts, kv_cache, cache_index)
+        x = x + h
+        x = x + MLP(c, name="mlp")(norm(name="mlp_norm")(x))
+        return x, kv_cache
+
+
+class Decoder(nn.Module):
+    """Token ids [B, T] and positions [B, T] -> float32 logits [B, T, V] (and the new cache).
+
+    Without a cache, attention is causal over the T tokens, with `attention_mask` [B, T] hiding
+    padding keys. With a cache, the T tokens are written at slots [cache.index, cache.index + T)
+    and attend to every valid earlier slot.
+    """
+
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: Any = sharding.DEFAULT_RULES
+
+    @nn.compact
+    def __call__(self, tokens_bt, positions_bt, cache: KVCache | None = None,
+                 attention_mask=None):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        b, t = tokens_bt.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        act_names = ("batch", "length", "embed")
+
+        embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=jnp.dtype(c.param_dtype),
+                         embedding_init=_dense_init(("vocab", "embed")), name="embed")
+        x = sharding.constrain(embed(tokens_bt), act_names, self.mesh, self.rules)
+        cos, sin = rope.cos_sin(positions_bt, c)
+
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask_bts = causal[None] & attention_mask[:, None, :]
+            index = None
+        else:
+            index = cache.index
+            valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
+            slots = jnp.arange(cache.capacity)
+            query_slots = index + jnp.arange(t)
+            mask_bts = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+
+        new_k, new_v = [], []
+        for i in range(c.n_layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, layer_cache = Block(c, self.mesh, self.rules, name=f"layers_{i}")(
+                x, cos, sin, mask_bts, layer_cache, index)
+            x = sharding.constrain(x, act_names, self.mesh, self.rules)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+
+        x = RMSNorm(c.rms_norm_eps, dt, jnp.dtype(c.param_dtype), name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=dt,
+                              param_dtype=jnp.dtype(c.param_dtype),
+                              kernel_init=_dense_init(("embed", "vocab")), name="lm_head")(x)
+        logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"),
+                                    self.mesh, self.rules)
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + t)
+        return logits, cache
+
+
+def _abstract_variables(config: ModelConfig):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(Decoder(config).init, jax.random.key(0), tokens, tokens)
+
+
+def param_logical_axes(config: ModelConfig):
+    """A params-shaped tree of PartitionSpecs holding logical axis names."""
+    return nn.get_partition_spec(_abstract_variables(config))["params"]
+
+
+def param_shapes(config: ModelConfig):
+    """A params-shaped tree of jax.ShapeDtypeStruct."""
+    return nn.meta.unbox(_abstract_variables(config))["params"]
+
+
+def init_params(config: ModelConfig, rng: jax.Array, mesh: Mesh | None = None,
+                rules=sharding.DEFAULT_RULES) -> Params:
+    """Random params (normal(0.02) weights, unit norms), sharded over `mesh` when given."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+
+    def init(key):
+        return nn.meta.unbox(Decoder(config).init(key, tokens, tokens))["params"]
+
+    if mesh is None:
+        return jax.jit(init)(rng)
+    shardings = param_shardings(config, mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+    """NamedShardings for every param, from the logical axis rules."""
+    shapes = jax.tree.map(lambda s: s.shape, param_shapes(config))
+    return sharding.tree_shardings(param_logical_axes(config), shapes, mesh, rules)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _forward(config, params, tokens_bt, attention_mask, mesh, rules):
+    t = tokens_bt.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_bt.shape)
+    logits, _ = Decoder(config, mesh, rules).apply({"params": params}, tokens_bt, positions,
+                                                   None, attention_mask)
+    return logits
+
+
+def forward(config: ModelConfig, params: Params, tokens, *, attention_mask=None,
+            rules=sharding.DEFAULT_RULES) -> jax.Array:
+    """[B, T] int tokens -> [B, T, V] float32 logits, no cache; right padding masked by
+    `attention_mask` [B, T]. Runs sharded when `params` live on a mesh."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length]; got shape {tokens.shape}")
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, bool)
+    attention_mask = jnp.asarray(attention_mask, bool)
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != tokens shape "
+                         f"{tokens.shape}")
+    mesh = sharding.mesh_of(params)
+    if mesh is not None:
+        batch_sharding = sharding.named_sharding(("batch", "length"), tokens.shape, mesh, rules)
+        tokens = jax.device_put(tokens, batch_sharding)
+        attention_mask = jax.device_put(attention_mask, batch_sharding)
+    return _forward(config, params, tokens, attention_mask, mesh, tuple(rules))
