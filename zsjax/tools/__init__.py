@@ -1,0 +1,1 @@
+"""Command-line tools that prepare inputs (model fixtures, data)."""
