@@ -44,21 +44,6 @@ def test_logits_match_transformers_on_chat_prompt(smollm2):
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
 
 
-def test_greedy_answer_matches_transformers_generate(smollm2):
-    import torch
-    from zsjax.generate import simple_generate
-    _, tokenizer, reference, config, params = smollm2
-    ids = _chat_ids(tokenizer, QUESTION)
-    ours, reason = simple_generate(config, params, ids, max_new_tokens=16,
-                                   eos=(tokenizer.eos_token_id,))
-    with torch.no_grad():
-        ref = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
-    assert ours == ref
-    assert reason == "eos"
-    assert "Paris" in tokenizer.decode(ours)
-
-
 def test_generate_cli(smollm2_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "zsjax.generate", "--model", smollm2_dir, "--prompt", QUESTION,
@@ -67,6 +52,15 @@ def test_generate_cli(smollm2_dir):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "Paris" in out["text"] and out["finish_reason"] == "eos"
+    assert len(out["logprobs"]) == len(out["tokens"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsjax.generate", "--model", smollm2_dir, "--prompt", QUESTION,
+         "--prompt", "Who wrote Hamlet?", "--chat", "--stop", " Paris", "--max-new-tokens", "16",
+         "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert len(rows) == 2 and rows[0]["finish_reason"] == "stop"
+    assert rows[0]["text"].endswith("Paris")
 
 
 def test_generate_cli_help_and_bad_model(tmp_path):

@@ -1,0 +1,210 @@
+"""zsjax.sampling.generate against transformers' generate, the training forward and NumPy."""
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from hf_models import torch_logits
+from zsjax.models import forward, load_hf
+from zsjax.sampling import generate
+from zsjax.sampling.sampler import _generate_core
+
+
+def _hf_greedy(model, prompt, max_new, eos=None):
+    import torch
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+RAGGED = [[5, 17, 200, 3, 9, 44, 101, 7, 7, 12, 250], [100], [31, 32, 33, 34], [1, 2] * 9]
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", False), ("llama", True)])
+def test_greedy_matches_transformers_tiny(hf_model_dir, family, tied):
+    path, model = hf_model_dir(family=family, tied=tied)
+    config, params = load_hf(path)
+    result = generate(config, params, RAGGED, max_new_tokens=40, eos_token_ids=[])
+    assert result.finish_reasons == ["length"] * len(RAGGED)
+    for prompt, ours in zip(RAGGED, result.tokens):
+        assert ours == _hf_greedy(model, prompt, 40)
+
+
+def _chat(tokenizer, text):
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea.",
+             "Who wrote Hamlet?", "List three colours."]
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    import torch
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_dir, dtype=torch.float32).eval()
+    config, params = load_hf(smollm2_dir)
+    return tokenizer, reference, config, params
+
+
+def test_greedy_matches_transformers_smollm2_ragged(smollm2):
+    tokenizer, reference, config, params = smollm2
+    prompts = [_chat(tokenizer, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) > 1
+    result = generate(config, params, prompts, max_new_tokens=48, tokenizer=tokenizer)
+    for prompt, ours, reason in zip(prompts, result.tokens, result.finish_reasons):
+        ref = _hf_greedy(reference, prompt, 48, eos=tokenizer.eos_token_id)
+        assert ours == ref
+        assert reason == ("eos" if ref[-1] == tokenizer.eos_token_id else "length")
+    # rows finished at different steps, and at least one ran to its budget
+    assert len({len(t) for t in result.tokens}) > 1
+    assert "length" in result.finish_reasons and "eos" in result.finish_reasons
+
+
+def test_stop_string_straddling_tokens_end_to_end(smollm2):
+    tokenizer, _, config, params = smollm2
+    prompt = _chat(tokenizer, QUESTIONS[0])
+    free = generate(config, params, [prompt], max_new_tokens=16, tokenizer=tokenizer).tokens[0]
+    pieces = [tokenizer.decode([t]) for t in free]
+    assert pieces[3:6] == [" France", " is", " Paris"], pieces
+    stop = "ance is Pa"  # starts inside " France", ends inside " Paris"
+    result = generate(config, params, [prompt], max_new_tokens=16, tokenizer=tokenizer,
+                      stop_strings=["</search>", stop])
+    assert result.finish_reasons == ["stop"]
+    assert result.tokens[0] == free[:6]  # up to and including the token completing the string
+    assert stop in tokenizer.decode(result.tokens[0])
+    assert stop not in tokenizer.decode(result.tokens[0][:-1])
+
+
+def test_logprobs_equal_training_forward(hf_model_dir):
+    """On-policy exactness: the sampler's logprobs vs a fresh full forward on the same tokens."""
+    path, _ = hf_model_dir(family="qwen2", tied=False)
+    config, params = load_hf(path)
+    worst = 0.0
+    for temperature in (1.0, 0.7):
+        result = generate(config, params, RAGGED, max_new_tokens=24, temperature=temperature,
+                          eos_token_ids=[], seed=3)
+        seqs = [p + t for p, t in zip(RAGGED, result.tokens)]
+        length = max(map(len, seqs))
+        tokens = np.zeros((len(seqs), length), np.int32)
+        mask = np.zeros_like(tokens, bool)
+        for i, s in enumerate(seqs):
+            tokens[i, :len(s)], mask[i, :len(s)] = s, True
+        logits = np.asarray(forward(config, params, tokens, attention_mask=mask), np.float64)
+        logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+        for i, (prompt, gen) in enumerate(zip(RAGGED, result.tokens)):
+            pos = np.arange(len(prompt) - 1, len(prompt) - 1 + len(gen))
+            ref = np.asarray(logp)[i, pos, gen]
+            np.testing.assert_allclose(result.model_logprobs[i], ref, atol=1e-4)
+            # no top-k/top-p: the sampled distribution is the tempered model distribution
+            np.testing.assert_allclose(result.logprobs[i], result.model_logprobs[i], atol=1e-6)
+            worst = max(worst, float(np.abs(result.model_logprobs[i] - ref).max()))
+    print(f"\nsampler vs training-forward logprob max abs diff: {worst:.2e}")
+
+
+def _numpy_distribution(logits, temperature, top_k, top_p):
+    """Independent reference: the filtered sampling distribution, in float64 NumPy."""
+    z = logits.astype(np.float64) / temperature
+    keep = np.ones_like(z, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[-top_k]
+    z = np.where(keep, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p)
+        before = np.cumsum(p[order]) - p[order]
+        kept = np.zeros_like(keep)
+        kept[order[before < top_p]] = True
+        p = np.where(kept, p, 0)
+        p /= p.sum()
+    return p
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0),
+                                                     (1.0, 12, 1.0), (0.8, 0, 0.7),
+                                                     (1.3, 40, 0.9)])
+def test_sampling_distribution(hf_model_dir, temperature, top_k, top_p):
+    path, _ = hf_model_dir(family="llama", tied=False)
+    config, params = load_hf(path)
+    prompt = [7, 99, 3, 250, 18]
+    n = 4096
+    result = generate(config, params, [prompt] * n, max_new_tokens=1, temperature=temperature,
+                      top_k=top_k, top_p=top_p, eos_token_ids=[], seed=11)
+    draws = np.array([t[0] for t in result.tokens])
+    logits = np.asarray(forward(config, params, [prompt]))[0, -1]
+    expect = _numpy_distribution(logits, temperature, top_k, top_p)
+    support = expect > 0
+    assert support[draws].all(), "sampled a token outside the top-k/top-p support"
+    if top_k:
+        assert support.sum() == top_k if top_p == 1.0 else support.sum() <= top_k
+    # returned logprobs are those of the filtered distribution
+    lp = np.array([x[0] for x in result.logprobs])
+    np.testing.assert_allclose(lp, np.log(expect[draws]), atol=1e-4)
+    # chi-square goodness of fit, pooling rare tokens so every bin expects >= 5 draws
+    counts = np.bincount(draws, minlength=len(expect))[support]
+    expected = expect[support] * n
+    order = np.argsort(expected)
+    pooled_obs, pooled_exp, acc_o, acc_e = [], [], 0, 0.0
+    for i in order:
+        acc_o, acc_e = acc_o + counts[i], acc_e + expected[i]
+        if acc_e >= 5:
+            pooled_obs.append(acc_o), pooled_exp.append(acc_e)
+            acc_o, acc_e = 0, 0.0
+    if acc_e:
+        pooled_obs[-1] += acc_o
+        pooled_exp[-1] += acc_e
+    assert len(pooled_obs) > 5
+    _, pvalue = stats.chisquare(pooled_obs, pooled_exp)
+    assert pvalue > 1e-3, pvalue
+
+
+def test_bad_prompts(hf_model_dir):
+    path, _ = hf_model_dir(family="qwen2", tied=False)
+    config, params = load_hf(path)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(config, params, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate(config, params, [], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"outside \[0, 257\)"):
+        generate(config, params, [[1, 300]], max_new_tokens=4)
+    with pytest.raises(TypeError, match="tokenize text first"):
+        generate(config, params, "hello", max_new_tokens=4)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(config, params, [[1]], max_new_tokens=4, stop_strings=["</search>"])
+    with pytest.raises(ValueError, match="top_p"):
+        generate(config, params, [[1]], max_new_tokens=4, temperature=1.0, top_p=0.0)
+
+
+def test_bucketing_limits_compiles(hf_model_dir):
+    path, _ = hf_model_dir(family="qwen2", tied=True)
+    config, params = load_hf(path)
+    before = _generate_core._cache_size()
+    for n_prompts, plen, new in [(3, 5, 10), (4, 9, 12), (4, 16, 16), (3, 12, 5)]:
+        prompts = [list(range(1, plen + 1))] * n_prompts
+        generate(config, params, prompts, max_new_tokens=new, eos_token_ids=[])
+    # four calls, one bucket: batch 4, prompt 16, generation 16
+    assert _generate_core._cache_size() - before == 1
+
+
+def test_sharded_generation_matches_single_device(hf_model_dir):
+    from zsjax import sharding
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    path, _ = hf_model_dir(family="qwen2", tied=False)
+    config, params = load_hf(path)
+    _, sharded = load_hf(path, mesh=mesh)
+    ref = generate(config, params, RAGGED, max_new_tokens=20, eos_token_ids=[])
+    out = generate(config, sharded, RAGGED, max_new_tokens=20, eos_token_ids=[])
+    assert out.tokens == ref.tokens
+    for a, b in zip(out.logprobs, ref.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -1,0 +1,60 @@
+"""Stop-string tables against a plain-Python reference: decode the prefix, look for the string."""
+
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from zsjax.sampling import stop
+
+
+def _first_match(tables, ids):
+    state = 0
+    for k, t in enumerate(ids):
+        if tables.matched[state, t]:
+            return k
+        state = tables.next_state[state, t]
+    return None
+
+
+def _reference_first_match(texts, ids, stops):
+    text = ""
+    for k, t in enumerate(ids):
+        text += texts[t]
+        if any(s in text for s in stops):
+            return k
+    return None
+
+
+@given(st.lists(st.text(alphabet="ab</>c", min_size=1, max_size=4), min_size=1, max_size=30),
+       st.lists(st.integers(0, 29), max_size=40),
+       st.lists(st.text(alphabet="ab</>c", min_size=1, max_size=5), min_size=1, max_size=3))
+@settings(max_examples=200, deadline=None)
+def test_tables_match_reference_on_random_vocabularies(vocab, ids, stops):
+    ids = [i % len(vocab) for i in ids]
+    tables = stop.build_tables(vocab, stops)
+    assert _first_match(tables, ids) == _reference_first_match(vocab, ids, stops)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_real_tokenizer_every_split(tokenizer):
+    stops = ["</search>", "</answer>"]
+    tables = stop.tables_for(tokenizer, len(tokenizer), stops)
+    texts = stop.token_texts(tokenizer, len(tokenizer))
+    rng = random.Random(0)
+    target = "<search> capital of France </search> and more"
+    for cut in range(1, len(target)):  # force a token boundary at every character
+        ids = (tokenizer.encode(target[:cut], add_special_tokens=False)
+               + tokenizer.encode(target[cut:], add_special_tokens=False))
+        k = _first_match(tables, ids)
+        assert k is not None and k == _reference_first_match(texts, ids, stops), cut
+    for _ in range(50):  # random text with and without stop strings
+        words = [rng.choice(["<search>", "</search", ">", "</answer>", "answer", " x", "</",
+                             "sea", "rch>", "\n"]) for _ in range(rng.randint(1, 12))]
+        ids = tokenizer.encode("".join(words), add_special_tokens=False)
+        assert _first_match(tables, ids) == _reference_first_match(texts, ids, stops)

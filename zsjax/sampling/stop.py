@@ -1,0 +1,118 @@
+"""On-device stop-string detection that does not care how the tokenizer splits the string.
+
+We build a character-level automaton (Aho-Corasick) over the stop strings, then lift it to a
+token-level transition table: `next_state[s, t]` is the automaton state after reading token t's
+text from state s, and `matched[s, t]` says whether a stop string ended anywhere inside that text.
+During decoding each row carries one int32 state; a step is two gathers. The tables cost
+`states x vocab` int32 (about 1 MB per 17 states for a 49k vocabulary) and are built with numpy,
+vectorised over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import deque
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class StopTables:
+    next_state: np.ndarray  # [S, V] int32
+    matched: np.ndarray  # [S, V] bool
+
+
+def _char_automaton(stop_strings: Sequence[str]):
+    """Aho-Corasick over characters: (alphabet, delta [S, A+1] with column A = any other char,
+    accepting [S])."""
+    alphabet = sorted({ch for s in stop_strings for ch in s})
+    col = {ch: i for i, ch in enumerate(alphabet)}
+    goto: list[dict[int, int]] = [{}]
+    accepting = [False]
+    for s in stop_strings:
+        state = 0
+        for ch in s:
+            c = col[ch]
+            if c not in goto[state]:
+                goto.append({})
+                accepting.append(False)
+                goto[state][c] = len(goto) - 1
+            state = goto[state][c]
+        accepting[state] = True
+    n, a = len(goto), len(alphabet)
+    fail = [0] * n
+    delta = np.zeros((n, a + 1), np.int32)  # the "other" column stays 0 (back to root)
+    queue: deque[int] = deque()
+    for c in range(a):
+        if c in goto[0]:
+            delta[0, c] = goto[0][c]
+            queue.append(goto[0][c])
+    while queue:
+        state = queue.popleft()
+        accepting[state] = accepting[state] or accepting[fail[state]]
+        for c in range(a):
+            if c in goto[state]:
+                child = goto[state][c]
+                fail[child] = delta[fail[state], c]
+                delta[state, c] = child
+                queue.append(child)
+            else:
+                delta[state, c] = delta[fail[state], c]
+    return col, delta, np.array(accepting)
+
+
+def build_tables(token_texts: Sequence[str], stop_strings: Sequence[str]) -> StopTables:
+    """Token-level tables from each token's decoded text and the stop strings."""
+    stop_strings = [s for s in stop_strings if s]
+    if not stop_strings:
+        raise ValueError("build_tables needs at least one non-empty stop string")
+    col, delta, accepting = _char_automaton(stop_strings)
+    other = delta.shape[1] - 1
+    vocab = len(token_texts)
+    max_len = max((len(t) for t in token_texts), default=0)
+    # chars[t, j] = alphabet column of the j-th char of token t; -1 past the end.
+    chars = np.full((vocab, max(max_len, 1)), -1, np.int32)
+    for t, text in enumerate(token_texts):
+        if text:
+            chars[t, :len(text)] = [col.get(ch, other) for ch in text]
+    n_states = delta.shape[0]
+    next_state = np.empty((n_states, vocab), np.int32)
+    matched = np.zeros((n_states, vocab), bool)
+    for s in range(n_states):
+        state = np.full(vocab, s, np.int32)
+        hit = np.zeros(vocab, bool)
+        for j in range(chars.shape[1]):
+            live = chars[:, j] >= 0
+            if not live.any():
+                break
+            stepped = delta[state, np.maximum(chars[:, j], 0)]
+            state = np.where(live, stepped, state)
+            hit |= live & accepting[stepped]
+        next_state[s] = state
+        matched[s] = hit
+    return StopTables(next_state, matched)
+
+
+def token_texts(tokenizer, vocab_size: int) -> list[str]:
+    """The text each token id decodes to on its own (ids beyond the tokenizer give '')."""
+    n = min(len(tokenizer), vocab_size)
+    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    return list(texts) + [""] * (vocab_size - n)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_tables(tokenizer_key, tokenizer_ref, vocab_size, stop_strings):
+    return build_tables(token_texts(tokenizer_ref(), vocab_size), stop_strings)
+
+
+def tables_for(tokenizer, vocab_size: int, stop_strings: Sequence[str]) -> StopTables:
+    """Tables for a tokenizer, cached per (tokenizer, vocab size, stop strings)."""
+    import weakref
+    try:
+        ref = weakref.ref(tokenizer)
+    except TypeError:
+        ref = lambda t=tokenizer: t  # noqa: E731
+    return _cached_tables(id(tokenizer), ref, vocab_size, tuple(stop_strings))
