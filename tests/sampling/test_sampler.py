@@ -188,7 +188,7 @@ def test_bucketing_limits_compiles(hf_model_dir):
     path, _ = hf_model_dir(family="qwen2", tied=True)
     config, params = load_hf(path)
     before = _generate_core._cache_size()
-    for n_prompts, plen, new in [(3, 5, 10), (4, 9, 12), (4, 16, 16), (3, 12, 5)]:
+    for n_prompts, plen, new in [(4, 5, 10), (4, 9, 12), (4, 16, 16), (4, 12, 5)]:
         prompts = [list(range(1, plen + 1))] * n_prompts
         generate(config, params, prompts, max_new_tokens=new, eos_token_ids=[])
     # four calls, one bucket: batch 4, prompt 16, generation 16

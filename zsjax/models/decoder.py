@@ -162,7 +162,8 @@ class Decoder(nn.Module):
 
     Without a cache, attention is causal over the T tokens, with `attention_mask` [B, T] hiding
     padding keys. With a cache, the T tokens are written at slots [cache.index, cache.index + T)
-    and attend to every valid earlier slot.
+    and attend to every valid earlier slot. `last_logits_only` computes logits for the last
+    position only ([B, 1, V]), which is all a prefill needs.
     """
 
     config: ModelConfig
@@ -171,7 +172,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, cache: KVCache | None = None,
-                 attention_mask=None):
+                 attention_mask=None, last_logits_only: bool = False):
         c = self.config
         dt = jnp.dtype(c.dtype)
         b, t = tokens_bt.shape
@@ -206,6 +207,8 @@ class Decoder(nn.Module):
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
 
+        if last_logits_only:
+            x = x[:, -1:]
         x = RMSNorm(c.rms_norm_eps, dt, jnp.dtype(c.param_dtype), name="final_norm")(x)
         if c.tie_embeddings:
             logits = embed.attend(x)

@@ -2,7 +2,7 @@
 
 Prompts of different lengths are left-padded into one batch, so every row writes the same cache
 slot each step. Shapes are bucketed (prompt length, generation length and batch rounded up to
-powers of two), so a training run compiles a handful of programs. The loop stops as soon as every
+a power of two or 1.5 x one), so a training run compiles a handful of programs. The loop stops as soon as every
 row has finished (EOS, a stop string, or its token budget).
 """
 
@@ -39,8 +39,11 @@ class GenerateResult:
 
 
 def bucket(n: int, minimum: int = 16) -> int:
-    """The next power of two >= n (at least `minimum`)."""
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+    """The smallest power of two or 1.5 x power of two that is >= n (and >= minimum): at most
+    a third of the shape is padding, and a run sees O(log n) distinct shapes."""
+    n = max(n, minimum, 1)
+    p = 1 << (n - 1).bit_length()  # next power of two
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
 
 @functools.partial(jax.jit, static_argnames=("config", "params_s", "gen_len", "mesh", "rules",
@@ -53,7 +56,8 @@ def _generate_core(params, tokens_bp, mask_bp, active_b, max_new, eos_ids, stop_
     positions = jnp.maximum(jnp.cumsum(mask_bp, axis=1) - 1, 0).astype(jnp.int32)
     prompt_lens = mask_bp.sum(axis=1).astype(jnp.int32)
     cache = init_cache(config, b, p + gen_len)
-    logits, cache = model.apply({"params": params}, tokens_bp, positions, cache, mask_bp)
+    logits, cache = model.apply({"params": params}, tokens_bp, positions, cache, mask_bp,
+                                last_logits_only=True)
     logits = logits[:, -1]
 
     out_tokens = jnp.zeros((b, gen_len), jnp.int32)

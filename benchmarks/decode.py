@@ -1,0 +1,139 @@
+"""Decode throughput: zsjax.sampling.generate vs transformers' generate, side by side, one run.
+
+    python benchmarks/decode.py [--model DIR] [--batches 1 8 32] [--new-tokens 64] [--out FILE]
+
+Same SmolLM2-135M-Instruct weights, same chat prompts, greedy, EOS disabled so every row makes
+exactly --new-tokens tokens. zsjax's first call (compile + run) is reported apart from the timed
+calls. The same run measures this machine's matmul rate and memory bandwidth and derives the
+roofline bound of a decode step: max(FLOPs / matmul rate, bytes read / bandwidth).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "Name three colours.",
+             "Explain photosynthesis in one sentence.", "What is 12 times 7?",
+             "Give me a synonym for happy.", "Where is Mount Everest?", "What do bees make?"]
+
+
+def ceilings(n=2048, copy_mb=512):
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    flops = 2 * n ** 3 / min(times)
+    a = np.ones(copy_mb * 2 ** 20 // 4, np.float32)
+    b = np.empty_like(a)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        times.append(time.perf_counter() - t)
+    bandwidth = 2 * a.nbytes / min(times)  # read + write
+    return flops, bandwidth
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+    from zsjax.models import load_hf
+    from zsjax.sampling import generate
+    from zsjax.tools.fetch_smollm2 import fetch
+    torch.set_num_threads(os.cpu_count())
+    model_dir = args.model or fetch()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    config, params = load_hf(model_dir)
+
+    flops_s, bytes_s = ceilings()
+    n_params = config.num_params()
+    rows = []
+    for batch in args.batches:
+        texts = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % 8]}],
+                                         tokenize=False, add_generation_prompt=True)
+                 for i in range(batch)]
+        prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
+        new = args.new_tokens
+
+        t = time.perf_counter()
+        out = generate(config, params, prompts, max_new_tokens=new, eos_token_ids=[])
+        first = time.perf_counter() - t
+        assert all(len(x) == new for x in out.tokens)
+        zs = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            generate(config, params, prompts, max_new_tokens=new, eos_token_ids=[])
+            zs.append(time.perf_counter() - t)
+
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        hfs = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            with torch.no_grad():
+                res = hf.generate(**enc, max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False, pad_token_id=tok.pad_token_id)
+            hfs.append(time.perf_counter() - t)
+        assert res.shape[1] - enc["input_ids"].shape[1] == new
+
+        # Roofline for one decode step: params read once, the KV cache read, 2 flops/param/row.
+        prompt_len = max(map(len, prompts))
+        kv_bytes = (2 * config.n_layers * batch * config.n_kv_heads * config.head_dim
+                    * (prompt_len + new / 2) * 4)
+        step_bound = max(2 * n_params * batch / flops_s, (n_params * 4 + kv_bytes) / bytes_s)
+        bound_tps = batch / step_bound
+        z_tps = batch * new / statistics.median(zs)
+        h_tps = batch * new / statistics.median(hfs)
+        rows.append({"batch": batch, "new_tokens": new, "zsjax_tokens_s": round(z_tps, 1),
+                     "transformers_tokens_s": round(h_tps, 1),
+                     "speedup": round(z_tps / h_tps, 2),
+                     "zsjax_first_call_s": round(first, 2),
+                     "zsjax_compile_s_est": round(first - statistics.median(zs), 2),
+                     "roofline_tokens_s": round(bound_tps, 1),
+                     "fraction_of_roofline": round(z_tps / bound_tps, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                         f"jax {jax.__version__} ({jax.default_backend()}), "
+                         f"torch {torch.__version__}",
+              "matmul_gflop_s": round(flops_s / 1e9, 1),
+              "copy_bandwidth_gb_s": round(bytes_s / 1e9, 1), "model": "SmolLM2-135M-Instruct "
+              "float32", "rows": rows, "command": " ".join(["python"] + sys.argv)}
+    lines = [f"Machine: {report['machine']}; matmul {report['matmul_gflop_s']} GFLOP/s, copy "
+             f"bandwidth {report['copy_bandwidth_gb_s']} GB/s (same run).", "",
+             "| batch | zsjax tok/s | transformers tok/s | speedup | zsjax compile s | "
+             "roofline tok/s | zsjax / roofline |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['zsjax_tokens_s']} | {r['transformers_tokens_s']} | "
+                     f"{r['speedup']}x | {r['zsjax_compile_s_est']} | {r['roofline_tokens_s']} "
+                     f"| {r['fraction_of_roofline']} |")
+    print("\n".join(lines))
+    if args.out:
+        json.dump(report, open(args.out, "w"), indent=2)
+        open(os.path.splitext(args.out)[0] + ".md", "w").write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
