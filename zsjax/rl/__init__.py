@@ -1,0 +1,1 @@
+"""Rewards, advantages, losses and the policy update."""

@@ -1,0 +1,203 @@
+"""The ZeroSearch interaction, batched over all trajectories of a step.
+
+Each turn, the open trajectories generate together (stopping at `</search>` or `</answer>`). The
+first action tag decides: a search sends a request to the backend and appends its documents in
+an information block; an answer closes the trajectory; anything else appends the invalid-action
+text. After `max_turns` turns, trajectories still open get one final generation with no further
+documents. Every appended token carries a loss mask: 1 for the policy's own tokens, 0 for
+information blocks and invalid-action texts (and, implicitly, the prompt).
+
+This version re-prefills each turn: the input to a turn is the whole context so far, kept from the
+right at `max_prompt_tokens` (left truncation, as the reference does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from zsjax.rl.rewards import extract_answer
+from zsjax.sampling import GenerateResult, generate
+from zsjax.search import prompts as P
+from zsjax.search.actions import parse_action
+from zsjax.search.backend import SearchBackend, SearchRequest
+
+# (prompts as token-id lists, max new tokens, seed) -> GenerateResult
+GenerateFn = Callable[[list[list[int]], int, int], GenerateResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    max_turns: int = 2  # paper: 2; later reference scripts: 5
+    max_response_tokens: int = 500  # per turn
+    max_prompt_tokens: int = 2048  # a turn's input is kept from the right at this length
+    max_obs_tokens: int = 2048  # an information block is cut to this many tokens
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    use_chat_template: bool | None = None  # None: use it when the tokenizer has one
+
+    def __post_init__(self):
+        if self.max_turns < 0:
+            raise ValueError(f"max_turns must be >= 0; got {self.max_turns}")
+        for name in ("max_response_tokens", "max_prompt_tokens", "max_obs_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class Segment:
+    kind: str  # "policy" | "information" | "invalid"
+    text: str
+
+
+@dataclasses.dataclass
+class Trajectory:
+    question: str
+    golden_answers: tuple[str, ...]
+    prompt_ids: list[int]
+    response_ids: list[int] = dataclasses.field(default_factory=list)
+    response_mask: list[int] = dataclasses.field(default_factory=list)  # 1 = policy token
+    response_logprobs: list[float] = dataclasses.field(default_factory=list)  # 0 where mask 0
+    queries: list[str] = dataclasses.field(default_factory=list)
+    segments: list[Segment] = dataclasses.field(default_factory=list)
+    answered: bool = False
+    turns: int = 0
+    response_text: str = ""
+    full_text: str = ""
+    answer: str | None = None
+
+    @property
+    def num_searches(self) -> int:
+        return len(self.queries)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt + response."""
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        """[len(token_ids)] int32: 1 exactly on the policy's own tokens."""
+        return np.array([0] * len(self.prompt_ids) + self.response_mask, np.int32)
+
+    @property
+    def logprobs(self) -> np.ndarray:
+        """[len(token_ids)] float32: the sampler's logprobs on mask-1 tokens, 0 elsewhere."""
+        return np.array([0.0] * len(self.prompt_ids) + self.response_logprobs, np.float32)
+
+    def _append(self, ids, mask_value, logprobs=None):
+        self.response_ids.extend(int(t) for t in ids)
+        self.response_mask.extend([mask_value] * len(ids))
+        if logprobs is None:
+            self.response_logprobs.extend([0.0] * len(ids))
+        else:
+            self.response_logprobs.extend(float(x) for x in logprobs)
+
+
+def prompt_ids(tokenizer, question: str, use_chat_template: bool | None = None) -> list[int]:
+    """The policy prompt (compatibility constant), through the chat template for instruct
+    models."""
+    text = P.policy_prompt(question)
+    if use_chat_template is None:
+        use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def model_generate_fn(config, params, tokenizer, settings: RolloutSettings,
+                      eos_token_ids: Sequence[int] | None = None) -> GenerateFn:
+    """The default GenerateFn: zsjax.sampling.generate with the rollout's sampling settings."""
+    def fn(prompts, max_new_tokens, seed):
+        return generate(config, params, prompts, max_new_tokens=max_new_tokens,
+                        temperature=settings.temperature, top_p=settings.top_p,
+                        top_k=settings.top_k, stop_strings=P.STOP_STRINGS, tokenizer=tokenizer,
+                        eos_token_ids=eos_token_ids, seed=seed)
+    return fn
+
+
+def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *, tokenizer,
+            generate_fn: GenerateFn, backend: SearchBackend,
+            settings: RolloutSettings = RolloutSettings(), noise_probability: float = 0.0,
+            rng: np.random.Generator | None = None, seed: int = 0) -> list[Trajectory]:
+    """Runs every question through the search agent; returns one Trajectory per question.
+
+    Each search call is noisy with probability `noise_probability`, drawn from `rng` (seed it
+    from the run seed and step for reproducibility).
+    """
+    if len(questions) != len(golden_answers):
+        raise ValueError(f"{len(questions)} questions but {len(golden_answers)} golden-answer "
+                         "lists")
+    if not 0.0 <= noise_probability <= 1.0:
+        raise ValueError(f"noise_probability must be in [0, 1]; got {noise_probability}")
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    trajs = [Trajectory(question=q, golden_answers=tuple(g),
+                        prompt_ids=prompt_ids(tokenizer, q, settings.use_chat_template))
+             for q, g in zip(questions, golden_answers)]
+    open_idx = list(range(len(trajs)))
+    for turn in range(settings.max_turns + 1):
+        if not open_idx:
+            break
+        final = turn == settings.max_turns
+        inputs = [trajs[i].token_ids[-settings.max_prompt_tokens:] for i in open_idx]
+        result = generate_fn(inputs, settings.max_response_tokens, seed * 1_000_003 + turn)
+        requests: list[SearchRequest] = []
+        owners: list[int] = []
+        invalid: list[int] = []
+        still_open: list[int] = []
+        for i, ids, lps, reason in zip(open_idx, result.tokens, result.logprobs,
+                                       result.finish_reasons):
+            t = trajs[i]
+            t.turns += 1
+            ids, lps = list(ids), list(lps)
+            text_ids = ids[:-1] if reason == "eos" else ids
+            text = tokenizer.decode(text_ids, skip_special_tokens=False)
+            action = parse_action(text)
+            done = final or action.kind == "answer"
+            if reason == "eos" and not done:
+                # The reference decodes with skip_special_tokens and continues: EOS is dropped.
+                ids, lps = text_ids, lps[:-1]
+            t._append(ids, 1, lps)
+            t.segments.append(Segment("policy", text))
+            if done:
+                t.answered = action.kind == "answer"
+                continue
+            still_open.append(i)
+            if action.kind == "search":
+                noisy = bool(rng.random() < noise_probability)
+                requests.append(SearchRequest(action.content, t.question, t.golden_answers,
+                                              noisy))
+                owners.append(i)
+                t.queries.append(action.content)
+            else:
+                invalid.append(i)
+        documents = backend.search(requests) if requests else []
+        if len(documents) != len(requests):
+            raise RuntimeError(f"search backend returned {len(documents)} results for "
+                               f"{len(requests)} requests")
+        for i, docs in zip(owners, documents):
+            _append_observation(trajs[i], P.information_block(docs), "information", tokenizer,
+                                settings.max_obs_tokens)
+        for i in invalid:
+            _append_observation(trajs[i], P.INVALID_ACTION, "invalid", tokenizer,
+                                settings.max_obs_tokens)
+        open_idx = still_open
+    for t in trajs:
+        t.response_text = tokenizer.decode(t.response_ids, skip_special_tokens=True)
+        t.full_text = tokenizer.decode(t.token_ids, skip_special_tokens=False)
+        # Only the policy's own text counts: the invalid-action text itself contains
+        # "<answer> and </answer>", and simulator documents may contain answer tags too.
+        answers = [extract_answer(s.text) for s in t.segments if s.kind == "policy"]
+        t.answer = next((a for a in reversed(answers) if a is not None), None)
+    return trajs
+
+
+def _append_observation(t: Trajectory, text: str, kind: str, tokenizer, max_tokens: int):
+    ids = tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
+    t._append(ids, 0)
+    t.segments.append(Segment(kind, tokenizer.decode(ids, skip_special_tokens=False)))
