@@ -18,7 +18,7 @@ import numpy as np
 
 from zsjax import sharding
 from zsjax.models.config import ModelConfig
-from zsjax.models.decoder import Decoder, init_cache
+from zsjax.models.decoder import Decoder, KVCache, init_cache
 from zsjax.sampling import stop as stop_lib
 from zsjax.sampling.distribution import SamplingParams, sample
 
@@ -46,23 +46,28 @@ def bucket(n: int, minimum: int = 16) -> int:
     return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
 
-@functools.partial(jax.jit, static_argnames=("config", "params_s", "gen_len", "mesh", "rules",
-                                             "has_stop"))
-def _generate_core(params, tokens_bp, mask_bp, active_b, max_new, eos_ids, stop_next,
-                   stop_matched, key, *, config: ModelConfig, params_s: SamplingParams,
-                   gen_len: int, mesh, rules, has_stop: bool):
+def _extend_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, max_new,
+                       eos_ids, stop_next, stop_matched, key, *, config: ModelConfig,
+                       params_s: SamplingParams, gen_len: int, mesh, rules, has_stop: bool):
+    """Writes a left-padded chunk [B, C] into the cache at cache.index, then decodes.
+
+    Row r's chunk tokens get positions start_pos[r], start_pos[r] + 1, ...; every active row's
+    chunk must be non-empty (its last column is real). Tokens fed back after a row has finished
+    are written as invalid slots, so the cache can be extended again (multi-turn KV reuse).
+    """
     model = Decoder(config, mesh, rules)
-    b, p = tokens_bp.shape
-    positions = jnp.maximum(jnp.cumsum(mask_bp, axis=1) - 1, 0).astype(jnp.int32)
-    prompt_lens = mask_bp.sum(axis=1).astype(jnp.int32)
-    cache = init_cache(config, b, p + gen_len)
-    logits, cache = model.apply({"params": params}, tokens_bp, positions, cache, mask_bp,
+    b, _ = tokens_bc.shape
+    positions = (start_pos_b[:, None]
+                 + jnp.maximum(jnp.cumsum(mask_bc, axis=1) - 1, 0)).astype(jnp.int32)
+    chunk_lens = mask_bc.sum(axis=1).astype(jnp.int32)
+    logits, cache = model.apply({"params": params}, tokens_bc, positions, cache, mask_bc,
                                 last_logits_only=True)
     logits = logits[:, -1]
 
     out_tokens = jnp.zeros((b, gen_len), jnp.int32)
     out_lp = jnp.zeros((b, gen_len), jnp.float32)
     out_mlp = jnp.zeros((b, gen_len), jnp.float32)
+    lengths = jnp.zeros((b,), jnp.int32)
     reason = jnp.where(active_b, _RUNNING, _LENGTH).astype(jnp.int32)
     stop_state = jnp.zeros((b,), jnp.int32)
 
@@ -90,20 +95,41 @@ def _generate_core(params, tokens_bp, mask_bp, active_b, max_new, eos_ids, stop_
             i + 1 >= max_new, _LENGTH, _RUNNING)))
         reason = jnp.where(running, new_reason, reason)
         lengths = jnp.where(running, i + 1, lengths)
-        # Feed the sampled token back. On the final iteration this forward is wasted (one step
-        # in max_new); skipping it would need a lax.cond around the whole model.
-        pos = (prompt_lens + i)[:, None]
-        logits, cache = model.apply({"params": params}, tok[:, None], pos, cache)
+        # Feed the sampled token back (as an invalid slot for rows already finished). The last
+        # iteration's forward also puts the final token in the cache, ready for the next turn.
+        pos = (start_pos_b + chunk_lens + i)[:, None]
+        logits, cache = model.apply({"params": params}, tok[:, None], pos, cache,
+                                    running[:, None])
         return (i + 1, cache, logits[:, -1], key, (out_tokens, out_lp, out_mlp, lengths), reason,
                 stop_state)
 
-    lengths = jnp.zeros((b,), jnp.int32)
     state = (jnp.int32(0), cache, logits, key, (out_tokens, out_lp, out_mlp, lengths), reason,
              stop_state)
     state = jax.lax.while_loop(cond, body, state)
-    steps, reason = state[0], state[5]
+    steps, cache, reason = state[0], state[1], state[5]
     out_tokens, out_lp, out_mlp, lengths = state[4]
-    return out_tokens, out_lp, out_mlp, lengths, reason, steps
+    return (out_tokens, out_lp, out_mlp, lengths, reason, steps), cache
+
+
+_STATIC = ("config", "params_s", "gen_len", "mesh", "rules", "has_stop")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_core(params, tokens_bp, mask_bp, active_b, max_new, eos_ids, stop_next,
+                   stop_matched, key, **static):
+    b, p = tokens_bp.shape
+    cache = init_cache(static["config"], b, p + static["gen_len"])
+    start = jnp.zeros((b,), jnp.int32)
+    outs, _ = _extend_and_decode(params, cache, tokens_bp, mask_bp, start, active_b, max_new,
+                                 eos_ids, stop_next, stop_matched, key, **static)
+    return outs
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
+def _continue_core(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, max_new, eos_ids,
+                   stop_next, stop_matched, key, **static):
+    return _extend_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, max_new,
+                              eos_ids, stop_next, stop_matched, key, **static)
 
 
 def _validate_prompts(prompts, vocab_size) -> list[list[int]]:
@@ -125,21 +151,20 @@ def _validate_prompts(prompts, vocab_size) -> list[list[int]]:
     return out
 
 
-def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             stop_strings: Sequence[str] = (), tokenizer=None,
-             eos_token_ids: Sequence[int] | None = None, seed: int = 0,
-             rules=sharding.DEFAULT_RULES) -> GenerateResult:
-    """Samples continuations of token-id prompts (ragged lengths allowed); temperature 0 is greedy.
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    params_s: SamplingParams
+    eos: np.ndarray
+    stop_next: np.ndarray
+    stop_matched: np.ndarray
+    has_stop: bool
 
-    Stops a row at an EOS id, at a stop string (needs `tokenizer`; detected on device, across
-    token boundaries), or after `max_new_tokens`. Runs sharded when `params` live on a mesh
-    (batch over data x fsdp, heads over tensor).
-    """
+
+def _prepare(config, max_new_tokens, temperature, top_p, top_k, stop_strings, tokenizer,
+             eos_token_ids) -> _Prepared:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     params_s = SamplingParams(float(temperature), float(top_p), int(top_k))
-    prompts = _validate_prompts(prompts, config.vocab_size)
     stop_strings = tuple(s for s in stop_strings if s)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer (to know each token's text)")
@@ -149,42 +174,38 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
             eos.add(int(tokenizer.eos_token_id))
         eos_token_ids = sorted(eos)
     eos_arr = np.array(list(eos_token_ids) or [-1], np.int32)
-
-    mesh = sharding.mesh_of(params)
-    n = len(prompts)
-    batch_multiple = 1
-    if mesh is not None:
-        batch_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
-    b = -(-bucket(n, 1) // batch_multiple) * batch_multiple
-    p = bucket(max(len(x) for x in prompts))
-    g = bucket(max_new_tokens)
-    tokens = np.zeros((b, p), np.int32)
-    mask = np.zeros((b, p), bool)
-    for i, ids in enumerate(prompts):
-        tokens[i, p - len(ids):] = ids
-        mask[i, p - len(ids):] = True
-    mask[n:, -1] = True  # filler rows: one dummy token, never sampled from
-    active = np.arange(b) < n
-
     if stop_strings:
         tables = stop_lib.tables_for(tokenizer, config.vocab_size, stop_strings)
-        stop_next, stop_matched = tables.next_state, tables.matched
-    else:
-        stop_next = np.zeros((1, 1), np.int32)
-        stop_matched = np.zeros((1, 1), bool)
+        return _Prepared(params_s, eos_arr, tables.next_state, tables.matched, True)
+    return _Prepared(params_s, eos_arr, np.zeros((1, 1), np.int32), np.zeros((1, 1), bool),
+                     False)
 
-    args = [tokens, mask, active]
-    if mesh is not None:
-        rows = sharding.named_sharding(("batch", "length"), (b, p), mesh, rules)
-        args = [jax.device_put(tokens, rows), jax.device_put(mask, rows),
-                jax.device_put(active, sharding.named_sharding(("batch",), (b,), mesh, rules))]
-    out_tokens, out_lp, out_mlp, lengths, reason, _ = _generate_core(
-        params, *args, jnp.int32(max_new_tokens), eos_arr, stop_next, stop_matched,
-        jax.random.key(seed), config=config, params_s=params_s, gen_len=g, mesh=mesh,
-        rules=sharding.as_rules(rules), has_stop=bool(stop_strings))
-    out_tokens, out_lp, out_mlp, lengths, reason = jax.device_get(
-        (out_tokens, out_lp, out_mlp, lengths, reason))
 
+def _batch_size(n: int, mesh) -> int:
+    multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    return -(-bucket(n, 1) // multiple) * multiple
+
+
+def _left_pad(chunks: list[list[int]], b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.zeros((b, width), np.int32)
+    mask = np.zeros((b, width), bool)
+    for i, ids in enumerate(chunks):
+        tokens[i, width - len(ids):] = ids
+        mask[i, width - len(ids):] = True
+    mask[len(chunks):, -1] = True  # filler rows: one dummy token, never sampled from
+    return tokens, mask
+
+
+def _place_rows(arrays, mesh, rules):
+    """Puts [B, ...] host arrays on the mesh with the batch split over data x fsdp."""
+    if mesh is None:
+        return arrays
+    return [jax.device_put(a, sharding.named_sharding(("batch",) + (None,) * (a.ndim - 1),
+                                                      a.shape, mesh, rules)) for a in arrays]
+
+
+def _collect(n, outs) -> GenerateResult:
+    out_tokens, out_lp, out_mlp, lengths, reason = outs
     result = GenerateResult([], [], [], [])
     for i in range(n):
         r = int(reason[i])
@@ -197,3 +218,127 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
         result.finish_reasons.append(FINISH_REASONS[r])
     return result
 
+
+def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             stop_strings: Sequence[str] = (), tokenizer=None,
+             eos_token_ids: Sequence[int] | None = None, seed: int = 0,
+             rules=sharding.DEFAULT_RULES) -> GenerateResult:
+    """Samples continuations of token-id prompts (ragged lengths allowed); temperature 0 is greedy.
+
+    Stops a row at an EOS id, at a stop string (needs `tokenizer`; detected on device, across
+    token boundaries), or after `max_new_tokens`. Runs sharded when `params` live on a mesh
+    (batch over data x fsdp, heads over tensor).
+    """
+    prep = _prepare(config, max_new_tokens, temperature, top_p, top_k, stop_strings, tokenizer,
+                    eos_token_ids)
+    prompts = _validate_prompts(prompts, config.vocab_size)
+    mesh = sharding.mesh_of(params)
+    n = len(prompts)
+    b = _batch_size(n, mesh)
+    p = bucket(max(len(x) for x in prompts))
+    tokens, mask = _left_pad(prompts, b, p)
+    active = np.arange(b) < n
+    outs = _generate_core(
+        params, *_place_rows([tokens, mask, active], mesh, rules), jnp.int32(max_new_tokens),
+        prep.eos, prep.stop_next, prep.stop_matched, jax.random.key(seed), config=config,
+        params_s=prep.params_s, gen_len=bucket(max_new_tokens), mesh=mesh,
+        rules=sharding.as_rules(rules), has_stop=prep.has_stop)
+    return _collect(n, jax.device_get(outs[:5]))
+
+
+@dataclasses.dataclass
+class DecodeSession:
+    """KV caches of rows that continue across calls (multi-turn rollouts reuse them).
+
+    `next_pos[r]` is the position row r's next token takes; `last_slot[r]` the cache slot of its
+    last generated token. `index` mirrors cache.index on the host.
+    """
+
+    cache: KVCache
+    index: int
+    rows: int
+    next_pos: np.ndarray
+    last_slot: np.ndarray
+
+    def select(self, keep: Sequence[int], mesh=None) -> "DecodeSession":
+        """Keeps rows `keep` (in that order), padded to a batch bucket."""
+        keep = list(keep)
+        b = _batch_size(len(keep), mesh)
+        idx = np.array(keep + [keep[0] if keep else 0] * (b - len(keep)), np.int32)
+        cache = _take_rows(self.cache, jnp.asarray(idx))
+        next_pos = self.next_pos[idx].copy()
+        last_slot = self.last_slot[idx].copy()
+        return DecodeSession(cache, self.index, len(keep), next_pos, last_slot)
+
+    def drop_last_token(self, rows: Sequence[int]) -> "DecodeSession":
+        """Forgets each listed row's last generated token (e.g. an EOS the rollout drops)."""
+        rows = [r for r in rows if self.last_slot[r] >= 0]
+        if not rows:
+            return self
+        valid = self.cache.valid.at[np.array(rows), self.last_slot[rows]].set(False)
+        next_pos = self.next_pos.copy()
+        next_pos[rows] -= 1
+        last_slot = self.last_slot.copy()
+        last_slot[rows] = -1
+        return DecodeSession(self.cache.replace(valid=valid), self.index, self.rows, next_pos,
+                             last_slot)
+
+
+@jax.jit
+def _take_rows(cache: KVCache, idx) -> KVCache:
+    take = lambda x: jnp.take(x, idx, axis=0)  # noqa: E731
+    return KVCache(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
+                   valid=take(cache.valid), index=cache.index)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _grow(cache: KVCache, capacity: int) -> KVCache:
+    extra = capacity - cache.capacity
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731
+    return KVCache(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)),
+                   valid=jnp.pad(cache.valid, ((0, 0), (0, extra))), index=cache.index)
+
+
+def continue_generate(config: ModelConfig, params, chunks: Sequence[Sequence[int]], *,
+                      session: DecodeSession | None, max_new_tokens: int,
+                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                      stop_strings: Sequence[str] = (), tokenizer=None,
+                      eos_token_ids: Sequence[int] | None = None, seed: int = 0,
+                      rules=sharding.DEFAULT_RULES) -> tuple[GenerateResult, DecodeSession]:
+    """Like `generate`, but each row's chunk extends that row's cached context in `session`
+    (None: start fresh, the chunks are the prompts). Returns the result and the new session,
+    whose cache holds every chunk and generated token."""
+    prep = _prepare(config, max_new_tokens, temperature, top_p, top_k, stop_strings, tokenizer,
+                    eos_token_ids)
+    chunks = _validate_prompts(chunks, config.vocab_size)
+    mesh = sharding.mesh_of(params)
+    n = len(chunks)
+    b = _batch_size(n, mesh)
+    c = bucket(max(len(x) for x in chunks), 8)
+    g = bucket(max_new_tokens)
+    if session is None:
+        session = DecodeSession(init_cache(config, b, bucket(c + g, 64)), 0, n,
+                                np.zeros(b, np.int64), np.full(b, -1, np.int64))
+    if session.rows != n or session.cache.valid.shape[0] != b:
+        raise ValueError(f"session has {session.rows} rows (batch {session.cache.valid.shape[0]})"
+                         f" but {n} chunks were given; select() the continuing rows first")
+    needed = session.index + c + g
+    cache = session.cache
+    if needed > cache.capacity:
+        cache = _grow(cache, bucket(needed, 64))
+    tokens, mask = _left_pad(chunks, b, c)
+    active = np.arange(b) < n
+    start = session.next_pos.astype(np.int32)
+    outs, cache = _continue_core(
+        params, cache, *_place_rows([tokens, mask, start, active], mesh, rules),
+        jnp.int32(max_new_tokens), prep.eos, prep.stop_next, prep.stop_matched,
+        jax.random.key(seed), config=config, params_s=prep.params_s, gen_len=g, mesh=mesh,
+        rules=sharding.as_rules(rules), has_stop=prep.has_stop)
+    host = jax.device_get(outs)
+    lengths, steps = host[3], int(host[5])
+    chunk_lens = np.array([len(x) for x in chunks] + [1] * (b - n))
+    next_pos = session.next_pos + chunk_lens + lengths
+    last_slot = np.where(lengths > 0, session.index + c + lengths - 1, -1)
+    new_session = DecodeSession(cache, session.index + c + steps, n, next_pos, last_slot)
+    return _collect(n, host[:5]), new_session

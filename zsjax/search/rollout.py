@@ -7,25 +7,25 @@ text. After `max_turns` turns, trajectories still open get one final generation 
 documents. Every appended token carries a loss mask: 1 for the policy's own tokens, 0 for
 information blocks and invalid-action texts (and, implicitly, the prompt).
 
-This version re-prefills each turn: the input to a turn is the whole context so far, kept from the
-right at `max_prompt_tokens` (left truncation, as the reference does).
+How a turn is generated is the TurnGenerator's business. `ModelTurnGenerator` either re-prefills
+the whole context each turn (kept from the right at `max_prompt_tokens`: left truncation, as the
+reference does) or keeps each open trajectory's KV cache between turns and prefills only the
+new observation tokens (falling back to a re-prefill when a context outgrows the limit).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
 from zsjax.rl.rewards import extract_answer
-from zsjax.sampling import GenerateResult, generate
+from zsjax.sampling import GenerateResult, continue_generate, generate
 from zsjax.search import prompts as P
 from zsjax.search.actions import parse_action
 from zsjax.search.backend import SearchBackend, SearchRequest
 
-# (prompts as token-id lists, max new tokens, seed) -> GenerateResult
-GenerateFn = Callable[[list[list[int]], int, int], GenerateResult]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +110,66 @@ def prompt_ids(tokenizer, question: str, use_chat_template: bool | None = None) 
     return tokenizer.encode(text)
 
 
-def model_generate_fn(config, params, tokenizer, settings: RolloutSettings,
-                      eos_token_ids: Sequence[int] | None = None) -> GenerateFn:
-    """The default GenerateFn: zsjax.sampling.generate with the rollout's sampling settings."""
-    def fn(prompts, max_new_tokens, seed):
-        return generate(config, params, prompts, max_new_tokens=max_new_tokens,
-                        temperature=settings.temperature, top_p=settings.top_p,
-                        top_k=settings.top_k, stop_strings=P.STOP_STRINGS, tokenizer=tokenizer,
-                        eos_token_ids=eos_token_ids, seed=seed)
-    return fn
+@dataclasses.dataclass
+class TurnInputs:
+    """What a turn generator sees: the open trajectories (by index) and their contexts."""
+
+    turn: int
+    rows: list[int]  # trajectory indices generating this turn
+    contexts: list[list[int]]  # prompt + response so far, kept from the right
+    new_tokens: list[list[int]]  # appended since the row's previous turn (the prompt on turn 0)
+    dropped_eos: list[bool]  # the row's previous turn ended in an EOS the rollout dropped
+    truncated: list[bool]  # the context was cut at max_prompt_tokens
+    max_new_tokens: int
+    seed: int
+
+
+class TurnGenerator(Protocol):
+    def __call__(self, inputs: TurnInputs) -> GenerateResult:
+        """One generation per row of `inputs`, in order."""
+
+
+class ModelTurnGenerator:
+    """Generates turns with `zsjax.sampling`, re-prefilling or reusing the KV cache."""
+
+    def __init__(self, config, params, tokenizer, settings: RolloutSettings, *,
+                 kv_reuse: bool = True, eos_token_ids: Sequence[int] | None = None):
+        self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.settings, self.kv_reuse, self.eos_token_ids = settings, kv_reuse, eos_token_ids
+        self._session = None
+        self._rows: list[int] = []
+
+    def _kwargs(self, inputs: TurnInputs):
+        s = self.settings
+        return dict(max_new_tokens=inputs.max_new_tokens, temperature=s.temperature,
+                    top_p=s.top_p, top_k=s.top_k, stop_strings=P.STOP_STRINGS,
+                    tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, seed=inputs.seed)
+
+    def __call__(self, inputs: TurnInputs) -> GenerateResult:
+        if not self.kv_reuse:
+            return generate(self.config, self.params, inputs.contexts, **self._kwargs(inputs))
+        if inputs.turn == 0 or any(inputs.truncated) or self._session is None:
+            session, chunks = None, inputs.contexts  # (re)start from whole contexts
+        else:
+            where = {r: k for k, r in enumerate(self._rows)}
+            session = self._session.drop_last_token(
+                [where[r] for r, d in zip(inputs.rows, inputs.dropped_eos) if d])
+            session = session.select([where[r] for r in inputs.rows],
+                                     mesh=_mesh_of(self.params))
+            chunks = inputs.new_tokens
+        result, self._session = continue_generate(self.config, self.params, chunks,
+                                                  session=session, **self._kwargs(inputs))
+        self._rows = list(inputs.rows)
+        return result
+
+
+def _mesh_of(params):
+    from zsjax import sharding
+    return sharding.mesh_of(params)
 
 
 def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *, tokenizer,
-            generate_fn: GenerateFn, backend: SearchBackend,
+            generate_fn: TurnGenerator, backend: SearchBackend,
             settings: RolloutSettings = RolloutSettings(), noise_probability: float = 0.0,
             rng: np.random.Generator | None = None, seed: int = 0) -> list[Trajectory]:
     """Runs every question through the search agent; returns one Trajectory per question.
@@ -140,12 +187,22 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
                         prompt_ids=prompt_ids(tokenizer, q, settings.use_chat_template))
              for q, g in zip(questions, golden_answers)]
     open_idx = list(range(len(trajs)))
+    pending = [list(t.prompt_ids) for t in trajs]  # tokens each row has not generated after yet
+    dropped = [False] * len(trajs)
     for turn in range(settings.max_turns + 1):
         if not open_idx:
             break
         final = turn == settings.max_turns
-        inputs = [trajs[i].token_ids[-settings.max_prompt_tokens:] for i in open_idx]
-        result = generate_fn(inputs, settings.max_response_tokens, seed * 1_000_003 + turn)
+        contexts = [trajs[i].token_ids for i in open_idx]
+        result = generate_fn(TurnInputs(
+            turn=turn, rows=list(open_idx),
+            contexts=[c[-settings.max_prompt_tokens:] for c in contexts],
+            new_tokens=[pending[i] for i in open_idx], dropped_eos=[dropped[i] for i in open_idx],
+            truncated=[len(c) > settings.max_prompt_tokens for c in contexts],
+            max_new_tokens=settings.max_response_tokens, seed=seed * 1_000_003 + turn))
+        if len(result.tokens) != len(open_idx):
+            raise RuntimeError(f"turn generator returned {len(result.tokens)} generations for "
+                               f"{len(open_idx)} trajectories")
         requests: list[SearchRequest] = []
         owners: list[int] = []
         invalid: list[int] = []
@@ -159,9 +216,11 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
             text = tokenizer.decode(text_ids, skip_special_tokens=False)
             action = parse_action(text)
             done = final or action.kind == "answer"
-            if reason == "eos" and not done:
+            dropped[i] = reason == "eos" and not done
+            if dropped[i]:
                 # The reference decodes with skip_special_tokens and continues: EOS is dropped.
                 ids, lps = text_ids, lps[:-1]
+            pending[i] = []
             t._append(ids, 1, lps)
             t.segments.append(Segment("policy", text))
             if done:
@@ -181,11 +240,11 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
             raise RuntimeError(f"search backend returned {len(documents)} results for "
                                f"{len(requests)} requests")
         for i, docs in zip(owners, documents):
-            _append_observation(trajs[i], P.information_block(docs), "information", tokenizer,
-                                settings.max_obs_tokens)
+            pending[i] = _append_observation(trajs[i], P.information_block(docs), "information",
+                                             tokenizer, settings.max_obs_tokens)
         for i in invalid:
-            _append_observation(trajs[i], P.INVALID_ACTION, "invalid", tokenizer,
-                                settings.max_obs_tokens)
+            pending[i] = _append_observation(trajs[i], P.INVALID_ACTION, "invalid", tokenizer,
+                                             settings.max_obs_tokens)
         open_idx = still_open
     for t in trajs:
         t.response_text = tokenizer.decode(t.response_ids, skip_special_tokens=True)
@@ -197,7 +256,9 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
     return trajs
 
 
-def _append_observation(t: Trajectory, text: str, kind: str, tokenizer, max_tokens: int):
+def _append_observation(t: Trajectory, text: str, kind: str, tokenizer, max_tokens: int
+                        ) -> list[int]:
     ids = tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
     t._append(ids, 0)
     t.segments.append(Segment(kind, tokenizer.decode(ids, skip_special_tokens=False)))
+    return ids
