@@ -31,26 +31,46 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def _largest_threshold(probs_bv: jax.Array, ok) -> jax.Array:
+    """Per row, the largest float t >= 0 with ok(probs, t) true, where ok is monotone (true for
+    small t, false for large t). Bisects over float32 bit patterns, which order non-negative
+    floats exactly, so 32 masked reductions find t exactly: no sort over the vocabulary (sorting
+    49k logits per row per step was 4x the cost of the whole decode step on CPU)."""
+    b = probs_bv.shape[0]
+    lo = jnp.zeros((b,), jnp.int32)  # bits of 0.0: ok by assumption
+    hi = jax.lax.bitcast_convert_type(probs_bv.max(axis=-1), jnp.int32) + 1  # not ok
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        good = ok(probs_bv, jax.lax.bitcast_convert_type(mid, jnp.float32)[:, None])
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)[:, None]
+
+
 def filter_logits(logits_bv: jax.Array, params: SamplingParams) -> jax.Array:
-    """Log-probabilities [B, V] after temperature, top-k and top-p (float32, -inf = excluded)."""
+    """Log-probabilities [B, V] after temperature, top-k and top-p (float32, -inf = excluded).
+
+    top-k keeps the k most likely tokens; top-p then keeps the smallest most-likely set whose
+    mass reaches p (renormalised after top-k, as transformers and vLLM do). Tokens tied exactly
+    at a boundary are all kept.
+    """
     logits = logits_bv.astype(jnp.float32)
     if not params.greedy:
         logits = logits / params.temperature
     vocab = logits.shape[-1]
     if params.top_k and params.top_k < vocab:
-        kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
-        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
+        k = params.top_k
+        kth = _largest_threshold(probs, lambda p, t: (p >= t).sum(-1) >= k)
+        logits = jnp.where(probs >= kth, logits, -jnp.inf)
     if params.top_p < 1.0:
-        # Keep the smallest prefix of the sorted distribution whose mass reaches top_p
-        # (a token is kept when the mass strictly before it is below top_p).
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < params.top_p
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_p = params.top_p
+        cut = _largest_threshold(probs, lambda p, t: jnp.where(p >= t, p, 0.0).sum(-1) >= top_p)
+        logits = jnp.where(probs >= cut, logits, -jnp.inf)
     return jax.nn.log_softmax(logits, axis=-1)
 
 
