@@ -1,0 +1,23 @@
+"""`python -m zsjax.infer` end to end on SmolLM2 (policy and prompt-only simulator)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_infer_cli_json(smollm2_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsjax.infer", "--policy", smollm2_dir, "--simulator",
+         smollm2_dir, "--question", "Who wrote Hamlet?", "--answer", "Shakespeare",
+         "--max-turns", "1", "--max-response-tokens", "24", "--simulator-max-new-tokens", "24",
+         "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["turns"] >= 1 and out["segments"][0]["kind"] == "policy"
+    assert out["policy_tokens"] <= out["response_tokens"]
+
+
+def test_infer_cli_needs_exactly_one_backend(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "zsjax.infer", "--policy", str(tmp_path),
+                           "--question", "q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "one of the arguments" in proc.stderr

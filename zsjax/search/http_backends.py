@@ -1,0 +1,135 @@
+"""Search backends behind HTTP: an OpenAI-compatible simulator server, and a real retriever.
+
+- `OpenAISimulatorBackend`: chat completions as served by vLLM, sglang or llama.cpp, with
+  concurrent requests, per-request timeouts, bounded retries with exponential backoff, and a
+  clear error naming the URL when the server is down (the reference retries forever).
+- `RetrieverBackend`: the Search-R1 retriever API, `POST /retrieve` with
+  `{"queries": [...], "topk": k}`; documents are formatted as `Doc i:` lines. For evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from zsjax.search.backend import SearchRequest
+from zsjax.search.simulator import postprocess_documents, simulator_prompt
+
+
+class SearchBackendError(RuntimeError):
+    """A search backend could not produce documents."""
+
+
+def _post_json(url: str, payload: dict, *, timeout: float, retries: int, backoff: float,
+               what: str) -> dict:
+    """POSTs JSON; retries connection errors, timeouts, 429 and 5xx (at most `retries` extra
+    attempts, sleeping backoff * 2**k); other HTTP errors fail at once."""
+    data = json.dumps(payload).encode()
+    last = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        request = urllib.request.Request(url, data=data,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            body = e.read()[:300].decode(errors="replace")
+            if e.code != 429 and e.code < 500:
+                raise SearchBackendError(f"{what} at {url} rejected the request: HTTP {e.code}: "
+                                         f"{body}") from None
+            last = f"HTTP {e.code}: {body}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            last = f"{type(reason).__name__}: {reason}"
+        except json.JSONDecodeError as e:
+            raise SearchBackendError(f"{what} at {url} returned invalid JSON: {e}") from None
+    raise SearchBackendError(f"{what} at {url} failed after {retries + 1} attempts (last error: "
+                             f"{last}); is the server running and reachable?")
+
+
+def _chat_url(url: str) -> str:
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    if url.endswith("/v1"):
+        return url + "/chat/completions"
+    return url + "/v1/chat/completions"
+
+
+class OpenAISimulatorBackend:
+    """The simulator as an OpenAI-compatible chat-completions server."""
+
+    def __init__(self, url: str, *, model: str = "default", style: str = "finetuned",
+                 temperature: float = 0.8, max_new_tokens: int = 600, top_k_docs: int = 5,
+                 concurrency: int = 16, timeout: float = 60.0, retries: int = 3,
+                 backoff: float = 0.5):
+        self.url = _chat_url(url)
+        self.model, self.style = model, style
+        self.temperature, self.max_new_tokens, self.top_k_docs = (temperature, max_new_tokens,
+                                                                  top_k_docs)
+        self.concurrency, self.timeout = concurrency, timeout
+        self.retries, self.backoff = retries, backoff
+
+    def _one(self, prompt: str) -> str:
+        reply = _post_json(self.url, {
+            "model": self.model, "messages": [{"role": "user", "content": prompt}],
+            "temperature": self.temperature, "max_tokens": self.max_new_tokens},
+            timeout=self.timeout, retries=self.retries, backoff=self.backoff,
+            what="simulator server")
+        try:
+            text = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise SearchBackendError(f"simulator server at {self.url} returned no "
+                                     f"choices[0].message.content: {str(reply)[:300]}") from None
+        return postprocess_documents(text or "", self.top_k_docs)
+
+    def search(self, requests: Sequence[SearchRequest]) -> list[str]:
+        prompts = [simulator_prompt(r, self.style) for r in requests]
+        unique = list(dict.fromkeys(prompts))
+        if not unique:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(unique))) as pool:
+            docs = dict(zip(unique, pool.map(self._one, unique)))
+        return [docs[p] for p in prompts]
+
+
+def format_retrieved(items: list) -> str:
+    """Search-R1 retriever results -> `Doc i: (Title: ...) text` lines."""
+    lines = []
+    for i, item in enumerate(items, 1):
+        doc = item.get("document", item) if isinstance(item, dict) else {"contents": str(item)}
+        contents = str(doc.get("contents", "")).strip()
+        title, _, text = contents.partition("\n")
+        lines.append(f"Doc {i}: (Title: {title.strip()}) {text.strip()}".rstrip())
+    return "\n".join(lines)
+
+
+class RetrieverBackend:
+    """A real search engine speaking the Search-R1 retriever API. Ignores useful/noisy."""
+
+    def __init__(self, url: str, *, topk: int = 3, timeout: float = 60.0, retries: int = 3,
+                 backoff: float = 0.5):
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/retrieve") else url + "/retrieve"
+        self.topk, self.timeout, self.retries, self.backoff = topk, timeout, retries, backoff
+
+    def search(self, requests: Sequence[SearchRequest]) -> list[str]:
+        if not requests:
+            return []
+        queries = [r.query for r in requests]
+        reply = _post_json(self.url, {"queries": queries, "topk": self.topk,
+                                      "return_scores": True},
+                           timeout=self.timeout, retries=self.retries, backoff=self.backoff,
+                           what="retriever")
+        results = reply.get("result") if isinstance(reply, dict) else None
+        if not isinstance(results, list) or len(results) != len(queries):
+            raise SearchBackendError(f"retriever at {self.url} returned "
+                                     f"{'no result list' if results is None else len(results)}"
+                                     f" results for {len(queries)} queries")
+        return [format_retrieved(items) for items in results]
