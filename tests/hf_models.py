@@ -42,3 +42,10 @@ def torch_logits(model, tokens, attention_mask=None):
         if attention_mask is not None:
             kwargs["attention_mask"] = torch.tensor(np.asarray(attention_mask, np.int64))
         return model(torch.tensor(np.asarray(tokens, np.int64)), **kwargs).logits.float().numpy()
+
+
+def chat_ids(tokenizer, text):
+    """A user turn through the tokenizer's chat template, as token ids."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+    return tokenizer.encode(prompt, add_special_tokens=False)

@@ -7,27 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from hf_models import torch_logits
+from hf_models import chat_ids, torch_logits
 from zsjax.models import forward, load_hf
 
 QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    import torch
-    import transformers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_dir, dtype=torch.float32).eval()
-    config, params = load_hf(smollm2_dir)
-    return smollm2_dir, tokenizer, reference, config, params
-
-
-def _chat_ids(tokenizer, text):
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
-    return tokenizer.encode(prompt, add_special_tokens=False)
 
 
 def test_config_is_the_real_model(smollm2):
@@ -38,7 +21,7 @@ def test_config_is_the_real_model(smollm2):
 
 def test_logits_match_transformers_on_chat_prompt(smollm2):
     _, tokenizer, reference, config, params = smollm2
-    ids = _chat_ids(tokenizer, QUESTION)
+    ids = chat_ids(tokenizer, QUESTION)
     ours = np.asarray(forward(config, params, np.array([ids])))
     ref = torch_logits(reference, [ids])
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)

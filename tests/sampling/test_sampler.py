@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hf_models import torch_logits
+from hf_models import chat_ids, torch_logits
 from zsjax.models import forward, load_hf
 from zsjax.sampling import generate
 from zsjax.sampling.sampler import _generate_core
@@ -34,30 +34,13 @@ def test_greedy_matches_transformers_tiny(hf_model_dir, family, tied):
         assert ours == _hf_greedy(model, prompt, 40)
 
 
-def _chat(tokenizer, text):
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
-    return tokenizer.encode(prompt, add_special_tokens=False)
-
-
 QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea.",
              "Who wrote Hamlet?", "List three colours."]
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    import torch
-    import transformers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_dir, dtype=torch.float32).eval()
-    config, params = load_hf(smollm2_dir)
-    return tokenizer, reference, config, params
-
-
 def test_greedy_matches_transformers_smollm2_ragged(smollm2):
-    tokenizer, reference, config, params = smollm2
-    prompts = [_chat(tokenizer, q) for q in QUESTIONS]
+    _, tokenizer, reference, config, params = smollm2
+    prompts = [chat_ids(tokenizer, q) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) > 1
     result = generate(config, params, prompts, max_new_tokens=48, tokenizer=tokenizer)
     for prompt, ours, reason in zip(prompts, result.tokens, result.finish_reasons):
@@ -70,8 +53,8 @@ def test_greedy_matches_transformers_smollm2_ragged(smollm2):
 
 
 def test_stop_string_straddling_tokens_end_to_end(smollm2):
-    tokenizer, _, config, params = smollm2
-    prompt = _chat(tokenizer, QUESTIONS[0])
+    _, tokenizer, _, config, params = smollm2
+    prompt = chat_ids(tokenizer, QUESTIONS[0])
     free = generate(config, params, [prompt], max_new_tokens=16, tokenizer=tokenizer).tokens[0]
     pieces = [tokenizer.decode([t]) for t in free]
     assert pieces[3:6] == [" France", " is", " Paris"], pieces
