@@ -163,16 +163,19 @@ class Decoder(nn.Module):
     Without a cache, attention is causal over the T tokens, with `attention_mask` [B, T] hiding
     padding keys. With a cache, the T tokens are written at slots [cache.index, cache.index + T)
     and attend to every valid earlier slot. `last_logits_only` computes logits for the last
-    position only ([B, 1, V]), which is all a prefill needs.
+    position only ([B, 1, V]), which is all a prefill needs. `return_hidden` returns the final
+    normed hidden states [B, T, D] instead of logits (for a value head).
     """
 
     config: ModelConfig
     mesh: Mesh | None = None
     rules: Any = sharding.DEFAULT_RULES
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, cache: KVCache | None = None,
-                 attention_mask=None, last_logits_only: bool = False):
+                 attention_mask=None, last_logits_only: bool = False,
+                 return_hidden: bool = False):
         c = self.config
         dt = jnp.dtype(c.dtype)
         b, t = tokens_bt.shape
@@ -198,9 +201,10 @@ class Decoder(nn.Module):
             mask_bts = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
 
         new_k, new_v = [], []
+        block_cls = nn.remat(Block) if self.remat else Block
         for i in range(c.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_cache = Block(c, self.mesh, self.rules, name=f"layers_{i}")(
+            x, layer_cache = block_cls(c, self.mesh, self.rules, name=f"layers_{i}")(
                 x, cos, sin, mask_bts, layer_cache, index)
             x = sharding.constrain(x, act_names, self.mesh, self.rules)
             if cache is not None:
@@ -210,6 +214,8 @@ class Decoder(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         x = RMSNorm(c.rms_norm_eps, dt, jnp.dtype(c.param_dtype), name="final_norm")(x)
+        if return_hidden:
+            return x, cache
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:

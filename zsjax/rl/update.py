@@ -1,0 +1,293 @@
+"""The policy (and critic) update: one jitted, sharded step with exact micro-batch accumulation.
+
+Every per-token array in a `Batch` is aligned to token positions: `loss_mask[b, t] = 1` means
+token t was written by the policy, and `old_logprobs[b, t]` is log p(tokens[t] | tokens[<t]).
+Position 0 never carries a loss. Losses return (sum, denominator); the step sums gradients of the
+sums over micro-batches (a `lax.scan`) and divides once by the whole batch's denominator, so any
+micro-batch split gives the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import NamedSharding
+
+from zsjax import sharding
+from zsjax.models.config import ModelConfig
+from zsjax.models.decoder import Decoder
+from zsjax.rl import losses as L
+
+
+@flax.struct.dataclass
+class Batch:
+    tokens: jax.Array  # [B, T] int32, prompt + response, right-padded
+    attention_mask: jax.Array  # [B, T] bool
+    loss_mask: jax.Array  # [B, T] float32, 1 on policy tokens
+    old_logprobs: jax.Array  # [B, T] float32
+    advantages: jax.Array  # [B, T] float32
+    ref_logprobs: jax.Array | None = None  # [B, T], for a KL loss
+    old_values: jax.Array | None = None  # [B, T], critic
+    returns: jax.Array | None = None  # [B, T], critic
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    dual_clip: float | None = None
+    entropy_coef: float = 0.001
+    kl_coef: float = 0.0  # > 0 adds coef * KL(policy || reference) to the loss (GRPO: 0.001)
+    kl_kind: str = "k3"
+    aggregation: str = "token-mean"
+    temperature: float = 1.0  # logits are divided by it, as the sampler did
+    value_clip: float = 0.5
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_optimizer(lr: float = 1e-6, *, warmup_steps: int = 0, weight_decay: float = 0.01,
+                   grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.999
+                   ) -> optax.GradientTransformation:
+    """AdamW at a constant rate after a linear warm-up, after global-norm clipping."""
+    schedule = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0
+                else optax.constant_schedule(lr))
+    if warmup_steps > 0:
+        schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)],
+                                        [warmup_steps])
+    return optax.chain(optax.clip_by_global_norm(grad_clip),
+                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+    """Optimizer state whose per-param leaves (Adam's moments) are sharded exactly like the
+    params, with scalars (step, Adam's count) replicated over the params' mesh."""
+    mesh = sharding.mesh_of(params)
+    if mesh is None:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=jax.jit(tx.init)(params))
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+        transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                      opt_state=opt_state)
+
+
+def token_logprobs_from_logits(logits_btv, tokens_bt, temperature: float = 1.0):
+    """log p(tokens[t] | tokens[<t]) aligned to t ([B, T], 0 at t = 0) and the entropy of the
+    distribution that predicted token t ([B, T])."""
+    logp_all = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32) / temperature, axis=-1)
+    picked = jnp.take_along_axis(logp_all, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+    entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
+    pad = jnp.zeros(tokens_bt.shape[:1] + (1,), jnp.float32)
+    return (jnp.concatenate([pad, picked], axis=1), jnp.concatenate([pad, entropy], axis=1))
+
+
+def _positions(mask_bt):
+    return jnp.maximum(jnp.cumsum(mask_bt, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def policy_terms_from_logits(logits_btv, batch: Batch, cfg: LossConfig):
+    """(loss sum, metric sums) of one micro-batch, given its logits. Denominators come apart."""
+    logp, entropy = token_logprobs_from_logits(logits_btv, batch.tokens, cfg.temperature)
+    mask = batch.loss_mask
+    per_token, clipped = L.ppo_clip_terms(logp, batch.old_logprobs, batch.advantages,
+                                          clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                          dual_clip=cfg.dual_clip)
+    pg_sum, _ = L.aggregate(per_token, mask, cfg.aggregation)
+    ent_sum, _ = L.aggregate(entropy, mask, cfg.aggregation)
+    total = pg_sum - cfg.entropy_coef * ent_sum
+    metrics = {"policy_loss": pg_sum, "entropy": ent_sum,
+               "clip_fraction": L.aggregate(clipped.astype(jnp.float32), mask,
+                                            cfg.aggregation)[0],
+               "approx_kl_old": L.aggregate(0.5 * (logp - batch.old_logprobs) ** 2, mask,
+                                            cfg.aggregation)[0]}
+    if batch.ref_logprobs is not None:
+        kl_sum, _ = L.aggregate(L.kl_estimate(logp, batch.ref_logprobs, cfg.kl_kind), mask,
+                                cfg.aggregation)
+        metrics["kl"] = kl_sum
+        if cfg.kl_coef:
+            total = total + cfg.kl_coef * kl_sum  # added: the reference's minus is a sign bug
+    return total, metrics
+
+
+def _split(batch, n_micro: int):
+    def split(x):
+        if x is None:
+            return None
+        if x.shape[0] % n_micro:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n_micro} "
+                             "micro-batches")
+        return x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def _accumulate(loss_fn, params, batch, n_micro: int):
+    """Sums (grads, metric sums) of loss_fn over micro-batches with a scan."""
+    micro = _split(batch, n_micro)
+
+    def body(acc, mb):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+        return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda p, b: (jax.grad(lambda q: loss_fn(q, b)[0])(p), loss_fn(p, b)[1]), params, first))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+    return grads, metrics
+
+
+def _apply(state: TrainState, grads, tx):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+def policy_gradients(params, batch: Batch, *, config: ModelConfig, cfg: LossConfig,
+                     n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES,
+                     remat: bool = False):
+    """Gradient of the batch's loss (its global mean under cfg.aggregation) and metrics."""
+    model = Decoder(config, mesh, sharding.as_rules(rules), remat=remat)
+    denom = L.aggregate(batch.loss_mask, batch.loss_mask, cfg.aggregation)[1]
+
+    def loss_fn(params, mb: Batch):
+        logits, _ = model.apply({"params": params}, mb.tokens, _positions(mb.attention_mask),
+                                None, mb.attention_mask)
+        return policy_terms_from_logits(logits, mb, cfg)
+
+    grads, sums = _accumulate(loss_fn, params, batch, n_micro)
+    scale = 1.0 / jnp.maximum(denom, 1.0)
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    metrics = {k: v * scale for k, v in sums.items()}
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["tokens"] = batch.attention_mask.sum()
+    return grads, metrics
+
+
+def policy_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg: LossConfig,
+                n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False):
+    """One optimizer step on the policy; returns (new state, metrics). Unjitted: see
+    `make_policy_step` for the sharded, jitted, donated version."""
+    grads, metrics = policy_gradients(state.params, batch, config=config, cfg=cfg,
+                                      n_micro=n_micro, mesh=mesh, rules=rules, remat=remat)
+    return _apply(state, grads, tx), metrics
+
+
+def state_shardings(state: TrainState):
+    """The shardings the state's arrays live on (params from the logical rules; optimizer
+    moments inherit them), to pass as explicit in/out shardings."""
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def batch_shardings(batch: Batch, mesh, rules=sharding.DEFAULT_RULES):
+    """Rows over data x fsdp for every [B, T] array of the batch."""
+    return jax.tree.map(lambda x: sharding.named_sharding(("batch", "length"), x.shape, mesh,
+                                                          rules), batch)
+
+
+def make_policy_step(state: TrainState, batch_like: Batch, *, config: ModelConfig, tx,
+                     cfg: LossConfig, n_micro: int = 1, mesh=None,
+                     rules=sharding.DEFAULT_RULES, remat: bool = False):
+    """`policy_step` under jax.jit with explicit in/out shardings (pjit) and a donated state.
+
+    Without a mesh, it is a plain jit.
+    """
+    fn = functools.partial(policy_step, config=config, tx=tx, cfg=cfg, n_micro=n_micro,
+                           mesh=mesh, rules=rules, remat=remat)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    s_state = state_shardings(state)
+    s_batch = batch_shardings(batch_like, mesh, rules)
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(fn, in_shardings=(s_state, s_batch), out_shardings=(s_state, replicated),
+                   donate_argnums=0)
+
+
+# --- Forward-only passes: old policy, reference policy, critic ------------------------------
+
+def logprobs_pass(config: ModelConfig, params, tokens_bt, attention_mask_bt, *,
+                  micro_batch: int, temperature: float = 1.0, mesh=None,
+                  rules=sharding.DEFAULT_RULES):
+    """log p(tokens[t] | tokens[<t]) [B, T] computed micro-batch by micro-batch (a scan), for
+    the old and the reference policy."""
+    return _logprobs_jit(config, params, tokens_bt, attention_mask_bt, micro_batch, temperature,
+                         mesh, sharding.as_rules(rules))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _logprobs_jit(config, params, tokens, mask, micro_batch, temperature, mesh, rules):
+    model = Decoder(config, mesh, rules)
+    b = tokens.shape[0]
+    if b % micro_batch:
+        raise ValueError(f"batch of {b} rows does not split into micro-batches of {micro_batch}")
+    split = lambda x: x.reshape((b // micro_batch, micro_batch) + x.shape[1:])  # noqa: E731
+
+    def body(_, xs):
+        t, m = xs
+        logits, _ = model.apply({"params": params}, t, _positions(m), None, m)
+        return None, token_logprobs_from_logits(logits, t, temperature)[0]
+
+    _, out = jax.lax.scan(body, None, (split(tokens), split(mask)))
+    return out.reshape(tokens.shape)
+
+
+class ValueHead(nn.Module):
+    """The critic: the decoder's final hidden state -> a scalar per token."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden_btd):
+        return nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32,
+                        kernel_init=nn.initializers.zeros_init(), name="value")(
+            hidden_btd.astype(jnp.float32))[..., 0]
+
+
+def init_critic(config: ModelConfig, decoder_params) -> dict:
+    """Critic params: a copy of a decoder (usually the policy's) plus a zero-initialised head."""
+    head = ValueHead(config).init(jax.random.key(0), jnp.zeros((1, 1, config.d_model)))
+    return {"decoder": decoder_params, "head": head["params"]}
+
+
+def critic_values(config: ModelConfig, critic_params, tokens_bt, attention_mask_bt, *,
+                  mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False):
+    """V(tokens[:t+1]) aligned to t, [B, T]."""
+    hidden, _ = Decoder(config, mesh, sharding.as_rules(rules), remat=remat).apply(
+        {"params": critic_params["decoder"]}, tokens_bt, _positions(attention_mask_bt), None,
+        attention_mask_bt, return_hidden=True)
+    return ValueHead(config).apply({"params": critic_params["head"]}, hidden)
+
+
+def critic_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg: LossConfig,
+                n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False):
+    """One optimizer step on the critic with the clipped value loss."""
+    denom = L.aggregate(batch.loss_mask, batch.loss_mask, cfg.aggregation)[1]
+
+    def loss_fn(params, mb: Batch):
+        values = critic_values(config, params, mb.tokens, mb.attention_mask, mesh=mesh,
+                               rules=rules, remat=remat)
+        s, _ = L.value_loss(values, mb.old_values, mb.returns, mb.loss_mask,
+                            clip=cfg.value_clip, mode=cfg.aggregation)
+        return s, {"value_loss": s}
+
+    grads, sums = _accumulate(loss_fn, state.params, batch, n_micro)
+    scale = 1.0 / jnp.maximum(denom, 1.0)
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    metrics = {k: v * scale for k, v in sums.items()}
+    metrics["critic_grad_norm"] = optax.global_norm(grads)
+    return _apply(state, grads, tx), metrics
