@@ -210,3 +210,20 @@ def test_sharded_step_matches_single_device():
     assert gate.sharding.spec == P("fsdp", "tensor")
     s8b, _ = step(s8, batch)  # and it runs again on its own output (donated, same shardings)
     assert int(s8b.step) == 2
+
+
+def test_values_pass_and_run_step_metrics():
+    params = _params()
+    batch = _batch(params=params)
+    critic = U.init_critic(CONFIG, params)
+    critic["head"] = jax.tree.map(lambda x: x + 0.1, critic["head"])
+    full = U.critic_values(CONFIG, critic, batch.tokens, batch.attention_mask)
+    micro = U.values_pass(CONFIG, critic, batch.tokens, batch.attention_mask, micro_batch=2)
+    np.testing.assert_allclose(np.asarray(micro), np.asarray(full), atol=1e-5)
+    tx = U.make_optimizer(1e-4)
+    state = U.init_state(params, tx)
+    step = U.make_policy_step(state, batch, config=CONFIG, tx=tx, cfg=CFG)
+    state, m = U.run_step(step, state, batch)
+    for key in ("policy_loss", "entropy", "kl", "clip_fraction", "grad_norm", "tokens_per_s"):
+        assert np.isfinite(m[key]), key
+    assert m["tokens"] == float(np.asarray(batch.attention_mask).sum()) and m["entropy"] > 0

@@ -291,3 +291,38 @@ def critic_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg
     metrics = {k: v * scale for k, v in sums.items()}
     metrics["critic_grad_norm"] = optax.global_norm(grads)
     return _apply(state, grads, tx), metrics
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _values_jit(config, critic_params, tokens, mask, micro_batch, mesh, rules):
+    b = tokens.shape[0]
+    if b % micro_batch:
+        raise ValueError(f"batch of {b} rows does not split into micro-batches of {micro_batch}")
+    split = lambda x: x.reshape((b // micro_batch, micro_batch) + x.shape[1:])  # noqa: E731
+
+    def body(_, xs):
+        return None, critic_values(config, critic_params, xs[0], xs[1], mesh=mesh, rules=rules)
+
+    _, out = jax.lax.scan(body, None, (split(tokens), split(mask)))
+    return out.reshape(tokens.shape)
+
+
+def values_pass(config: ModelConfig, critic_params, tokens_bt, attention_mask_bt, *,
+                micro_batch: int, mesh=None, rules=sharding.DEFAULT_RULES):
+    """Critic values [B, T] computed micro-batch by micro-batch (a scan)."""
+    return _values_jit(config, critic_params, tokens_bt, attention_mask_bt, micro_batch, mesh,
+                       sharding.as_rules(rules))
+
+
+def run_step(step_fn, state, batch: Batch):
+    """Runs a jitted step, waits for it, and returns (state, host metrics) with `step_s` and
+    `tokens_per_s` (non-padding tokens of the batch per second of wall time)."""
+    import time
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    metrics = jax.device_get(metrics)
+    seconds = time.perf_counter() - start
+    out = {k: float(v) for k, v in metrics.items()}
+    out["step_s"] = seconds
+    out["tokens_per_s"] = out.get("tokens", 0.0) / seconds
+    return state, out
