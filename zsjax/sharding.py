@@ -77,6 +77,19 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) ->
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_config(data: int, fsdp: int, tensor: int) -> Mesh | None:
+    """The run's mesh from config sizes (-1 = the rest of the devices); None for a single device.
+    A fully specified mesh smaller than the machine uses the first devices."""
+    sizes = [data, fsdp, tensor]
+    if -1 not in sizes:
+        n = math.prod(sizes)
+        if n == 1:
+            return None
+        return make_mesh(data, fsdp, tensor, devices=jax.devices()[:n])
+    mesh = make_mesh(data, fsdp, tensor)
+    return None if mesh.size == 1 else mesh
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
                     rules: Rules = DEFAULT_RULES) -> P:
     """PartitionSpec for an array with the given logical dim names (and shape, for divisibility)."""

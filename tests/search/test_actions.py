@@ -59,3 +59,21 @@ def test_question_normalisation():
     assert P.normalize_question("  who? ") == "who?"
     assert P.normalize_question("who") == "who?"
     assert P.policy_prompt("who").endswith("Question: who?\n")
+
+
+def test_policy_texts_are_byte_exact():
+    # Transcribed by hand from the design reference (section 1, "Policy interaction").
+    expect = (
+        "Answer the given question. You must conduct reasoning inside <think> and </think> "
+        "first every time you get new information. After reasoning, if you find you lack some "
+        "knowledge, you can call a search engine by <search> query </search> and it will return "
+        "the top searched results between <information> and </information>. You can search as "
+        "many times as your want. If you find no further external knowledge needed, you can "
+        "directly provide the answer inside <answer> and </answer>, without detailed "
+        "illustrations. For example, <answer> Beijing </answer>. Question: Who is Zed?\n")
+    assert P.policy_prompt("Who is Zed") == expect
+    assert P.INVALID_ACTION == (
+        "\nMy previous action is invalid. If I want to search, I should put the query between "
+        "<search> and </search>. If I want to give the final answer, I should put the answer "
+        "between <answer> and </answer>. Let me try again.\n")
+    assert P.information_block(" docs ") == "\n\n<information>docs</information>\n\n"

@@ -32,3 +32,10 @@ def test_draws_reproducible_per_seed_and_step():
     np.testing.assert_array_equal(a, draw_rng(3, 17).random(100))
     assert not np.array_equal(a, draw_rng(3, 18).random(100))
     assert not np.array_equal(a, draw_rng(4, 17).random(100))
+
+
+def test_noisy_rate_matches_p_within_a_binomial_bound():
+    for p in (0.1, 0.37, 0.5):
+        n = 20000
+        rate = (draw_rng(0, 3).random(n) < p).mean()
+        assert abs(rate - p) < 4 * np.sqrt(p * (1 - p) / n)

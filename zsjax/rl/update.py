@@ -200,15 +200,12 @@ def batch_shardings(batch: Batch, mesh, rules=sharding.DEFAULT_RULES):
                                                           rules), batch)
 
 
-def make_policy_step(state: TrainState, batch_like: Batch, *, config: ModelConfig, tx,
-                     cfg: LossConfig, n_micro: int = 1, mesh=None,
-                     rules=sharding.DEFAULT_RULES, remat: bool = False):
-    """`policy_step` under jax.jit with explicit in/out shardings (pjit) and a donated state.
-
-    Without a mesh, it is a plain jit.
-    """
-    fn = functools.partial(policy_step, config=config, tx=tx, cfg=cfg, n_micro=n_micro,
-                           mesh=mesh, rules=rules, remat=remat)
+def jit_step(step_fn, state: TrainState, batch_like: Batch, *, mesh=None,
+             rules=sharding.DEFAULT_RULES, **kwargs):
+    """`step_fn(state, batch, **kwargs)` under jax.jit with explicit in/out shardings (pjit):
+    the state keeps its own shardings, the batch rows go over data x fsdp, metrics are
+    replicated; the state is donated. Without a mesh, a plain jit."""
+    fn = functools.partial(step_fn, mesh=mesh, rules=rules, **kwargs)
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     s_state = state_shardings(state)
@@ -216,6 +213,14 @@ def make_policy_step(state: TrainState, batch_like: Batch, *, config: ModelConfi
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(fn, in_shardings=(s_state, s_batch), out_shardings=(s_state, replicated),
                    donate_argnums=0)
+
+
+def make_policy_step(state: TrainState, batch_like: Batch, *, config: ModelConfig, tx,
+                     cfg: LossConfig, n_micro: int = 1, mesh=None,
+                     rules=sharding.DEFAULT_RULES, remat: bool = False):
+    """`policy_step`, jitted and sharded (see `jit_step`)."""
+    return jit_step(policy_step, state, batch_like, mesh=mesh, rules=rules, config=config, tx=tx,
+                    cfg=cfg, n_micro=n_micro, remat=remat)
 
 
 # --- Forward-only passes: old policy, reference policy, critic ------------------------------
@@ -326,3 +331,36 @@ def run_step(step_fn, state, batch: Batch):
     out["step_s"] = seconds
     out["tokens_per_s"] = out.get("tokens", 0.0) / seconds
     return state, out
+
+
+# --- Supervised fine-tuning (the simulator; the policy's warm start) ------------------------
+
+def supervised_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx,
+                    n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES,
+                    remat: bool = False):
+    """One step of masked next-token cross-entropy: the mean over tokens with loss_mask 1
+    (e.g. the simulator's documents). Uses batch.tokens, attention_mask and loss_mask only."""
+    model = Decoder(config, mesh, sharding.as_rules(rules), remat=remat)
+    denom = batch.loss_mask.sum()
+
+    def loss_fn(params, mb: Batch):
+        logits, _ = model.apply({"params": params}, mb.tokens, _positions(mb.attention_mask),
+                                None, mb.attention_mask)
+        logp, _ = token_logprobs_from_logits(logits, mb.tokens)
+        nll = -(logp * mb.loss_mask).sum()
+        return nll, {"loss": nll}
+
+    grads, sums = _accumulate(loss_fn, state.params, batch, n_micro)
+    scale = 1.0 / jnp.maximum(denom, 1.0)
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    metrics = {"loss": sums["loss"] * scale, "grad_norm": optax.global_norm(grads),
+               "tokens": batch.attention_mask.sum()}
+    return _apply(state, grads, tx), metrics
+
+
+def sft_batch(tokens, attention_mask, loss_mask) -> Batch:
+    """A Batch for supervised_step (the RL fields are unused zeros)."""
+    zeros = jnp.zeros(jnp.shape(tokens), jnp.float32)
+    return Batch(tokens=jnp.asarray(tokens), attention_mask=jnp.asarray(attention_mask),
+                 loss_mask=jnp.asarray(loss_mask, jnp.float32), old_logprobs=zeros,
+                 advantages=zeros)

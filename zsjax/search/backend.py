@@ -32,3 +32,35 @@ class FunctionBackend:
     def search(self, requests: Sequence[SearchRequest]) -> list[str]:
         self.calls.append(list(requests))
         return [self.fn(r) for r in requests]
+
+
+class StepCache:
+    """Wraps a backend so that, within one training step, identical (query, question, noisy)
+    requests are generated once, across all turns. Call `new_step()` between steps."""
+
+    def __init__(self, backend: SearchBackend):
+        self.backend = backend
+        self._cache: dict[tuple, str] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def new_step(self) -> None:
+        self._cache.clear()
+        self.hits = self.misses = 0
+
+    def search(self, requests: Sequence[SearchRequest]) -> list[str]:
+        keys = [(r.query, r.question, r.noisy) for r in requests]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            first = {k: r for k, r in zip(keys, requests)}
+            for k, docs in zip(todo, self.backend.search([first[k] for k in todo])):
+                self._cache[k] = docs
+        return [self._cache[k] for k in keys]
+
+
+def noisy_fraction(trajectories) -> float | None:
+    """The realised fraction of search calls that were noisy (None if nobody searched)."""
+    flags = [n for t in trajectories for n in t.noisy]
+    return sum(flags) / len(flags) if flags else None

@@ -62,6 +62,8 @@ class Trajectory:
     response_mask: list[int] = dataclasses.field(default_factory=list)  # 1 = policy token
     response_logprobs: list[float] = dataclasses.field(default_factory=list)  # 0 where mask 0
     queries: list[str] = dataclasses.field(default_factory=list)
+    documents: list[str] = dataclasses.field(default_factory=list)  # per search, as returned
+    noisy: list[bool] = dataclasses.field(default_factory=list)  # per search: the curriculum draw
     segments: list[Segment] = dataclasses.field(default_factory=list)
     answered: bool = False
     turns: int = 0
@@ -87,6 +89,14 @@ class Trajectory:
     def logprobs(self) -> np.ndarray:
         """[len(token_ids)] float32: the sampler's logprobs on mask-1 tokens, 0 elsewhere."""
         return np.array([0.0] * len(self.prompt_ids) + self.response_logprobs, np.float32)
+
+    def to_record(self) -> dict:
+        """A JSON-able summary (for trajectory logs and `zsjax.tools.make_sft_data`)."""
+        return {"question": self.question, "golden_answers": list(self.golden_answers),
+                "answer": self.answer, "answered": self.answered, "turns": self.turns,
+                "searches": [{"query": q, "documents": d, "noisy": n}
+                             for q, d, n in zip(self.queries, self.documents, self.noisy)],
+                "response": self.response_text}
 
     def _append(self, ids, mask_value, logprobs=None):
         self.response_ids.extend(int(t) for t in ids)
@@ -233,6 +243,7 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
                                               noisy))
                 owners.append(i)
                 t.queries.append(action.content)
+                t.noisy.append(noisy)
             else:
                 invalid.append(i)
         documents = backend.search(requests) if requests else []
@@ -240,6 +251,7 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
             raise RuntimeError(f"search backend returned {len(documents)} results for "
                                f"{len(requests)} requests")
         for i, docs in zip(owners, documents):
+            trajs[i].documents.append(docs)
             pending[i] = _append_observation(trajs[i], P.information_block(docs), "information",
                                              tokenizer, settings.max_obs_tokens)
         for i in invalid:

@@ -1,0 +1,29 @@
+"""Simulator fine-tuning (ZeroSearch section "simulator fine-tuning": lr 1e-6, ~1000 steps, loss on
+the document tokens only).
+
+    python -m zsjax.sft --config configs/sft_simulator.py:/path/to/hf_model \\
+        --workdir runs/sim --config.data.path=pairs.jsonl [--config.train.steps=1000]
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict({"path": arg, "dtype": "float32"})
+    c.data = ml_collections.ConfigDict({
+        "path": "",  # jsonl rows {query, question, golden_answers, documents, label}
+        "prompt_style": "finetuned",  # or "prompt_only"
+        "max_length": 1024,
+        "use_chat_template": "auto",  # "auto" | "yes" | "no"
+    })
+    c.train = ml_collections.ConfigDict({
+        "steps": 1000, "batch_size": 32, "micro_batches": 1, "lr": 1e-6, "warmup_steps": 0,
+        "weight_decay": 0.01, "grad_clip": 1.0, "seed": 0, "remat": False,
+        "log_every": 10, "checkpoint_every": 200, "keep_checkpoints": 3,
+    })
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.resume = True  # pick up the latest checkpoint in workdir/checkpoints
+    c.export_dir = ""  # default: WORKDIR/simulator_hf
+    c.lock()
+    return c

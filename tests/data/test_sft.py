@@ -1,0 +1,159 @@
+"""Simulator fine-tuning: data, loss mask, the trainer end to end, and the labelling script."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from zsjax.data import sft_data
+from zsjax.tools.make_sft_data import label_rows
+
+ROWS = [
+    {"query": "capital of Zorland", "question": "What is the capital of Zorland?",
+     "golden_answers": ["Vex"], "documents": "Doc 1: Vex is the capital city of Zorland.",
+     "label": "useful"},
+    {"query": "capital of Zorland", "question": "What is the capital of Zorland?",
+     "golden_answers": ["Vex"], "documents": "Doc 1: Zorland is famous for its blue goats.",
+     "label": "noisy"},
+    {"query": "Mira Tal birthplace", "question": "Where was Mira Tal born?",
+     "golden_answers": ["Oskel"], "documents": "Doc 1: Mira Tal was born in Oskel in 1902.",
+     "label": "useful"},
+    {"query": "river of Oskel", "question": "Which river runs through Oskel?",
+     "golden_answers": ["Dunra"], "documents": "Doc 1: The Dunra river runs through Oskel.",
+     "label": "useful"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_loss_mask_covers_exactly_the_documents(tokenizer, tmp_path):
+    rows = sft_data.read_rows(_write(tmp_path / "d.jsonl", ROWS))
+    for row in rows:
+        for chat in (True, False):
+            ex = sft_data.build_example(row, tokenizer, use_chat_template=chat)
+            mask = np.array(ex.loss_mask, bool)
+            trained = [t for t, m in zip(ex.tokens, mask) if m]
+            assert trained[-1] == tokenizer.eos_token_id
+            assert tokenizer.decode(trained[:-1]) == row["documents"]
+            assert mask[np.argmax(mask):].all()  # one contiguous block at the end
+            prompt = tokenizer.decode([t for t, m in zip(ex.tokens, mask) if not m])
+            assert ("Noisy Output:" in prompt) == (row["label"] == "noisy")
+            assert row["question"] in prompt
+    short = sft_data.build_example(rows[0], tokenizer, use_chat_template=False, max_length=110)
+    assert len(short.tokens) <= 110
+
+
+def test_bad_rows(tmp_path):
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing field\(s\) \['label'\]"):
+        sft_data.read_rows(_write(tmp_path / "d.jsonl", [ROWS[0], {
+            k: v for k, v in ROWS[1].items() if k != "label"}]))
+    with pytest.raises(ValueError, match="label must be 'useful' or 'noisy'"):
+        sft_data.read_rows(_write(tmp_path / "d.jsonl", [dict(ROWS[0], label="good")]))
+    (tmp_path / "bad.jsonl").write_text("{nope\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: not valid JSON"):
+        sft_data.read_rows(str(tmp_path / "bad.jsonl"))
+
+
+def test_batches_are_deterministic_and_resumable():
+    examples = [sft_data.Example([i + 1] * (i + 2), [0, 1] + [1] * i) for i in range(10)]
+    stream = sft_data.batches(examples, 3, seed=5)
+    first = [next(stream) for _ in range(7)]
+    resumed = sft_data.batches(examples, 3, seed=5, start=4)
+    for a, b in zip(first[4:], [next(resumed) for _ in range(3)]):
+        assert a[0] == b[0]
+        for x, y in zip(a[1:], b[1:]):
+            np.testing.assert_array_equal(x, y)
+    # each epoch (3 batches of 3 from 10 examples) draws distinct examples
+    epoch = np.concatenate([f[1][:, 0] for f in first[:3]])
+    assert len(set(epoch.tolist())) == 9
+
+
+def _tiny_simulator(smollm2_dir, path):
+    import torch
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(smollm2_dir, name), path)
+    return str(path)
+
+
+def test_tiny_simulator_memorises_its_documents_and_resumes(smollm2_dir, tmp_path):
+    from configs import sft_simulator
+    from zsjax import sft
+    from zsjax.generate import load_tokenizer
+    from zsjax.models import load_hf
+    from zsjax.search import SearchRequest
+    from zsjax.search.simulator import InProcessSimulator, postprocess_documents
+
+    model_dir = _tiny_simulator(smollm2_dir, tmp_path / "tiny")
+    config = sft_simulator.get_config(model_dir)
+    config.data.path = _write(tmp_path / "pairs.jsonl", ROWS)
+    config.data.use_chat_template = "no"
+    config.data.max_length = 128
+    config.train.update(steps=60, batch_size=4, lr=3e-3, weight_decay=0.0, log_every=20,
+                        checkpoint_every=30)
+    config.mesh.update(data=1)
+    workdir = str(tmp_path / "run")
+    sft.run(config, workdir)
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == list(range(1, 61))
+    assert lines[-1]["loss"] < 0.1 * lines[0]["loss"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-2:] == ["30", "60"]
+
+    # the exported simulator reproduces each document greedily, from its own prompt
+    sim_config, sim_params = load_hf(os.path.join(workdir, "simulator_hf"))
+    sim = InProcessSimulator(sim_config, sim_params, load_tokenizer(model_dir), temperature=0.0,
+                             max_new_tokens=40, use_chat_template=False)
+    reqs = [SearchRequest(r["query"], r["question"], tuple(r["golden_answers"]),
+                          noisy=r["label"] == "noisy") for r in ROWS]
+    assert sim.search(reqs) == [postprocess_documents(r["documents"]) for r in ROWS]
+
+    # resuming continues from the last checkpoint with the data stream where it stopped
+    config.train.steps = 70
+    sft.run(config, workdir)
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == list(range(1, 71))
+
+
+def test_sft_cli_help():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "zsjax.sft", "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "--workdir" in proc.stdout
+
+
+def test_make_sft_data_labels_by_answer_correctness():
+    records = [
+        {"question": "Q1?", "golden_answers": ["Vex"], "answer": "vex",
+         "searches": [{"query": "a", "documents": "Doc 1: A"},
+                      {"query": "b", "documents": "Doc 1: B"}]},
+        {"question": "Q2?", "golden_answers": ["Oskel"], "answer": "Paris",
+         "searches": [{"query": "c", "documents": "Doc 1: C"}]},
+        {"question": "Q3?", "golden_answers": ["Dunra"], "answer": None, "searches": []},
+    ]
+    rows = label_rows(records)
+    assert [(r["query"], r["label"]) for r in rows] == [("a", "useful"), ("b", "useful"),
+                                                       ("c", "noisy")]
+    assert rows[2]["golden_answers"] == ["Oskel"] and rows[2]["question"] == "Q2?"
+    balanced = label_rows(records, balance=True)
+    assert sorted(r["label"] for r in balanced) == ["noisy", "useful"]

@@ -1,0 +1,26 @@
+"""The per-step query cache and the realised noise fraction."""
+
+from zsjax.search import FunctionBackend, SearchRequest, StepCache, noisy_fraction
+from zsjax.search.rollout import Trajectory
+
+
+def test_step_cache_generates_identical_requests_once_per_step():
+    inner = FunctionBackend(lambda r: f"docs for {r.query} {'N' if r.noisy else 'U'}")
+    cache = StepCache(inner)
+    a = SearchRequest("q", "Q?", ("x",))
+    b = SearchRequest("q", "Q?", ("x",), noisy=True)
+    c = SearchRequest("q", "other?", ("y",))
+    assert cache.search([a, b, a]) == ["docs for q U", "docs for q N", "docs for q U"]
+    assert cache.search([a, c]) == ["docs for q U", "docs for q U"]
+    assert [len(call) for call in inner.calls] == [2, 1]  # a, b; then only c
+    assert (cache.hits, cache.misses) == (2, 3)
+    cache.new_step()
+    cache.search([a])
+    assert len(inner.calls) == 3
+
+
+def test_noisy_fraction():
+    t1, t2 = Trajectory("q", ("a",), [1]), Trajectory("q", ("a",), [1])
+    assert noisy_fraction([t1, t2]) is None
+    t1.noisy, t2.noisy = [True, False], [True, True]
+    assert noisy_fraction([t1, t2]) == 0.75

@@ -1,0 +1,49 @@
+"""Orbax checkpoints of a training state plus a small JSON record (data position, RNG, ...).
+
+Saves are asynchronous; the last `keep` steps are kept; restoring places every array on the
+sharding of the abstract state it is given, so a run resumes onto its own mesh.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
+        """(state, meta) of `step` (default: the latest), or None when there is no checkpoint.
+        `abstract_state` is a tree of arrays or ShapeDtypeStructs carrying the target shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding",
+                                                                              None)),
+            abstract_state)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,98 @@
+"""Simulator fine-tuning data: jsonl rows `{query, question, golden_answers, documents, label}`
+turned into token ids with a loss mask on the document tokens only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from zsjax.search.backend import SearchRequest
+from zsjax.search.simulator import simulator_prompt
+
+REQUIRED = ("query", "question", "golden_answers", "documents", "label")
+
+
+@dataclasses.dataclass
+class Example:
+    tokens: list[int]
+    loss_mask: list[int]  # 1 on the document tokens (and the closing EOS)
+
+
+def read_rows(path: str) -> list[dict]:
+    """Reads and validates the jsonl rows; errors name the file and line."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            missing = [k for k in REQUIRED if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{n}: missing field(s) {missing}; each row needs "
+                                 f"{list(REQUIRED)}")
+            if row["label"] not in ("useful", "noisy"):
+                raise ValueError(f"{path}:{n}: label must be 'useful' or 'noisy', got "
+                                 f"{row['label']!r}")
+            if isinstance(row["golden_answers"], str):
+                row["golden_answers"] = [row["golden_answers"]]
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+def build_example(row: dict, tokenizer, *, style: str = "finetuned", max_length: int = 1024,
+                  use_chat_template: bool | None = None) -> Example:
+    """Prompt (the simulator prompt for this row's question, answer and label) + documents +
+    EOS; only the documents and EOS are trained on. Documents are cut to fit max_length."""
+    request = SearchRequest(row["query"], row["question"], tuple(row["golden_answers"]),
+                            noisy=row["label"] == "noisy")
+    prompt = simulator_prompt(request, style)
+    if use_chat_template is None:
+        use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                               tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        prompt_ids = tokenizer.encode(prompt)
+    doc_ids = tokenizer.encode(row["documents"].strip(), add_special_tokens=False)
+    if tokenizer.eos_token_id is not None:
+        doc_ids.append(tokenizer.eos_token_id)
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(f"the simulator prompt alone has {len(prompt_ids)} tokens, over "
+                         f"max_length={max_length}")
+    doc_ids = doc_ids[:room]
+    return Example(prompt_ids + doc_ids, [0] * len(prompt_ids) + [1] * len(doc_ids))
+
+
+def batches(examples: list[Example], batch_size: int, *, seed: int, start: int = 0,
+            length_multiple: int = 64):
+    """An endless, deterministic stream of (position, tokens [B, L], attention [B, L],
+    loss mask [B, L]). Position p is the p-th batch since the start: resuming at p replays
+    exactly what an uninterrupted run would see next."""
+    n = len(examples)
+    per_epoch = max(1, n // batch_size)
+    position = start
+    while True:
+        epoch, k = divmod(position, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        if n < batch_size:
+            order = np.resize(order, batch_size)
+        rows = [examples[i] for i in order[k * batch_size:(k + 1) * batch_size]]
+        width = -(-max(len(r.tokens) for r in rows) // length_multiple) * length_multiple
+        tokens = np.zeros((batch_size, width), np.int32)
+        attn = np.zeros((batch_size, width), bool)
+        mask = np.zeros((batch_size, width), np.float32)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r.tokens)] = r.tokens
+            attn[i, :len(r.tokens)] = True
+            mask[i, :len(r.tokens)] = r.loss_mask
+        position += 1
+        yield position, tokens, attn, mask

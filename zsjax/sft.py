@@ -1,0 +1,114 @@
+"""Supervised fine-tuning of a simulator on (query, documents) pairs, loss on the documents only.
+
+    python -m zsjax.sft --config configs/sft_simulator.py:MODEL_DIR --workdir DIR \\
+        --config.data.path=pairs.jsonl [--config.train.steps=N ...]
+
+Writes DIR/metrics.jsonl, orbax checkpoints in DIR/checkpoints (resumed automatically), and the
+fine-tuned model as a Hugging Face folder in DIR/simulator_hf (or config.export_dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "an ml-collections config file, "
+                                          "FILE.py[:ARG]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
+
+
+def run(config, workdir: str) -> dict:
+    """Trains per `config`; returns the final metrics. Importable (tests, notebooks)."""
+    import jax
+
+    from zsjax import sharding
+    from zsjax.checkpointing import Checkpointer
+    from zsjax.data import sft_data
+    from zsjax.generate import load_tokenizer
+    from zsjax.models import load_hf, save_hf
+    from zsjax.rl import update as U
+
+    if not config.model.path:
+        raise ValueError("config.model.path is empty: pass the model folder as the config "
+                         "argument (configs/sft_simulator.py:DIR) or --config.model.path=DIR")
+    if not config.data.path:
+        raise ValueError("config.data.path is empty: --config.data.path=pairs.jsonl")
+    os.makedirs(workdir, exist_ok=True)
+    tc = config.train
+    mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    model_config, params = load_hf(config.model.path, dtype=config.model.dtype, mesh=mesh)
+    tokenizer = load_tokenizer(config.model.path)
+    chat = {"auto": None, "yes": True, "no": False}[config.data.use_chat_template]
+    rows = sft_data.read_rows(config.data.path)
+    examples = [sft_data.build_example(r, tokenizer, style=config.data.prompt_style,
+                                       max_length=config.data.max_length, use_chat_template=chat)
+                for r in rows]
+    tx = U.make_optimizer(tc.lr, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
+                          grad_clip=tc.grad_clip)
+    state = U.init_state(params, tx)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    position = 0
+    if config.resume and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        position = meta["data_position"]
+        print(f"[sft] resumed from step {int(state.step)}", file=sys.stderr)
+
+    steps_fns = {}
+    stream = sft_data.batches(examples, tc.batch_size, seed=tc.seed, start=position)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    last = {}
+    start_step = int(state.step)
+    t0 = time.time()
+    for step in range(start_step, tc.steps):
+        position, tokens, attn, mask = next(stream)
+        batch = U.sft_batch(tokens, attn, mask)
+        width = tokens.shape[1]
+        if width not in steps_fns:
+            steps_fns[width] = U.jit_step(U.supervised_step, state, batch, mesh=mesh,
+                                          config=model_config, tx=tx, n_micro=tc.micro_batches,
+                                          remat=tc.remat)
+        state, m = U.run_step(steps_fns[width], state, batch)
+        last = {"step": step + 1, **{k: round(v, 6) for k, v in m.items()}}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(last) + "\n")
+        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+            print(f"[sft] step {step + 1}/{tc.steps} loss {m['loss']:.4f} grad_norm "
+                  f"{m['grad_norm']:.3f} {m['tokens_per_s']:.0f} tok/s "
+                  f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
+            ckpt.save(step + 1, state, {"data_position": position, "step": step + 1})
+    ckpt.close()
+    export = config.export_dir or os.path.join(workdir, "simulator_hf")
+    save_hf(model_config, jax.device_get(state.params), export,
+            tokenizer_dir=config.model.path)
+    print(f"[sft] exported {export}", file=sys.stderr)
+    return last
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+def cli() -> None:
+    """absl exits 1 after printing --help; a help request is a success."""
+    try:
+        app.run(main)
+    except SystemExit as e:
+        if e.code == 1 and any(a in ("-h", "--help", "--helpshort", "--helpfull")
+                               for a in sys.argv[1:]):
+            sys.exit(0)
+        raise
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    cli()
