@@ -1,0 +1,53 @@
+"""QA readers for jsonl and both parquet layouts, and the resumable question stream."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from zsjax.data.qa import QARow, QuestionStream, read_qa
+from zsjax.search.prompts import policy_prompt
+
+
+def test_jsonl(tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text(json.dumps({"id": "1", "question": " who? ", "golden_answers": ["A", "B"]})
+                 + "\n\n" + json.dumps({"question": "what", "golden_answers": "C"}) + "\n")
+    assert read_qa(str(p)) == [QARow("who?", ("A", "B")), QARow("what", ("C",))]
+
+
+def test_zerosearch_parquet(tmp_path):
+    rows = [{"data_source": "nq", "prompt": [{"role": "user", "content": policy_prompt("who is x")}],
+             "ability": "fact-reasoning",
+             "reward_model": {"style": "rule", "ground_truth": {"target": ["X", "Ex"]}},
+             "extra_info": {"split": "train", "index": 0}}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "z.parquet")
+    assert read_qa(str(tmp_path / "z.parquet")) == [QARow("who is x?", ("X", "Ex"))]
+
+
+def test_verl_parquet_with_string_ground_truth(tmp_path):
+    rows = [{"data_source": "nq", "prompt": [{"role": "user", "content": "when was it"}],
+             "reward_model": {"style": "rule", "ground_truth": "1972"}}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "v.parquet")
+    assert read_qa(str(tmp_path / "v.parquet")) == [QARow("when was it", ("1972",))]
+
+
+def test_unreadable_rows_name_the_columns(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"text": "hi", "label": 1}]), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match=r"row 0 has no question.*columns \['label', 'text'\]"):
+        read_qa(str(tmp_path / "b.parquet"))
+    with pytest.raises(FileNotFoundError):
+        read_qa(str(tmp_path / "missing.jsonl"))
+
+
+def test_question_stream_resumes_and_splits_over_processes():
+    rows = [QARow(f"q{i}", ("a",)) for i in range(10)]
+    s = QuestionStream(rows, 4, seed=1)
+    seen = [s.next() for _ in range(5)]
+    resumed = QuestionStream(rows, 4, seed=1, start=3)
+    assert [resumed.next() for _ in range(2)] == seen[3:]
+    halves = [QuestionStream(rows, 4, seed=1, process_index=i, process_count=2) for i in (0, 1)]
+    first = [h.next() for h in halves]
+    assert sorted(r.question for r in first[0] + first[1]) == sorted(
+        r.question for r in seen[0])

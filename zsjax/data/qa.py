@@ -1,0 +1,115 @@
+"""QA rows `(question, golden_answers)` from jsonl or ZeroSearch / Search-R1 / veRL parquet, and a
+deterministic, resumable, per-process question stream."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+
+_TEMPLATE_QUESTION = re.compile(r"Question:\s*(.*?)\s*$", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class QARow:
+    question: str
+    golden_answers: tuple[str, ...]
+
+
+def _question_of(row: dict) -> str | None:
+    if isinstance(row.get("question"), str):
+        return row["question"]
+    extra = row.get("extra_info") or {}
+    if isinstance(extra, dict) and isinstance(extra.get("question"), str):
+        return extra["question"]
+    prompt = row.get("prompt")
+    if isinstance(prompt, (list, tuple, np.ndarray)) and len(prompt):
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        if users:
+            text = str(users[-1].get("content", ""))
+            # ZeroSearch files hold the whole instruction; the question follows "Question:".
+            m = _TEMPLATE_QUESTION.search(text) if "Question:" in text else None
+            return m.group(1) if m else text
+    return None
+
+
+def _answers_of(row: dict) -> list[str] | None:
+    def as_list(x):
+        if isinstance(x, str):
+            return [x]
+        if isinstance(x, (list, tuple, np.ndarray)):
+            return [str(a) for a in x]
+        return None
+
+    if row.get("golden_answers") is not None:
+        return as_list(row["golden_answers"])
+    reward = row.get("reward_model") or {}
+    truth = reward.get("ground_truth") if isinstance(reward, dict) else None
+    if isinstance(truth, dict) and truth.get("target") is not None:
+        return as_list(truth["target"])
+    extra = row.get("extra_info") or {}
+    if isinstance(extra, dict) and extra.get("answer") is not None:
+        return as_list(extra["answer"])
+    if truth is not None:
+        return as_list(truth)
+    return None
+
+
+def read_qa(path: str) -> list[QARow]:
+    """Reads a `.jsonl` (`{question, golden_answers}`) or `.parquet` (ZeroSearch: prompt +
+    reward_model.ground_truth.target; veRL: ground_truth as a string) QA file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"QA file {path} does not exist")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        rows = pq.read_table(path).to_pylist()
+    elif path.endswith((".jsonl", ".json")):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        raise ValueError(f"{path}: unknown QA file type; expected .jsonl or .parquet")
+    out = []
+    for i, row in enumerate(rows):
+        q, a = _question_of(row), _answers_of(row)
+        if q is None or not a:
+            raise ValueError(
+                f"{path}: row {i} has no {'question' if q is None else 'golden answers'}; looked "
+                "for question / extra_info.question / prompt[user].content and golden_answers / "
+                "reward_model.ground_truth(.target) / extra_info.answer; the row has columns "
+                f"{sorted(row)}")
+        out.append(QARow(q.strip(), tuple(a)))
+    if not out:
+        raise ValueError(f"{path} has no rows")
+    return out
+
+
+class QuestionStream:
+    """An endless, deterministic stream of question batches, reshuffled each epoch.
+
+    `position` counts batches drawn; a stream built with the same seed and `start=position`
+    continues exactly where the first stopped. With several processes, process i of n takes
+    rows i, i + n, ... of each global batch.
+    """
+
+    def __init__(self, rows: list[QARow], batch_size: int, *, seed: int, start: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} "
+                             "processes")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.position = start
+        self.process_index, self.process_count = process_index, process_count
+
+    def next(self) -> list[QARow]:
+        n = len(self.rows)
+        per_epoch = max(1, n // self.batch_size)
+        epoch, k = divmod(self.position, per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        if n < self.batch_size:
+            order = np.resize(order, self.batch_size)
+        idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+        self.position += 1
+        return [self.rows[i] for i in idx[self.process_index::self.process_count]]
