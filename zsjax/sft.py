@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "an ml-collections config file, "
@@ -95,6 +95,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     run(_CONFIG.value, _WORKDIR.value)
 
 
