@@ -18,9 +18,15 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "an ml-collections config file, "
-                                          "FILE.py[:ARG]", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
+
+
+def _define_flags() -> None:
+    """Command-line flags, defined only when run as a program (so both trainers can be
+    imported into one process)."""
+    config_flags.DEFINE_config_file("config", None, "an ml-collections config file, "
+                                    "FILE.py[:ARG]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "output folder")
+    flags.mark_flags_as_required(["config"])
 
 ALGORITHMS = ("grpo", "reinforce_pp")
 
@@ -196,14 +202,15 @@ def run(config, workdir: str) -> list[dict]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _WORKDIR.value is None:
+    if flags.FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    run(_CONFIG.value, _WORKDIR.value)
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 def cli() -> None:
     """absl exits 1 after printing --help; a help request is a success."""
+    _define_flags()
     try:
         app.run(main)
     except SystemExit as e:
@@ -214,5 +221,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
     cli()
