@@ -22,11 +22,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "max_obs_tokens": 64, "temperature": 1.0, "top_p": 0.95, "kv_reuse": True})
     c.curriculum = ml_collections.ConfigDict({"start": 0.0, "end": 0.5, "base": 4.0})
     c.rl = ml_collections.ConfigDict({
-        "algorithm": "grpo",  # grpo | reinforce_pp
+        "algorithm": "grpo",  # grpo | ppo | reinforce_pp
         "questions_per_step": 4, "rollouts_per_question": 2, "mini_batches": 1, "epochs": 1,
         "micro_batches": 1, "lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.0,
         "grad_clip": 1.0, "clip": 0.2, "entropy_coef": 0.001, "kl_coef": 0.001,
-        "kl_kind": "k3", "std_eps": 1e-6, "aggregation": "token-mean", "remat": False})
+        "kl_kind": "k3", "std_eps": 1e-6, "aggregation": "token-mean", "remat": False,
+        "critic_lr": 1e-4, "value_clip": 0.5, "gamma": 1.0, "lam": 1.0})
     c.train = ml_collections.ConfigDict({
         "steps": 3, "log_every": 1, "checkpoint_every": 0, "keep_checkpoints": 2})
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})

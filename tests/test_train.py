@@ -57,7 +57,7 @@ def test_tiny_run_logs_metrics_resumes_and_exports(tmp_path):
     assert [r["step"] for r in _lines(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "reinforce_pp"])
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "reinforce_pp"])
 def test_noise_fraction_and_rewards_logged_per_step(tmp_path, monkeypatch, algorithm):
     import zsjax.search
     monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
@@ -78,6 +78,7 @@ def test_noise_fraction_and_rewards_logged_per_step(tmp_path, monkeypatch, algor
         # exactly the Zorland rollouts answer right
         assert rec["reward_mean"] == pytest.approx(2 / 16)
     assert 0.2 < np.mean([r["noisy_fraction"] for r in metrics]) < 0.8
+    assert (metrics[-1]["value_loss"] is not None) == (algorithm == "ppo")
 
 
 def test_unknown_algorithm(tmp_path):

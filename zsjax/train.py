@@ -1,5 +1,5 @@
 """ZeroSearch RL training: rollouts against the simulator with the curriculum, F1 rewards, and
-GRPO / REINFORCE++ updates, in one JAX program.
+GRPO / PPO / REINFORCE++ updates, in one JAX program.
 
     python -m zsjax.train --config configs/tiny.py --workdir runs/tiny [--config.KEY=VALUE ...]
 
@@ -28,7 +28,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "output folder")
     flags.mark_flags_as_required(["config"])
 
-ALGORITHMS = ("grpo", "reinforce_pp")
+ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
 
 def _pad_batch(trajs, length_multiple: int = 64):
@@ -82,7 +82,7 @@ def run(config, workdir: str) -> list[dict]:
     policy_config, params = load_hf(policy_path, dtype=config.policy.dtype, mesh=mesh)
     tokenizer = load_tokenizer(policy_path)
     ref_params = None
-    if rl.kl_coef or rl.algorithm == "reinforce_pp":
+    if rl.kl_coef or rl.algorithm in ("reinforce_pp", "ppo"):
         ref_path = config.reference.path or policy_path
         _, ref_params = load_hf(ref_path, dtype=config.policy.dtype, mesh=mesh)
     sim_config, sim_params = load_hf(sim_path, dtype=config.simulator.dtype, mesh=mesh)
@@ -99,14 +99,20 @@ def run(config, workdir: str) -> list[dict]:
     loss_cfg = U.LossConfig(clip_low=rl.clip, entropy_coef=rl.entropy_coef,
                             kl_coef=rl.kl_coef if rl.algorithm == "grpo" else 0.0,
                             kl_kind=rl.kl_kind, aggregation=rl.aggregation,
-                            temperature=config.rollout.temperature)
+                            temperature=config.rollout.temperature, value_clip=rl.value_clip)
     tx = U.make_optimizer(rl.lr, warmup_steps=rl.warmup_steps, weight_decay=rl.weight_decay,
                           grad_clip=rl.grad_clip)
     state = U.init_state(params, tx)
+    critic_tx = critic_state = critic_step = None
+    if rl.algorithm == "ppo":
+        critic_tx = U.make_optimizer(rl.critic_lr, warmup_steps=rl.warmup_steps,
+                                     weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
+        critic_params = U.init_critic(policy_config, jax.tree.map(jnp.copy, params))
+        critic_state = U.init_state(critic_params, critic_tx)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     position = 0
     if config.resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
+        (state, critic_state), meta = ckpt.restore((state, critic_state))
         position = meta["data_position"]
         print(f"[train] resumed from step {int(state.step)}", file=sys.stderr)
     stream = QuestionStream(rows, rl.questions_per_step, seed=config.seed, start=position,
@@ -140,15 +146,26 @@ def run(config, workdir: str) -> list[dict]:
                                temperature=loss_cfg.temperature, mesh=mesh)
                if ref_params is not None else None)
         mask_j = jnp.asarray(mask)
+        old_values = returns = None
         if rl.algorithm == "grpo":
             adv = A.group_normalized(jnp.asarray(scores["f1"]).reshape(-1, k), eps=rl.std_eps)
             adv = adv.reshape(-1)[:, None] * mask_j
+        elif rl.algorithm == "ppo":
+            # KL to the reference in the reward, GAE (skipping document tokens), whitened.
+            old_values = U.values_pass(policy_config, critic_state.params, tokens, attn,
+                                       micro_batch=micro, mesh=mesh) * mask_j
+            kl = L.kl_estimate(old, ref, "k1") * mask_j
+            token_rewards = (A.place_on_last_token(jnp.asarray(scores["f1"]), mask_j)
+                             - rl.kl_coef * kl)
+            adv, returns = A.gae(token_rewards, old_values, mask_j, gamma=rl.gamma, lam=rl.lam)
+            adv = A.masked_whiten(adv, mask_j)
         else:
             kl = L.kl_estimate(old, ref, "k1") * mask_j
             adv = A.reinforce_plus_plus(A.place_on_last_token(jnp.asarray(scores["f1"]), mask_j),
                                         kl, mask_j, kl_coef=rl.kl_coef)
         batch = U.Batch(tokens=jnp.asarray(tokens), attention_mask=jnp.asarray(attn),
-                        loss_mask=mask_j, old_logprobs=old, advantages=adv, ref_logprobs=ref)
+                        loss_mask=mask_j, old_logprobs=old, advantages=adv, ref_logprobs=ref,
+                        old_values=old_values, returns=returns)
         mb_rows = n // rl.mini_batches
         update_metrics = []
         for _ in range(rl.epochs):
@@ -160,6 +177,15 @@ def run(config, workdir: str) -> list[dict]:
                         state, mb, config=policy_config, tx=tx, cfg=loss_cfg,
                         n_micro=rl.micro_batches, mesh=mesh, remat=rl.remat)
                 state, m = U.run_step(step_fns[width], state, mb)
+                if critic_state is not None:
+                    if ("critic", width) not in step_fns:
+                        step_fns[("critic", width)] = U.jit_step(
+                            U.critic_step, critic_state, mb, mesh=mesh, config=policy_config,
+                            tx=critic_tx, cfg=loss_cfg, n_micro=rl.micro_batches,
+                            remat=rl.remat)
+                    critic_state, cm = U.run_step(step_fns[("critic", width)], critic_state,
+                                                  mb)
+                    m.update(cm)
                 update_metrics.append(m)
         seconds = time.time() - t0
         frac = noisy_fraction(trajs)
@@ -173,6 +199,8 @@ def run(config, workdir: str) -> list[dict]:
             "policy_loss": float(np.mean([m["policy_loss"] for m in update_metrics])),
             "clip_fraction": float(np.mean([m["clip_fraction"] for m in update_metrics])),
             "grad_norm": float(np.mean([m["grad_norm"] for m in update_metrics])),
+            "value_loss": (float(np.mean([m["value_loss"] for m in update_metrics]))
+                           if critic_state is not None else None),
             "response_tokens_mean": float(np.mean([len(t.response_ids) for t in trajs])),
             "searches_mean": float(np.mean([t.num_searches for t in trajs])),
             "answered_fraction": float(np.mean([t.answered for t in trajs])),
@@ -192,7 +220,8 @@ def run(config, workdir: str) -> list[dict]:
                   f" {seconds:.1f}s ({time.time() - t_start:.0f}s total)", file=sys.stderr,
                   flush=True)
         if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.steps:
-            ckpt.save(step + 1, state, {"data_position": stream.position, "step": step + 1})
+            ckpt.save(step + 1, (state, critic_state),
+                      {"data_position": stream.position, "step": step + 1})
     ckpt.close()
     save_hf(policy_config, jax.device_get(state.params), os.path.join(workdir, "policy_hf"),
             tokenizer_dir=policy_path)

@@ -212,6 +212,21 @@ def test_sharded_step_matches_single_device():
     assert int(s8b.step) == 2
 
 
+def test_critic_values_are_aligned_to_actions():
+    """Entry t is V(tokens[:t]): it must not depend on token t itself."""
+    params = _params()
+    batch = _batch()
+    critic = U.init_critic(CONFIG, params)
+    critic["head"] = jax.tree.map(lambda x: x + 0.1, critic["head"])
+    v1 = np.asarray(U.critic_values(CONFIG, critic, batch.tokens, batch.attention_mask))
+    changed = np.asarray(batch.tokens).copy()
+    changed[:, 10] = (changed[:, 10] + 1) % CONFIG.vocab_size
+    v2 = np.asarray(U.critic_values(CONFIG, critic, jnp.asarray(changed), batch.attention_mask))
+    assert np.all(v1[:, 0] == 0)
+    np.testing.assert_array_equal(v1[:, :11], v2[:, :11])  # up to and including t = 10
+    assert np.abs(v1[:, 11:] - v2[:, 11:]).max() > 0
+
+
 def test_values_pass_and_run_step_metrics():
     params = _params()
     batch = _batch(params=params)

@@ -271,11 +271,13 @@ def init_critic(config: ModelConfig, decoder_params) -> dict:
 
 def critic_values(config: ModelConfig, critic_params, tokens_bt, attention_mask_bt, *,
                   mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False):
-    """V(tokens[:t+1]) aligned to t, [B, T]."""
+    """[B, T] values aligned to actions: entry t is V(tokens[:t]), the value of the state in
+    which token t was chosen (0 at t = 0), like the policy's logprobs and advantages."""
     hidden, _ = Decoder(config, mesh, sharding.as_rules(rules), remat=remat).apply(
         {"params": critic_params["decoder"]}, tokens_bt, _positions(attention_mask_bt), None,
         attention_mask_bt, return_hidden=True)
-    return ValueHead(config).apply({"params": critic_params["head"]}, hidden)
+    v = ValueHead(config).apply({"params": critic_params["head"]}, hidden)
+    return jnp.concatenate([jnp.zeros_like(v[:, :1]), v[:, :-1]], axis=1)
 
 
 def critic_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg: LossConfig,
