@@ -15,18 +15,6 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-
-
-def _define_flags() -> None:
-    """Command-line flags, defined only when run as a program (so both trainers can be
-    imported into one process)."""
-    config_flags.DEFINE_config_file("config", None, "an ml-collections config file, "
-                                    "FILE.py[:ARG]", lock_config=True)
-    flags.DEFINE_string("workdir", None, "output folder")
-    flags.mark_flags_as_required(["config"])
 
 ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
@@ -103,7 +91,7 @@ def run(config, workdir: str) -> list[dict]:
     tx = U.make_optimizer(rl.lr, warmup_steps=rl.warmup_steps, weight_decay=rl.weight_decay,
                           grad_clip=rl.grad_clip)
     state = U.init_state(params, tx)
-    critic_tx = critic_state = critic_step = None
+    critic_tx = critic_state = None
     if rl.algorithm == "ppo":
         critic_tx = U.make_optimizer(rl.critic_lr, warmup_steps=rl.warmup_steps,
                                      weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
@@ -228,26 +216,6 @@ def run(config, workdir: str) -> list[dict]:
     return history
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.workdir is None:
-        raise app.UsageError("--workdir is required")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-def cli() -> None:
-    """absl exits 1 after printing --help; a help request is a success."""
-    _define_flags()
-    try:
-        app.run(main)
-    except SystemExit as e:
-        if e.code == 1 and any(a in ("-h", "--help", "--helpshort", "--helpfull")
-                               for a in sys.argv[1:]):
-            sys.exit(0)
-        raise
-
-
 if __name__ == "__main__":
-    cli()
+    from zsjax.cli import run_config_program
+    run_config_program(run)

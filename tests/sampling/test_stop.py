@@ -58,3 +58,28 @@ def test_real_tokenizer_every_split(tokenizer):
                              "sea", "rch>", "\n"]) for _ in range(rng.randint(1, 12))]
         ids = tokenizer.encode("".join(words), add_special_tokens=False)
         assert _first_match(tables, ids) == _reference_first_match(texts, ids, stops)
+
+
+def test_tables_cache_is_per_tokenizer_and_released_with_it(tokenizer):
+    import gc
+    first = stop.tables_for(tokenizer, len(tokenizer), ["</search>"])
+    assert stop.tables_for(tokenizer, len(tokenizer), ["</search>"]) is first
+    assert stop.tables_for(tokenizer, len(tokenizer), ["</answer>"]) is not first
+
+    class Tiny:  # a second, different "tokenizer": its own tables, never the first one's
+        eos_token_id = None
+
+        def __len__(self):
+            return 3
+
+        def batch_decode(self, ids, **kw):
+            return ["</sea", "rch>", "x"]
+
+    tiny = Tiny()
+    t = stop.tables_for(tiny, 3, ["</search>"])
+    assert t.next_state.shape[1] == 3 and t.matched[stop.tables_for(tiny, 3, ["</search>"])
+                                                     .next_state[0, 0], 1]
+    before = len(stop._TABLES)
+    del tiny, t
+    gc.collect()
+    assert len(stop._TABLES) == before - 1

@@ -234,21 +234,25 @@ def logprobs_pass(config: ModelConfig, params, tokens_bt, attention_mask_bt, *,
                          mesh, sharding.as_rules(rules))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def _logprobs_jit(config, params, tokens, mask, micro_batch, temperature, mesh, rules):
-    model = Decoder(config, mesh, rules)
+def _scan_micro_batches(fn, micro_batch: int, tokens, mask):
+    """fn(tokens [m, T], mask [m, T]) -> [m, T], run over micro-batches of m rows (a scan)."""
     b = tokens.shape[0]
     if b % micro_batch:
         raise ValueError(f"batch of {b} rows does not split into micro-batches of {micro_batch}")
     split = lambda x: x.reshape((b // micro_batch, micro_batch) + x.shape[1:])  # noqa: E731
-
-    def body(_, xs):
-        t, m = xs
-        logits, _ = model.apply({"params": params}, t, _positions(m), None, m)
-        return None, token_logprobs_from_logits(logits, t, temperature)[0]
-
-    _, out = jax.lax.scan(body, None, (split(tokens), split(mask)))
+    _, out = jax.lax.scan(lambda _, xs: (None, fn(*xs)), None, (split(tokens), split(mask)))
     return out.reshape(tokens.shape)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _logprobs_jit(config, params, tokens, mask, micro_batch, temperature, mesh, rules):
+    model = Decoder(config, mesh, rules)
+
+    def fn(t, m):
+        logits, _ = model.apply({"params": params}, t, _positions(m), None, m)
+        return token_logprobs_from_logits(logits, t, temperature)[0]
+
+    return _scan_micro_batches(fn, micro_batch, tokens, mask)
 
 
 class ValueHead(nn.Module):
@@ -302,16 +306,9 @@ def critic_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
 def _values_jit(config, critic_params, tokens, mask, micro_batch, mesh, rules):
-    b = tokens.shape[0]
-    if b % micro_batch:
-        raise ValueError(f"batch of {b} rows does not split into micro-batches of {micro_batch}")
-    split = lambda x: x.reshape((b // micro_batch, micro_batch) + x.shape[1:])  # noqa: E731
-
-    def body(_, xs):
-        return None, critic_values(config, critic_params, xs[0], xs[1], mesh=mesh, rules=rules)
-
-    _, out = jax.lax.scan(body, None, (split(tokens), split(mask)))
-    return out.reshape(tokens.shape)
+    return _scan_micro_batches(
+        lambda t, m: critic_values(config, critic_params, t, m, mesh=mesh, rules=rules),
+        micro_batch, tokens, mask)
 
 
 def values_pass(config: ModelConfig, critic_params, tokens_bt, attention_mask_bt, *,

@@ -11,7 +11,7 @@ vectorised over the vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import weakref
 from collections import deque
 from typing import Sequence
 
@@ -103,16 +103,17 @@ def token_texts(tokenizer, vocab_size: int) -> list[str]:
     return list(texts) + [""] * (vocab_size - n)
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_tables(tokenizer_key, tokenizer_ref, vocab_size, stop_strings):
-    return build_tables(token_texts(tokenizer_ref(), vocab_size), stop_strings)
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def tables_for(tokenizer, vocab_size: int, stop_strings: Sequence[str]) -> StopTables:
-    """Tables for a tokenizer, cached per (tokenizer, vocab size, stop strings)."""
-    import weakref
+    """Tables for a tokenizer, cached per (tokenizer, vocab size, stop strings) for as long as
+    the tokenizer lives (keyed weakly: a new tokenizer never sees another's tables)."""
+    key = (vocab_size, tuple(stop_strings))
     try:
-        ref = weakref.ref(tokenizer)
-    except TypeError:
-        ref = lambda t=tokenizer: t  # noqa: E731
-    return _cached_tables(id(tokenizer), ref, vocab_size, tuple(stop_strings))
+        per_tokenizer = _TABLES.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: build every time
+        return build_tables(token_texts(tokenizer, vocab_size), key[1])
+    if key not in per_tokenizer:
+        per_tokenizer[key] = build_tables(token_texts(tokenizer, vocab_size), key[1])
+    return per_tokenizer[key]

@@ -1,0 +1,41 @@
+"""The shared command line of the config-driven programs (`zsjax.train`, `zsjax.sft`):
+
+    python -m zsjax.PROGRAM --config configs/FILE.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
+
+Flags are defined only when a program runs, so the programs can be imported together.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_HELP = ("-h", "--help", "--helpshort", "--helpfull")
+
+
+def run_config_program(run: Callable[[object, str], object]) -> None:
+    """Parses --config (locked: misspelt keys are errors) and --workdir, then calls
+    run(config, workdir)."""
+    config_flags.DEFINE_config_file("config", None, "an ml-collections config file, "
+                                    "FILE.py[:ARG]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "output folder")
+    flags.mark_flags_as_required(["config"])
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if flags.FLAGS.workdir is None:
+            raise app.UsageError("--workdir is required")
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+    try:
+        app.run(main)
+    except SystemExit as e:
+        # absl exits 1 after printing --help; a help request is a success.
+        if e.code == 1 and any(a in _HELP for a in sys.argv[1:]):
+            sys.exit(0)
+        raise
