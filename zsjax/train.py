@@ -42,7 +42,7 @@ def run(config, workdir: str) -> list[dict]:
     from zsjax.checkpointing import Checkpointer
     from zsjax.data.qa import QuestionStream, read_qa
     from zsjax.generate import load_tokenizer
-    from zsjax.models import load_hf, save_hf
+    from zsjax.models import load_hf, save_hf, to_hf_dict
     from zsjax.rl import advantages as A
     from zsjax.rl import losses as L
     from zsjax.rl import rewards as R
@@ -209,7 +209,9 @@ def run(config, workdir: str) -> list[dict]:
                   flush=True)
         if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.steps:
             ckpt.save(step + 1, (state, critic_state),
-                      {"data_position": stream.position, "step": step + 1})
+                      {"data_position": stream.position, "step": step + 1,
+                       "policy_config": to_hf_dict(policy_config),
+                       "tokenizer_dir": os.path.abspath(policy_path)})
     ckpt.close()
     save_hf(policy_config, jax.device_get(state.params), os.path.join(workdir, "policy_hf"),
             tokenizer_dir=policy_path)
