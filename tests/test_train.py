@@ -8,6 +8,7 @@ import pytest
 
 from configs import tiny
 from zsjax import train
+from zsjax.cli import InputError
 from zsjax.sampling import GenerateResult
 
 
@@ -46,7 +47,9 @@ def test_tiny_run_logs_metrics_resumes_and_exports(tmp_path):
     history = train.run(config, workdir)
     assert [h["step"] for h in history] == [1, 2]
     required = {"step", "reward_mean", "f1_mean", "noise_prob", "kl", "entropy",
-                "response_tokens_mean", "searches_mean", "tokens_per_s", "noisy_fraction"}
+                "response_tokens_mean", "searches_mean", "tokens_per_s", "noisy_fraction",
+                "valid_answer_rate", "clip_fraction", "grad_norm", "time_rollout_s",
+                "time_simulator_s", "time_logprobs_s", "time_update_s", "skipped_updates"}
     for rec in _lines(os.path.join(workdir, "metrics.jsonl")):
         assert required <= set(rec)
         assert np.isfinite(rec["entropy"]) and rec["tokens_per_s"] > 0
@@ -84,5 +87,263 @@ def test_noise_fraction_and_rewards_logged_per_step(tmp_path, monkeypatch, algor
 def test_unknown_algorithm(tmp_path):
     config = tiny.get_config()
     config.rl.algorithm = "dpo"
-    with pytest.raises(ValueError, match="config.rl.algorithm='dpo' is not available"):
+    with pytest.raises(InputError, match="config.rl.algorithm='dpo' is not available"):
         train.run(config, str(tmp_path))
+
+
+def _events(tb_dir):
+    """(tag, step, value) of every scalar in the TensorBoard event files (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    out = []
+    for name in sorted(os.listdir(tb_dir)):
+        data = open(os.path.join(tb_dir, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def test_checkpoint_layout_tensorboard_and_keep_last(tmp_path, monkeypatch):
+    import zsjax.search
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+    config = tiny.get_config()
+    config.train.update(steps=3, checkpoint_every=1, keep_checkpoints=2, eval_every=2)
+    workdir = str(tmp_path / "run")
+    config.data.eval_paths = os.path.join(workdir, "fixture", "qa.jsonl")
+    config.data.eval_limit = 4
+    history = train.run(config, workdir)
+    # periodic evaluation at step 2 and at the end
+    assert [h["step"] for h in history if "eval/qa/f1" in h] == [2, 3]
+    evals = _lines(os.path.join(workdir, "eval.jsonl"))
+    assert [e["step"] for e in evals] == [2, 3] and evals[0]["results"]["qa"]["n"] == 4
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]
+    assert {"state", "meta"} <= set(os.listdir(os.path.join(ckpt_dir, "3")))
+    from zsjax.checkpointing import Checkpointer
+    meta = Checkpointer(ckpt_dir).restore_meta()
+    assert meta["step"] == 3 and meta["data_position"] == 3
+    assert meta["rng"]["seed"] == 0 and meta["curriculum"]["total_steps"] == 3
+    assert meta["policy_config"]["model_type"] == "qwen2"
+    scalars = _events(os.path.join(workdir, "tb"))
+    rewards = [(step, v) for tag, step, v in scalars if tag == "reward_mean"]
+    assert rewards == [(h["step"], pytest.approx(h["reward_mean"], abs=1e-6)) for h in history]
+
+
+def test_overrides_and_misspelt_keys_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    base = [sys.executable, "-m", "zsjax.train", "--config", "configs/tiny.py",
+            "--workdir", str(tmp_path / "w")]
+    bad = subprocess.run(base + ["--config.rl.lrr=0.1"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "lrr" in bad.stderr
+    from ml_collections import config_flags  # noqa: F401 (the parser the CLI uses)
+    ok = subprocess.run(base + ["--config.train.steps=1", "--config.rl.algorithm=reinforce_pp",
+                                "--config.train.tensorboard=False"],
+                        capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    rec = _lines(str(tmp_path / "w" / "metrics.jsonl"))
+    assert [r["step"] for r in rec] == [1] and not os.path.exists(tmp_path / "w" / "tb")
+    bad = subprocess.run(base[:-1] + [str(tmp_path / "w2"), "--config.mesh.data=3"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def _break(path, how):
+    if how == "missing":
+        import shutil
+        shutil.rmtree(path)
+    elif how == "malformed":
+        with open(os.path.join(path, "config.json"), "w") as f:
+            f.write("{not json")
+    elif how == "no_weights":
+        os.remove(os.path.join(path, "model.safetensors"))
+
+
+@pytest.mark.parametrize("how,match", [
+    ("missing", "policy model: .*does not exist"),
+    ("malformed", "not valid JSON"),
+    ("no_weights", "safetensors"),
+])
+def test_bad_model_folders_fail_before_compute(tmp_path, how, match):
+    from zsjax.tools import tiny_fixture
+    fx = tiny_fixture.make(str(tmp_path / "fx"))
+    _break(fx["policy"], how)
+    config = tiny.get_config()
+    config.policy.path = fx["policy"]
+    with pytest.raises((InputError, ValueError), match=match):
+        train.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_other_bad_inputs(tmp_path):
+    from zsjax.tools import tiny_fixture
+    fx = tiny_fixture.make(str(tmp_path / "fx"))
+    # a tokenizer from another model: SmolLM2-sized vocab against a 640-entry embedding
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"t{i}": i for i in range(1000)}
+    big = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    big.pre_tokenizer = pre_tokenizers.Whitespace()
+    bad_tok = str(tmp_path / "bad_tok")
+    import shutil
+    shutil.copytree(fx["simulator"], bad_tok)
+    os.remove(os.path.join(bad_tok, "tokenizer.json"))
+    os.remove(os.path.join(bad_tok, "tokenizer_config.json"))
+    PreTrainedTokenizerFast(tokenizer_object=big).save_pretrained(bad_tok)
+    config = tiny.get_config()
+    config.simulator.path = bad_tok
+    with pytest.raises(InputError, match=r"tokenizer has 10\d\d tokens"):
+        train.run(config, str(tmp_path / "a"))
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Who?", "golden_answers": ["x"]}) + "\n"
+                    + json.dumps({"question": "Where?"}) + "\n")
+    config = tiny.get_config()
+    config.data.train_path = str(rows)
+    with pytest.raises(InputError, match="QA data: .*row 1 has no golden answers"):
+        train.run(config, str(tmp_path / "b"))
+
+    config = tiny.get_config()
+    config.mesh.update(data=3, fsdp=1, tensor=1)  # 8 devices
+    with pytest.raises(InputError, match="needs 3 devices|devices"):
+        config.mesh.update(data=16)
+        train.run(config, str(tmp_path / "c"))
+    config = tiny.get_config()
+    config.rl.mini_batches = 3  # 8 trajectories
+    with pytest.raises(InputError, match="do not split"):
+        train.run(config, str(tmp_path / "d"))
+    config = tiny.get_config()
+    config.mesh.update(data=1, fsdp=8, tensor=1)  # 8 rows over 8 devices is fine,
+    config.rl.micro_batches = 2  # but micro-batches of 4 rows are not
+    with pytest.raises(InputError, match="data x fsdp = 8"):
+        train.run(config, str(tmp_path / "e"))
+
+
+def test_existing_checkpoints_need_resume(tmp_path, monkeypatch):
+    import zsjax.search
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+    config = tiny.get_config()
+    config.train.steps = 1
+    train.run(config, str(tmp_path))
+    config.resume = False
+    with pytest.raises(InputError, match="already holds checkpoints"):
+        train.run(config, str(tmp_path))
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    import zsjax.rl.advantages as A
+    import zsjax.search
+    from zsjax.checkpointing import Checkpointer
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+    real = A.group_normalized
+    calls = []
+
+    def poisoned(rewards, **kw):  # NaN advantages on the steps in `bad`
+        calls.append(1)
+        out = real(rewards, **kw)
+        return out * jnp.nan if len(calls) in bad else out
+
+    monkeypatch.setattr(A, "group_normalized", poisoned)
+    bad = {2}
+    config = tiny.get_config()
+    config.train.update(steps=3, checkpoint_every=1, keep_checkpoints=5)
+    workdir = str(tmp_path / "one")
+    history = train.run(config, workdir)
+    assert [h["skipped_updates"] for h in history] == [0, 2, 0]  # 2 mini-batches
+    assert history[1]["policy_loss"] is None and history[2]["policy_loss"] is not None
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    like = ckpt.restore_raw(1)["state"][0]["params"]
+    p1, p2, p3 = (ckpt.restore_raw(s)["state"][0]["params"] for s in (1, 2, 3))
+    same = jax.tree.map(lambda a, b: bool((a == b).all()), p1, p2)
+    assert all(jax.tree.leaves(same))  # the NaN step left the params alone
+    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), p2, p3)))
+    del like
+
+    calls.clear()
+    bad = {2, 3, 4, 5}
+    config.train.update(steps=6, max_nonfinite_steps=2)
+    workdir = str(tmp_path / "two")
+    with pytest.raises(FloatingPointError, match="2 steps in a row"):
+        train.run(config, workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.latest_step() == 2  # step 3 (the second NaN step in a row) was not saved
+    params = ckpt.restore_raw(2)["state"][0]["params"]
+    assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(params))
+
+
+def _train_cmd(workdir, steps):
+    import sys
+    return [sys.executable, "-m", "zsjax.train", "--config", "configs/tiny.py",
+            "--workdir", str(workdir), f"--config.train.steps={steps}",
+            "--config.train.checkpoint_every=1"]
+
+
+@pytest.mark.parametrize("kill_after_lines", [1, 2])
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kill_after_lines):
+    """A run killed with SIGKILL at a random moment after `kill_after_lines` steps were logged
+    (often in the middle of an asynchronous checkpoint save) and then resumed ends with exactly
+    the params of an uninterrupted run, and with the same per-step rewards."""
+    import signal
+    import subprocess
+    import time
+
+    import jax
+
+    from zsjax.models import load_hf
+    steps = 4
+    env = dict(os.environ)
+    ref = subprocess.run(_train_cmd(tmp_path / "ref", steps), capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(work, steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after_lines:
+            break
+        time.sleep(0.02)
+    time.sleep(float(np.random.default_rng(kill_after_lines).uniform(0, 0.5)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "policy_hf").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(_train_cmd(work, steps), capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _, want = load_hf(str(tmp_path / "ref" / "policy_hf"))
+    _, got = load_hf(str(work / "policy_hf"))
+    equal = jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), want, got)
+    assert all(jax.tree.leaves(equal))
+    ref_rec, got_rec = _lines(tmp_path / "ref" / "metrics.jsonl"), _lines(metrics)
+    assert [r["step"] for r in got_rec] == list(range(1, steps + 1))
+    assert [r["reward_mean"] for r in got_rec] == [r["reward_mean"] for r in ref_rec]
+    assert [r["entropy"] for r in got_rec] == [r["entropy"] for r in ref_rec]
+
+
+@pytest.mark.slow
+def test_smollm2_recipe_runs_on_real_weights(tmp_path, smollm2_dir):
+    """configs/smollm2.py end to end on the real SmolLM2 weights (2 short steps), then a
+    greedy evaluation of the checkpoint with the same model as prompt-only simulator."""
+    from configs import smollm2
+    from zsjax import evaluate
+    config = smollm2.get_config("2")
+    config.policy.path = config.simulator.path = smollm2_dir
+    config.rollout.update(max_response_tokens=32, max_obs_tokens=96)
+    config.simulator.max_new_tokens = 48
+    workdir = str(tmp_path / "run")
+    history = train.run(config, workdir)
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["entropy"]) and h["skipped_updates"] == 0 for h in history)
+    cfg, params, tok = evaluate.load_policy(workdir)
+    assert cfg.vocab_size == 49152 and len(tok) <= cfg.vocab_size

@@ -41,6 +41,30 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return out.state, out.meta
 
+    def restore_meta(self, step: int | None = None) -> dict | None:
+        """The JSON record of `step` (default: the latest), without reading any array."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+
+    def restore_raw(self, step: int | None = None) -> dict | None:
+        """{"state": the saved tree as nested dicts / lists of NumPy arrays, "meta": ...} with
+        no target structure needed (evaluation, inspection)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        import numpy as np
+        path = os.path.join(self.directory, str(step), "state")
+        meta = os.path.join(self.directory, str(step), "meta")
+        with ocp.PyTreeCheckpointer() as reader:
+            metadata = reader.metadata(path)
+            tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            state = reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        return {"state": state, "meta": self.restore_meta(step) if os.path.exists(meta) else None}
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -16,6 +16,11 @@ from ml_collections import config_flags
 _HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
 
+class InputError(ValueError):
+    """Bad input found before any compute (a missing model folder, an impossible mesh, ...).
+    The config programs print its message as one line and exit with status 2."""
+
+
 def run_config_program(run: Callable[[object, str], object]) -> None:
     """Parses --config (locked: misspelt keys are errors) and --workdir, then calls
     run(config, workdir)."""
@@ -30,7 +35,11 @@ def run_config_program(run: Callable[[object, str], object]) -> None:
         if flags.FLAGS.workdir is None:
             raise app.UsageError("--workdir is required")
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-        run(flags.FLAGS.config, flags.FLAGS.workdir)
+        try:
+            run(flags.FLAGS.config, flags.FLAGS.workdir)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
     try:
         app.run(main)

@@ -20,8 +20,17 @@ def load_tokenizer(model_dir: str):
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")) and not os.path.exists(
             os.path.join(model_dir, "tokenizer_config.json")):
         raise FileNotFoundError(f"model dir {model_dir} has no tokenizer.json or "
-                                "tokenizer_config.json; --prompt needs a tokenizer")
+                                "tokenizer_config.json; its tokenizer is needed")
     return transformers.AutoTokenizer.from_pretrained(model_dir)
+
+
+def check_vocab(tokenizer, config, where: str) -> None:
+    """Raises ValueError when the tokenizer can produce ids past the model's embedding table
+    (a smaller tokenizer is normal: embeddings are often padded to a multiple)."""
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                         f"embedding table has only {config.vocab_size} (vocab_size); the "
+                         "tokenizer does not belong to this model")
 
 
 def eos_ids(model_dir: str, config, tokenizer) -> tuple[int, ...]:

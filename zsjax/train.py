@@ -4,8 +4,13 @@ GRPO / PPO / REINFORCE++ updates, in one JAX program.
     python -m zsjax.train --config configs/tiny.py --workdir runs/tiny [--config.KEY=VALUE ...]
 
 The workdir gets metrics.jsonl (one JSON object per step), trajectories.jsonl (one record per
-trajectory), orbax checkpoints in checkpoints/ (a rerun resumes from the latest), and the final
-policy as a Hugging Face folder in policy_hf/.
+trajectory), eval.jsonl (periodic evaluations), TensorBoard event files in tb/, orbax checkpoints
+in checkpoints/ (a rerun with `resume` continues from the latest, bit for bit on CPU), and the
+final policy as a Hugging Face folder in policy_hf/.
+
+Everything a step draws at random is a function of (seed, step): the questions (the stream's
+position), the useful/noisy draws, the policy's and the simulator's sampling. That is what makes
+a killed-and-resumed run reach the same params as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import sys
 import time
 
+from zsjax.cli import InputError
 
 ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
@@ -32,11 +38,112 @@ def _pad_batch(trajs, length_multiple: int = 64):
     return tokens, attn, mask
 
 
+def _paths(config, workdir: str) -> dict[str, str]:
+    """The policy, reference, simulator and training-data paths; the tiny fixture is built for
+    the empty ones when `config.fixture` is set (configs/tiny.py)."""
+    paths = {"policy": config.policy.path, "reference": config.reference.path,
+             "simulator": config.simulator.path, "train": config.data.train_path}
+    missing = [k for k in ("policy", "simulator", "train") if not paths[k]]
+    if missing and config.get("smollm2", False):
+        from zsjax.data import trivia
+        from zsjax.tools import fetch_smollm2
+        model = fetch_smollm2.fetch() if not (paths["policy"] and paths["simulator"]) else ""
+        paths["policy"] = paths["policy"] or model
+        paths["simulator"] = paths["simulator"] or model
+        paths["train"] = paths["train"] or trivia.write_jsonl(
+            os.path.join(workdir, "data", "trivia.jsonl"))
+    elif missing and config.get("fixture", False):
+        from zsjax.tools import tiny_fixture
+        fx = tiny_fixture.make(os.path.join(workdir, "fixture"), seed=config.seed)
+        for key, fx_key in (("policy", "policy"), ("simulator", "simulator"), ("train", "qa")):
+            paths[key] = paths[key] or fx[fx_key]
+    elif missing:
+        names = {"policy": "policy.path", "simulator": "simulator.path", "train":
+                 "data.train_path"}
+        raise InputError("set " + ", ".join(f"--config.{names[k]}" for k in missing)
+                         + " (Hugging Face model folders and a QA file)")
+    paths["reference"] = paths["reference"] or paths["policy"]
+    return paths
+
+
+def _check_model_dir(path: str, role: str):
+    """config.json readable and weights present, before anything is loaded."""
+    from zsjax.models.config import read_hf_config
+    from zsjax.models.safetensors_io import iter_checkpoint_files
+    try:
+        config = read_hf_config(path)
+        files = list(iter_checkpoint_files(path))
+    except FileNotFoundError as e:
+        raise InputError(f"{role} model: {e}") from None
+    if not files:
+        raise InputError(f"{role} model folder {path} has no *.safetensors weights")
+    return config
+
+
+def _check_tokenizer(tokenizer, config, path: str, role: str):
+    from zsjax.generate import check_vocab
+    try:
+        check_vocab(tokenizer, config, f"{role} model {path}")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _check_batch(config, mesh) -> None:
+    rl = config.rl
+    n = rl.questions_per_step * rl.rollouts_per_question
+    if rl.algorithm == "grpo" and rl.rollouts_per_question < 2:
+        raise InputError("GRPO normalises rewards within a question's group: set "
+                         "rl.rollouts_per_question >= 2")
+    if n % rl.mini_batches or (n // rl.mini_batches) % rl.micro_batches:
+        raise InputError(f"{n} trajectories a step (questions_per_step x rollouts_per_question) "
+                         f"do not split into rl.mini_batches={rl.mini_batches} mini-batches of "
+                         f"rl.micro_batches={rl.micro_batches} equal micro-batches")
+    if mesh is not None:
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        if (n // rl.mini_batches // rl.micro_batches) % rows:
+            raise InputError(f"micro-batches of {n // rl.mini_batches // rl.micro_batches} rows "
+                             f"do not split over the mesh's data x fsdp = {rows} devices")
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Drops records of steps after `last_step` (written after the checkpoint we resume from)."""
+    if not os.path.exists(path):
+        return
+    tmp = path + ".tmp"
+    with open(path) as src, open(tmp, "w") as dst:
+        for line in src:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    dst.write(line)
+            except (ValueError, KeyError):
+                break  # a line cut by a crash ends the file
+    os.replace(tmp, path)
+
+
+class _NaNGuard:
+    """Counts consecutive steps whose every update was skipped as non-finite."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak = limit, 0
+
+    def observe(self, skipped: int, updates: int, step: int) -> None:
+        self.streak = self.streak + 1 if updates and skipped == updates else 0
+        if skipped:
+            print(f"[train] step {step}: {skipped}/{updates} updates skipped: non-finite loss or "
+                  "gradients", file=sys.stderr)
+        if self.limit and self.streak >= self.limit:
+            raise FloatingPointError(
+                f"{self.streak} steps in a row had only non-finite updates (up to step {step}); "
+                "stopping. The checkpoints on disk predate them and are intact; lower rl.lr or "
+                "inspect trajectories.jsonl")
+
+
 def run(config, workdir: str) -> list[dict]:
     """Trains per `config`; returns the per-step metrics. Importable (tests, notebooks)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from tqdm import tqdm
 
     from zsjax import sharding
     from zsjax.checkpointing import Checkpointer
@@ -54,31 +161,48 @@ def run(config, workdir: str) -> list[dict]:
 
     rl, tc = config.rl, config.train
     if rl.algorithm not in ALGORITHMS:
-        raise ValueError(f"config.rl.algorithm={rl.algorithm!r} is not available in "
+        raise InputError(f"config.rl.algorithm={rl.algorithm!r} is not available in "
                          f"zsjax.train; choose one of {ALGORITHMS}")
     os.makedirs(workdir, exist_ok=True)
-    policy_path, sim_path, train_path = (config.policy.path, config.simulator.path,
-                                         config.data.train_path)
-    if not (policy_path and sim_path and train_path):
-        from zsjax.tools import tiny_fixture
-        fx = tiny_fixture.make(os.path.join(workdir, "fixture"), seed=config.seed)
-        policy_path = policy_path or fx["policy"]
-        sim_path = sim_path or fx["simulator"]
-        train_path = train_path or fx["qa"]
 
-    mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    policy_config, params = load_hf(policy_path, dtype=config.policy.dtype, mesh=mesh)
-    tokenizer = load_tokenizer(policy_path)
-    ref_params = None
-    if rl.kl_coef or rl.algorithm in ("reinforce_pp", "ppo"):
-        ref_path = config.reference.path or policy_path
-        _, ref_params = load_hf(ref_path, dtype=config.policy.dtype, mesh=mesh)
-    sim_config, sim_params = load_hf(sim_path, dtype=config.simulator.dtype, mesh=mesh)
-    simulator = StepCache(InProcessSimulator(
-        sim_config, sim_params, load_tokenizer(sim_path), style=config.simulator.style,
+    # --- Everything that can be wrong with the input is checked before any model loads. -----
+    paths = _paths(config, workdir)
+    rows = _load_rows(paths["train"])
+    eval_sets = _eval_sets(config)
+    try:
+        mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    except ValueError as e:
+        raise InputError(f"config.mesh: {e}") from None
+    _check_batch(config, mesh)
+    use_ref = bool(rl.kl_coef) or rl.algorithm in ("reinforce_pp", "ppo")
+    roles = {"policy": paths["policy"], "simulator": paths["simulator"]}
+    if use_ref:
+        roles["reference"] = paths["reference"]
+    model_configs = {role: _check_model_dir(p, role) for role, p in roles.items()}
+    tokenizer = load_tokenizer(paths["policy"])
+    sim_tokenizer = load_tokenizer(paths["simulator"])
+    _check_tokenizer(tokenizer, model_configs["policy"], paths["policy"], "policy")
+    _check_tokenizer(sim_tokenizer, model_configs["simulator"], paths["simulator"], "simulator")
+    if use_ref and model_configs["reference"].vocab_size != model_configs["policy"].vocab_size:
+        raise InputError(f"the reference model {paths['reference']} has a vocabulary of "
+                         f"{model_configs['reference'].vocab_size}, the policy "
+                         f"{model_configs['policy'].vocab_size}")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    if ckpt.latest_step() is not None and not config.resume:
+        raise InputError(f"{workdir} already holds checkpoints (up to step "
+                         f"{ckpt.latest_step()}); set --config.resume=True to continue the run, "
+                         "or pick a new workdir")
+
+    # --- Models, optimizer, state. -----------------------------------------------------------
+    policy_config, params = load_hf(paths["policy"], dtype=config.policy.dtype, mesh=mesh)
+    ref_params = (load_hf(paths["reference"], dtype=config.policy.dtype, mesh=mesh)[1]
+                  if use_ref else None)
+    sim_config, sim_params = load_hf(paths["simulator"], dtype=config.simulator.dtype, mesh=mesh)
+    sim_model = InProcessSimulator(
+        sim_config, sim_params, sim_tokenizer, style=config.simulator.style,
         temperature=config.simulator.temperature, max_new_tokens=config.simulator.max_new_tokens,
-        top_k_docs=config.simulator.top_k_docs, seed=config.seed))
-    rows = read_qa(train_path)
+        top_k_docs=config.simulator.top_k_docs, seed=config.seed)
+    simulator = StepCache(sim_model)
     settings = RolloutSettings(
         max_turns=config.rollout.max_turns, max_response_tokens=config.rollout.max_response_tokens,
         max_prompt_tokens=config.rollout.max_prompt_tokens,
@@ -97,25 +221,36 @@ def run(config, workdir: str) -> list[dict]:
                                      weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
         critic_params = U.init_critic(policy_config, jax.tree.map(jnp.copy, params))
         critic_state = U.init_state(critic_params, critic_tx)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-    position = 0
+
+    start, position = 0, 0
     if config.resume and ckpt.latest_step() is not None:
         (state, critic_state), meta = ckpt.restore((state, critic_state))
-        position = meta["data_position"]
-        print(f"[train] resumed from step {int(state.step)}", file=sys.stderr)
+        start, position = meta["step"], meta["data_position"]
+        print(f"[train] resumed from step {start}", file=sys.stderr)
+    lead = jax.process_index() == 0
+    if lead:
+        for name in ("metrics.jsonl", "trajectories.jsonl", "eval.jsonl"):
+            _truncate_jsonl(os.path.join(workdir, name), start)
     stream = QuestionStream(rows, rl.questions_per_step, seed=config.seed, start=position,
                             process_index=jax.process_index(),
                             process_count=jax.process_count())
+    writer = None
+    if lead and tc.tensorboard:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1)
+
     k = rl.rollouts_per_question
-    step_fns: dict[int, object] = {}
-    history = []
-    t_start = time.time()
-    for step in range(int(state.step), tc.steps):
-        t0 = time.time()
+    step_fns: dict = {}
+    history: list[dict] = []
+    guard = _NaNGuard(tc.max_nonfinite_steps)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (lead and tc.progress), file=sys.stderr)
+    for step in range(start, tc.steps):
+        t0 = time.perf_counter()
         qs = stream.next()
         p = noise_probability(step, tc.steps, config.curriculum.start, config.curriculum.end,
                               config.curriculum.base)
-        simulator.new_step()
+        simulator.new_step(step)
         gen = ModelTurnGenerator(policy_config, state.params, tokenizer, settings,
                                  kv_reuse=config.rollout.kv_reuse)
         trajs = rollout([q.question for q in qs for _ in range(k)],
@@ -123,37 +258,45 @@ def run(config, workdir: str) -> list[dict]:
                         generate_fn=gen, backend=simulator, settings=settings,
                         noise_probability=p, rng=draw_rng(config.seed, step),
                         seed=config.seed * 1_000_003 + step)
-        t_rollout = time.time() - t0
+        t_rollout = time.perf_counter() - t0
         scores = R.score([t.answer for t in trajs], [t.golden_answers for t in trajs])
+
+        # --- Old and reference logprobs, values, advantages. ----------------------------------
+        t1 = time.perf_counter()
         tokens, attn, mask = _pad_batch(trajs)
         n = len(trajs)
-        micro = n // rl.mini_batches // rl.micro_batches or 1
+        micro = n // rl.mini_batches // rl.micro_batches
         old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,
                               temperature=loss_cfg.temperature, mesh=mesh)
         ref = (U.logprobs_pass(policy_config, ref_params, tokens, attn, micro_batch=micro,
                                temperature=loss_cfg.temperature, mesh=mesh)
                if ref_params is not None else None)
         mask_j = jnp.asarray(mask)
+        f1 = jnp.asarray(scores["f1"])
         old_values = returns = None
         if rl.algorithm == "grpo":
-            adv = A.group_normalized(jnp.asarray(scores["f1"]).reshape(-1, k), eps=rl.std_eps)
+            adv = A.group_normalized(f1.reshape(-1, k), eps=rl.std_eps)
             adv = adv.reshape(-1)[:, None] * mask_j
         elif rl.algorithm == "ppo":
             # KL to the reference in the reward, GAE (skipping document tokens), whitened.
             old_values = U.values_pass(policy_config, critic_state.params, tokens, attn,
                                        micro_batch=micro, mesh=mesh) * mask_j
             kl = L.kl_estimate(old, ref, "k1") * mask_j
-            token_rewards = (A.place_on_last_token(jnp.asarray(scores["f1"]), mask_j)
-                             - rl.kl_coef * kl)
+            token_rewards = A.place_on_last_token(f1, mask_j) - rl.kl_coef * kl
             adv, returns = A.gae(token_rewards, old_values, mask_j, gamma=rl.gamma, lam=rl.lam)
             adv = A.masked_whiten(adv, mask_j)
         else:
             kl = L.kl_estimate(old, ref, "k1") * mask_j
-            adv = A.reinforce_plus_plus(A.place_on_last_token(jnp.asarray(scores["f1"]), mask_j),
-                                        kl, mask_j, kl_coef=rl.kl_coef)
+            adv = A.reinforce_plus_plus(A.place_on_last_token(f1, mask_j), kl, mask_j,
+                                        kl_coef=rl.kl_coef)
         batch = U.Batch(tokens=jnp.asarray(tokens), attention_mask=jnp.asarray(attn),
                         loss_mask=mask_j, old_logprobs=old, advantages=adv, ref_logprobs=ref,
                         old_values=old_values, returns=returns)
+        jax.block_until_ready(batch)
+        t_logprobs = time.perf_counter() - t1
+
+        # --- Updates: epochs x mini-batches optimizer steps (policy, and critic for PPO). ----
+        t2 = time.perf_counter()
         mb_rows = n // rl.mini_batches
         update_metrics = []
         for _ in range(rl.epochs):
@@ -173,49 +316,116 @@ def run(config, workdir: str) -> list[dict]:
                             remat=rl.remat)
                     critic_state, cm = U.run_step(step_fns[("critic", width)], critic_state,
                                                   mb)
+                    m["nonfinite"] = max(m["nonfinite"], cm.pop("nonfinite"))
                     m.update(cm)
                 update_metrics.append(m)
-        seconds = time.time() - t0
-        frac = noisy_fraction(trajs)
+        t_update = time.perf_counter() - t2
+        skipped = int(sum(m["nonfinite"] for m in update_metrics))
+        guard.observe(skipped, len(update_metrics), step + 1)
+
+        seconds = time.perf_counter() - t0
+        finite = [m for m in update_metrics if not m["nonfinite"]] or update_metrics
+
+        def mean(key, ms=finite):  # None (JSON null) when every update was non-finite
+            value = float(np.mean([m.get(key, 0.0) for m in ms]))
+            return value if np.isfinite(value) else None
+
         record = {
             "step": step + 1, "reward_mean": float(scores["f1"].mean()),
+            "reward_std": float(scores["f1"].std()),
             "f1_mean": float(scores["f1"].mean()), "em_mean": float(scores["em"].mean()),
             "substring_mean": float(scores["substring"].mean()), "noise_prob": p,
-            "noisy_fraction": frac,
-            "kl": float(np.mean([m.get("kl", 0.0) for m in update_metrics])),
-            "entropy": float(np.mean([m["entropy"] for m in update_metrics])),
-            "policy_loss": float(np.mean([m["policy_loss"] for m in update_metrics])),
-            "clip_fraction": float(np.mean([m["clip_fraction"] for m in update_metrics])),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in update_metrics])),
-            "value_loss": (float(np.mean([m["value_loss"] for m in update_metrics]))
-                           if critic_state is not None else None),
+            "noisy_fraction": noisy_fraction(trajs),
+            "kl": mean("kl"), "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
+            "clip_fraction": mean("clip_fraction"), "grad_norm": mean("grad_norm"),
+            "value_loss": mean("value_loss") if critic_state is not None else None,
+            "skipped_updates": skipped,
             "response_tokens_mean": float(np.mean([len(t.response_ids) for t in trajs])),
             "searches_mean": float(np.mean([t.num_searches for t in trajs])),
-            "answered_fraction": float(np.mean([t.answered for t in trajs])),
+            "valid_answer_rate": float(np.mean([t.answer is not None for t in trajs])),
             "cache_hits": simulator.hits,
             "tokens_per_s": float(attn.sum() * rl.epochs / seconds),
-            "rollout_s": t_rollout, "step_s": seconds}
+            "time_rollout_s": t_rollout - simulator.seconds,
+            "time_simulator_s": simulator.seconds, "time_logprobs_s": t_logprobs,
+            "time_update_s": t_update, "step_s": seconds}
+        if eval_sets and tc.eval_every and ((step + 1) % tc.eval_every == 0
+                                            or step + 1 == tc.steps):
+            t3 = time.perf_counter()
+            record.update(_evaluate(config, policy_config, state.params, tokenizer, eval_sets,
+                                    sim_model, settings, step + 1, workdir if lead else None))
+            record["time_eval_s"] = time.perf_counter() - t3
         history.append(record)
-        if jax.process_index() == 0:
+        if lead:
             with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             with open(os.path.join(workdir, "trajectories.jsonl"), "a") as f:
                 for t in trajs:
                     f.write(json.dumps({"step": step + 1, **t.to_record()}) + "\n")
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-            print(f"[train] step {step + 1}/{tc.steps} reward {record['reward_mean']:.3f} "
-                  f"noise_p {p:.3f} searches {record['searches_mean']:.2f} kl {record['kl']:.4f}"
-                  f" {seconds:.1f}s ({time.time() - t_start:.0f}s total)", file=sys.stderr,
-                  flush=True)
+            if writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "step" and np.isfinite(value):
+                        writer.add_scalar(key, value, step + 1)
+                writer.flush()
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", noise=f"{p:.2f}",
+                        searches=f"{record['searches_mean']:.2f}", step_s=f"{seconds:.1f}")
+        if not bar.disable and tc.log_every and (step + 1) % tc.log_every == 0:
+            bar.write(f"[train] step {step + 1}/{tc.steps} reward {record['reward_mean']:.3f} "
+                      f"noise_p {p:.3f} searches {record['searches_mean']:.2f} "
+                      f"kl {record['kl'] or 0.0:.4f} {seconds:.1f}s", file=sys.stderr)
         if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.steps:
-            ckpt.save(step + 1, (state, critic_state),
-                      {"data_position": stream.position, "step": step + 1,
-                       "policy_config": to_hf_dict(policy_config),
-                       "tokenizer_dir": os.path.abspath(policy_path)})
+            ckpt.save(step + 1, (state, critic_state), {
+                "step": step + 1, "data_position": stream.position,
+                "rng": {"seed": config.seed, "scheme": "every draw is keyed by (seed, step)"},
+                "curriculum": {"noise_prob": p, "start": config.curriculum.start,
+                               "end": config.curriculum.end, "base": config.curriculum.base,
+                               "total_steps": tc.steps},
+                "policy_config": to_hf_dict(policy_config),
+                "tokenizer_dir": os.path.abspath(paths["policy"])})
+    bar.close()
     ckpt.close()
-    save_hf(policy_config, jax.device_get(state.params), os.path.join(workdir, "policy_hf"),
-            tokenizer_dir=policy_path)
+    if writer is not None:
+        writer.close()
+    if lead:
+        save_hf(policy_config, jax.device_get(state.params), os.path.join(workdir, "policy_hf"),
+                tokenizer_dir=paths["policy"])
     return history
+
+
+def _load_rows(spec: str):
+    """QA rows of a jsonl / parquet file or a `tfds:NAME[:VERSION]/SPLIT@DATA_DIR` spec."""
+    from zsjax.data.qa import load_qa
+    try:
+        return load_qa(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"QA data: {e}") from None
+
+
+def _eval_sets(config) -> dict:
+    from zsjax.data import qa
+    """{dataset name: rows} of config.data.eval_paths (comma-separated files or tfds specs),
+    the first data.eval_limit rows of each."""
+    spec = config.data.get("eval_paths", "")
+    limit = config.data.get("eval_limit", 0)
+    out = {}
+    for path in [p.strip() for p in spec.split(",") if p.strip()]:
+        rows = _load_rows(path)
+        out[qa.dataset_name(path)] = rows[:limit] if limit else rows
+    return out
+
+
+def _evaluate(config, policy_config, params, tokenizer, eval_sets, sim_model, settings, step,
+              workdir) -> dict:
+    """Greedy evaluation with the simulator's useful documents; flat `eval/NAME/METRIC` keys."""
+    from zsjax.evaluate import evaluate
+    results = evaluate(policy_config, params, tokenizer, eval_sets, sim_model, settings=settings,
+                       batch_size=config.train.eval_batch_size, seed=config.seed)
+    if workdir is not None:
+        with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "results": results}) + "\n")
+    return {f"eval/{name}/{key}": value for name, r in results.items()
+            for key, value in r.items() if key in ("f1", "exact_match", "substring_match",
+                                                   "searches_mean")}
 
 
 if __name__ == "__main__":

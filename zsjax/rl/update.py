@@ -152,10 +152,17 @@ def _accumulate(loss_fn, params, batch, n_micro: int):
     return grads, metrics
 
 
-def _apply(state: TrainState, grads, tx):
+def _apply(state: TrainState, grads, tx, metrics: dict):
+    """The optimizer step, skipped (state unchanged, step not counted) when the gradients or
+    the loss are not finite; `metrics["nonfinite"]` is 1.0 for a skipped step."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    ok = jnp.isfinite(optax.global_norm(grads))
+    for v in metrics.values():
+        ok &= jnp.all(jnp.isfinite(v))
+    metrics["nonfinite"] = 1.0 - ok.astype(jnp.float32)
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
 
 
 def policy_gradients(params, batch: Batch, *, config: ModelConfig, cfg: LossConfig,
@@ -185,7 +192,7 @@ def policy_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg
     `make_policy_step` for the sharded, jitted, donated version."""
     grads, metrics = policy_gradients(state.params, batch, config=config, cfg=cfg,
                                       n_micro=n_micro, mesh=mesh, rules=rules, remat=remat)
-    return _apply(state, grads, tx), metrics
+    return _apply(state, grads, tx, metrics), metrics
 
 
 def state_shardings(state: TrainState):
@@ -301,7 +308,7 @@ def critic_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg
     grads = jax.tree.map(lambda g: g * scale, grads)
     metrics = {k: v * scale for k, v in sums.items()}
     metrics["critic_grad_norm"] = optax.global_norm(grads)
-    return _apply(state, grads, tx), metrics
+    return _apply(state, grads, tx, metrics), metrics
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
@@ -354,7 +361,7 @@ def supervised_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx,
     grads = jax.tree.map(lambda g: g * scale, grads)
     metrics = {"loss": sums["loss"] * scale, "grad_norm": optax.global_norm(grads),
                "tokens": batch.attention_mask.sum()}
-    return _apply(state, grads, tx), metrics
+    return _apply(state, grads, tx, metrics), metrics
 
 
 def sft_batch(tokens, attention_mask, loss_mask) -> Batch:

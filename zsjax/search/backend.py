@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Protocol, Sequence
 
 
@@ -36,17 +37,24 @@ class FunctionBackend:
 
 class StepCache:
     """Wraps a backend so that, within one training step, identical (query, question, noisy)
-    requests are generated once, across all turns. Call `new_step()` between steps."""
+    requests are generated once, across all turns. Call `new_step(step)` between steps: it is
+    passed on to the backend when it has a `new_step` (the in-process simulator seeds its sampling
+    from the step, so a resumed run samples the same documents). `seconds` is the time spent in
+    the backend this step."""
 
     def __init__(self, backend: SearchBackend):
         self.backend = backend
         self._cache: dict[tuple, str] = {}
         self.hits = 0
         self.misses = 0
+        self.seconds = 0.0
 
-    def new_step(self) -> None:
+    def new_step(self, step: int | None = None) -> None:
         self._cache.clear()
         self.hits = self.misses = 0
+        self.seconds = 0.0
+        if step is not None and hasattr(self.backend, "new_step"):
+            self.backend.new_step(step)
 
     def search(self, requests: Sequence[SearchRequest]) -> list[str]:
         keys = [(r.query, r.question, r.noisy) for r in requests]
@@ -55,8 +63,10 @@ class StepCache:
         self.misses += len(todo)
         if todo:
             first = {k: r for k, r in zip(keys, requests)}
+            start = time.perf_counter()
             for k, docs in zip(todo, self.backend.search([first[k] for k in todo])):
                 self._cache[k] = docs
+            self.seconds += time.perf_counter() - start
         return [self._cache[k] for k in keys]
 
 

@@ -99,8 +99,13 @@ class InProcessSimulator:
             use_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = use_chat_template
         self.seed = seed
-        self.calls = 0
+        self.step = 0
+        self.calls = 0  # search calls in this step
         self.generated = 0  # distinct prompts generated (after the per-call cache)
+
+    def new_step(self, step: int) -> None:
+        """Seeds the following calls' sampling from (seed, step, call): reproducible on resume."""
+        self.step, self.calls = step, 0
 
     def _encode(self, prompt: str) -> list[int]:
         if self.use_chat_template:
@@ -116,7 +121,7 @@ class InProcessSimulator:
         unique = list(dict.fromkeys(prompts))  # the query cache: one generation per distinct prompt
         result = generate(self.config, self.params, [self._encode(p) for p in unique],
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                          tokenizer=self.tokenizer, seed=self.seed * 1_000_003 + self.calls)
+                          tokenizer=self.tokenizer, seed=(self.seed * 1_000_003 + self.step) * 10_007 + self.calls)
         self.calls += 1
         self.generated += len(unique)
         docs = {p: postprocess_documents(self.tokenizer.decode(ids, skip_special_tokens=True),

@@ -56,8 +56,11 @@ def make(directory: str, *, seed: int = 0) -> dict[str, str]:
             f.write(json.dumps(r) + "\n")
     tok_dir = os.path.join(directory, "tokenizer")
     tok = _tokenizer(tok_dir)
+    # transformers may add a special token when it reloads the tokenizer as a Qwen2 one; like
+    # real checkpoints, the embedding table is padded past the tokenizer (to a multiple of 64).
+    vocab = -(-(len(tok) + 1) // 64) * 64
     for i, name in enumerate(("policy", "simulator")):
-        config = ModelConfig(vocab_size=len(tok), d_model=64, n_layers=2, n_heads=4,
+        config = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4,
                              n_kv_heads=2, head_dim=16, d_ff=128, family="qwen2", qkv_bias=True,
                              tie_embeddings=True, eos_token_ids=(tok.eos_token_id,),
                              pad_token_id=tok.pad_token_id)

@@ -1,0 +1,44 @@
+"""The full set of training keys with the reference's hyper-parameters (DESIGN.md section 1,
+Qwen-2.5-3B). Recipes start from `base_config()`, change what differs, and lock the result, so
+a misspelt override (`--config.rl.lrr=...`) is an error."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.fixture = False  # True: empty model / data paths get the tiny generated fixture
+    c.policy = ml_collections.ConfigDict({"path": "", "dtype": "float32"})
+    c.reference = ml_collections.ConfigDict({"path": ""})  # empty: the initial policy
+    c.simulator = ml_collections.ConfigDict({
+        "path": "", "dtype": "float32",
+        "style": "finetuned",  # finetuned | prompt_only
+        "temperature": 0.8, "max_new_tokens": 600, "top_k_docs": 5})
+    # QA files: .jsonl {question, golden_answers} or ZeroSearch / Search-R1 parquet.
+    # eval_paths: comma-separated files for periodic evaluation (train.eval_every).
+    c.data = ml_collections.ConfigDict({"train_path": "", "eval_paths": "", "eval_limit": 0})
+    c.rollout = ml_collections.ConfigDict({
+        "max_turns": 2, "max_response_tokens": 500, "max_prompt_tokens": 4096,
+        "max_obs_tokens": 2048, "temperature": 1.0, "top_p": 0.95, "kv_reuse": True})
+    c.curriculum = ml_collections.ConfigDict({"start": 0.0, "end": 0.5, "base": 4.0})
+    c.rl = ml_collections.ConfigDict({
+        "algorithm": "grpo",  # grpo | ppo | reinforce_pp
+        # 64 questions x 5 rollouts; 2 optimizer steps a training step; 1 epoch.
+        "questions_per_step": 64, "rollouts_per_question": 5, "mini_batches": 2, "epochs": 1,
+        "micro_batches": 1,  # gradient accumulation within a mini-batch
+        "lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.01, "grad_clip": 1.0, "clip": 0.2,
+        "entropy_coef": 0.001, "kl_coef": 0.001, "kl_kind": "k3", "std_eps": 1e-6,
+        "aggregation": "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+        "remat": False,
+        # PPO's critic and GAE.
+        "critic_lr": 1e-5, "value_clip": 0.5, "gamma": 1.0, "lam": 1.0})
+    c.train = ml_collections.ConfigDict({
+        "steps": 200, "log_every": 10, "checkpoint_every": 50, "keep_checkpoints": 3,
+        "tensorboard": True, "progress": True,
+        "max_nonfinite_steps": 3,  # stop after this many steps in a row with only NaN updates
+        "eval_every": 0, "eval_batch_size": 64})
+    # Mesh sizes; -1 takes the remaining devices. 1 x 1 x 1 is one device.
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+    c.resume = True
+    return c

@@ -1,0 +1,74 @@
+"""The ZeroSearch recipes at the reference hyper-parameters, for accelerators:
+
+    python -m zsjax.train --config configs/zerosearch.py:MODEL,ALGORITHM --workdir DIR \
+        --config.policy.path=/models/Qwen2.5-3B --config.simulator.path=/models/Simulator-14B \
+        --config.data.train_path=/data/zerosearch/train.parquet
+
+MODEL: qwen2.5-3b-base (default), qwen2.5-3b-instruct, qwen2.5-7b-base, qwen2.5-7b-instruct,
+llama3.2-3b-base, llama3.2-3b-instruct. ALGORITHM: grpo (default), ppo, reinforce_pp.
+The model folders are Hugging Face folders you provide; nothing is downloaded. Instruct models
+get their chat template automatically.
+
+Sweeps are small functions below (`get_sweep`); `launch/sweep.py` expands one into runs.
+"""
+
+import itertools
+
+import ml_collections
+
+from configs import common
+
+MODELS = {
+    # name: (params in billions, micro-batches per mini-batch of 160 trajectories)
+    "qwen2.5-3b-base": (3, 20),
+    "qwen2.5-3b-instruct": (3, 20),
+    "qwen2.5-7b-base": (7, 40),
+    "qwen2.5-7b-instruct": (7, 40),
+    "llama3.2-3b-base": (3, 20),
+    "llama3.2-3b-instruct": (3, 20),
+}
+ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
+
+
+def parse_arg(arg: str) -> tuple[str, str]:
+    parts = [p.strip() for p in arg.split(",")] if arg else []
+    model = parts[0] if parts else "qwen2.5-3b-base"
+    algorithm = parts[1] if len(parts) > 1 else "grpo"
+    if model not in MODELS or algorithm not in ALGORITHMS or len(parts) > 2:
+        raise ValueError(f"configs/zerosearch.py:{arg}: expected MODEL[,ALGORITHM] with MODEL in "
+                         f"{sorted(MODELS)} and ALGORITHM in {ALGORITHMS}")
+    return model, algorithm
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    model, algorithm = parse_arg(arg)
+    billions, micro = MODELS[model]
+    c = common.base_config()
+    c.name = f"{model},{algorithm}"
+    c.policy.dtype = c.simulator.dtype = "bfloat16"
+    c.rl.update(algorithm=algorithm, micro_batches=micro, remat=True, warmup_steps=10)
+    if algorithm == "ppo":
+        c.rl.kl_coef = 0.001  # in the reward, not the loss
+    c.train.update(steps=200, checkpoint_every=25, eval_every=50)
+    c.data.eval_limit = 512
+    # Fully sharded data parallel over every device; add tensor parallelism for 7B on small
+    # accelerators with --config.mesh.tensor=2 (then fsdp takes the rest).
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.lock()
+    return c
+
+
+def get_sweep(arg: str = "") -> list[dict]:
+    """Override sets (`{"rl.lr": 1e-6, ...}`), one per run. arg names the sweep:
+    `algorithms` (GRPO / PPO / REINFORCE++), `lr_kl` (learning rate x KL coefficient),
+    `curriculum` (the noise schedule's end point and base), `turns` (max_turns 2 / 5)."""
+    sweeps = {
+        "algorithms": {"rl.algorithm": list(ALGORITHMS)},
+        "lr_kl": {"rl.lr": [5e-7, 1e-6, 2e-6], "rl.kl_coef": [0.0, 0.001]},
+        "curriculum": {"curriculum.end": [0.25, 0.5, 0.75], "curriculum.base": [2.0, 4.0, 10.0]},
+        "turns": {"rollout.max_turns": [2, 5]},
+    }
+    if arg not in sweeps:
+        raise ValueError(f"unknown sweep {arg!r}; choose one of {sorted(sweeps)}")
+    keys = list(sweeps[arg])
+    return [dict(zip(keys, values)) for values in itertools.product(*sweeps[arg].values())]
