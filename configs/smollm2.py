@@ -20,8 +20,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.simulator.update(style="prompt_only", temperature=0.8, max_new_tokens=96)
     c.rollout.update(max_turns=2, max_response_tokens=64, max_prompt_tokens=1024,
                      max_obs_tokens=160)
-    c.rl.update(questions_per_step=4, rollouts_per_question=2, mini_batches=1, lr=1e-6,
-                warmup_steps=0)
+    # 8 trajectories of ~800 tokens: one row per micro-batch and remat keep the update's memory
+    # at a few GB (logits alone are 49152 x 4 bytes a token).
+    c.rl.update(questions_per_step=4, rollouts_per_question=2, mini_batches=1, micro_batches=8,
+                lr=1e-6, warmup_steps=0, remat=True)
     c.train.update(steps=int(arg) if arg else 4, log_every=1, checkpoint_every=2)
     c.lock()
     return c

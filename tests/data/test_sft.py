@@ -56,6 +56,26 @@ def test_loss_mask_covers_exactly_the_documents(tokenizer, tmp_path):
     assert len(short.tokens) <= 110
 
 
+def test_trajectory_rows_match_the_rollout_prompt_and_mask(tokenizer, tmp_path):
+    """A policy warm-start row: the prompt is the rollout's own (`prompt_ids`), the loss covers
+    the policy's segments only, and a bad row is refused."""
+    from zsjax.search import prompts as P
+    from zsjax.search.rollout import prompt_ids
+    row = {"question": "Where was Mira Tal born?", "segments": [
+        {"text": "<search> Mira Tal </search>", "loss": 1},
+        {"text": P.information_block("Doc 1: Mira Tal was born in Oskel."), "loss": 0},
+        {"text": "<answer> Oskel </answer>", "loss": 1}]}
+    rows = sft_data.read_rows(_write(tmp_path / "t.jsonl", [row]))
+    ex = sft_data.build_example(rows[0], tokenizer)
+    head = prompt_ids(tokenizer, row["question"])
+    assert ex.tokens[:len(head)] == head and not any(ex.loss_mask[:len(head)])
+    trained = tokenizer.decode([t for t, m in zip(ex.tokens, ex.loss_mask) if m])
+    assert trained == "<search> Mira Tal </search><answer> Oskel </answer>"
+    with pytest.raises(ValueError, match=r"t\.jsonl:1: 'segments' must be"):
+        sft_data.read_rows(_write(tmp_path / "t.jsonl", [{"question": "q", "segments": [
+            {"text": "x", "loss": 2}]}]))
+
+
 def test_bad_rows(tmp_path):
     with pytest.raises(ValueError, match=r"d\.jsonl:2: missing field\(s\) \['label'\]"):
         sft_data.read_rows(_write(tmp_path / "d.jsonl", [ROWS[0], {

@@ -1,5 +1,12 @@
-"""Simulator fine-tuning data: jsonl rows `{query, question, golden_answers, documents, label}`
-turned into token ids with a loss mask on the document tokens only."""
+"""Supervised fine-tuning data, two kinds of jsonl rows:
+
+- simulator pairs `{query, question, golden_answers, documents, label}`: the simulator prompt,
+  then the documents, with the loss on the documents only;
+- policy trajectories `{question, segments: [{text, loss}, ...]}` (the policy's warm start on
+  the interaction format): the policy prompt of the question (exactly as the rollout builds it),
+  then each segment's tokens, with the loss on the segments marked `loss: 1` (the policy's own
+  text; information blocks are 0, as in RL).
+"""
 
 from __future__ import annotations
 
@@ -31,6 +38,10 @@ def read_rows(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if "segments" in row:
+                _check_segments(row, f"{path}:{n}")
+                rows.append(row)
+                continue
             missing = [k for k in REQUIRED if k not in row]
             if missing:
                 raise ValueError(f"{path}:{n}: missing field(s) {missing}; each row needs "
@@ -46,10 +57,38 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def _check_segments(row: dict, where: str) -> None:
+    if not isinstance(row.get("question"), str):
+        raise ValueError(f"{where}: a trajectory row needs a 'question' string")
+    segs = row["segments"]
+    if not isinstance(segs, list) or not segs or not all(
+            isinstance(s, dict) and isinstance(s.get("text"), str) and s.get("loss") in (0, 1)
+            for s in segs):
+        raise ValueError(f"{where}: 'segments' must be a non-empty list of {{text: str, loss: "
+                         "0 or 1}}")
+
+
+def build_trajectory_example(row: dict, tokenizer, *, max_length: int = 1024,
+                             use_chat_template: bool | None = None) -> Example:
+    """The policy prompt of row["question"] + the segments; loss on `loss: 1` segments. Cut
+    to max_length from the right."""
+    from zsjax.search.rollout import prompt_ids
+    tokens = prompt_ids(tokenizer, row["question"], use_chat_template)
+    mask = [0] * len(tokens)
+    for seg in row["segments"]:
+        ids = tokenizer.encode(seg["text"], add_special_tokens=False)
+        tokens += ids
+        mask += [seg["loss"]] * len(ids)
+    return Example(tokens[:max_length], mask[:max_length])
+
+
 def build_example(row: dict, tokenizer, *, style: str = "finetuned", max_length: int = 1024,
                   use_chat_template: bool | None = None) -> Example:
-    """Prompt (the simulator prompt for this row's question, answer and label) + documents +
+    """A trajectory row: see build_trajectory_example. A simulator pair: prompt (the simulator prompt for this row's question, answer and label) + documents +
     EOS; only the documents and EOS are trained on. Documents are cut to fit max_length."""
+    if "segments" in row:
+        return build_trajectory_example(row, tokenizer, max_length=max_length,
+                                        use_chat_template=use_chat_template)
     request = SearchRequest(row["query"], row["question"], tuple(row["golden_answers"]),
                             noisy=row["label"] == "noisy")
     prompt = simulator_prompt(request, style)

@@ -210,16 +210,22 @@ def batch_shardings(batch: Batch, mesh, rules=sharding.DEFAULT_RULES):
 def jit_step(step_fn, state: TrainState, batch_like: Batch, *, mesh=None,
              rules=sharding.DEFAULT_RULES, **kwargs):
     """`step_fn(state, batch, **kwargs)` under jax.jit with explicit in/out shardings (pjit):
-    the state keeps its own shardings, the batch rows go over data x fsdp, metrics are
-    replicated; the state is donated. Without a mesh, a plain jit."""
+    the state keeps its own shardings, the batch rows go over data x fsdp (the batch is put
+    there first), metrics are replicated; the state is donated. Without a mesh, a plain jit."""
     fn = functools.partial(step_fn, mesh=mesh, rules=rules, **kwargs)
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     s_state = state_shardings(state)
     s_batch = batch_shardings(batch_like, mesh, rules)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(fn, in_shardings=(s_state, s_batch), out_shardings=(s_state, replicated),
-                   donate_argnums=0)
+    jitted = jax.jit(fn, in_shardings=(s_state, s_batch), out_shardings=(s_state, replicated),
+                     donate_argnums=0)
+
+    def step(state, batch):
+        # Batch arrays may arrive committed to another layout (e.g. advantages computed by a
+        # replicated program): move them to the rows-over-data layout the program expects.
+        return jitted(state, jax.device_put(batch, s_batch))
+    return step
 
 
 def make_policy_step(state: TrainState, batch_like: Batch, *, config: ModelConfig, tx,
