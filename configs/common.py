@@ -17,7 +17,10 @@ def base_config() -> ml_collections.ConfigDict:
         "temperature": 0.8, "max_new_tokens": 600, "top_k_docs": 5})
     # QA files: .jsonl {question, golden_answers} or ZeroSearch / Search-R1 parquet.
     # eval_paths: comma-separated files for periodic evaluation (train.eval_every).
-    c.data = ml_collections.ConfigDict({"train_path": "", "eval_paths": "", "eval_limit": 0})
+    # length_multiple: update batches are padded to a multiple of this many tokens (fewer
+    # compiled shapes with a larger one, less padding with a smaller one).
+    c.data = ml_collections.ConfigDict({"train_path": "", "eval_paths": "", "eval_limit": 0,
+                                        "length_multiple": 64})
     c.rollout = ml_collections.ConfigDict({
         "max_turns": 2, "max_response_tokens": 500, "max_prompt_tokens": 4096,
         "max_obs_tokens": 2048, "temperature": 1.0, "top_p": 0.95, "kv_reuse": True})

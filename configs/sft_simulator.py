@@ -16,6 +16,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "prompt_style": "finetuned",  # or "prompt_only"
         "max_length": 1024,
         "use_chat_template": "auto",  # "auto" | "yes" | "no"
+        "length_multiple": 64,  # batches are padded to a multiple of this many tokens
     })
     c.train = ml_collections.ConfigDict({
         "steps": 1000, "batch_size": 32, "micro_batches": 1, "lr": 1e-6, "warmup_steps": 0,

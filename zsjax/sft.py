@@ -31,6 +31,8 @@ def run(config, workdir: str) -> dict:
                          "argument (configs/sft_simulator.py:DIR) or --config.model.path=DIR")
     if not config.data.path:
         raise ValueError("config.data.path is empty: --config.data.path=pairs.jsonl")
+    if config.data.length_multiple < 1:
+        raise ValueError(f"data.length_multiple must be >= 1; got {config.data.length_multiple}")
     os.makedirs(workdir, exist_ok=True)
     tc = config.train
     mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -52,7 +54,8 @@ def run(config, workdir: str) -> dict:
         print(f"[sft] resumed from step {int(state.step)}", file=sys.stderr)
 
     steps_fns = {}
-    stream = sft_data.batches(examples, tc.batch_size, seed=tc.seed, start=position)
+    stream = sft_data.batches(examples, tc.batch_size, seed=tc.seed, start=position,
+                                length_multiple=config.data.length_multiple)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     last = {}
     start_step = int(state.step)

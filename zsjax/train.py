@@ -91,6 +91,8 @@ def _check_tokenizer(tokenizer, config, path: str, role: str):
 def _check_batch(config, mesh) -> None:
     rl = config.rl
     n = rl.questions_per_step * rl.rollouts_per_question
+    if config.data.length_multiple < 1:
+        raise InputError(f"data.length_multiple must be >= 1; got {config.data.length_multiple}")
     if rl.algorithm == "grpo" and rl.rollouts_per_question < 2:
         raise InputError("GRPO normalises rewards within a question's group: set "
                          "rl.rollouts_per_question >= 2")
@@ -263,7 +265,7 @@ def run(config, workdir: str) -> list[dict]:
 
         # --- Old and reference logprobs, values, advantages. ----------------------------------
         t1 = time.perf_counter()
-        tokens, attn, mask = _pad_batch(trajs)
+        tokens, attn, mask = _pad_batch(trajs, config.data.length_multiple)
         n = len(trajs)
         micro = n // rl.mini_batches // rl.micro_batches
         old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,

@@ -1,0 +1,58 @@
+"""`python -m zsjax.demo --quick` end to end: a small world, simulator and policy trained from
+scratch, then RL; held-out reward must rise by a clear margin. A few minutes on 2 cores."""
+
+import json
+import os
+
+import pytest
+
+from zsjax.demo import run as R
+
+# Slow until the demo's quick configuration learns reliably (issue "demo" is open): a run
+# measured 0.04 -> 0.04 held-out F1 when RL collapsed onto answering without searching.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    R.main(["--workdir", workdir, "--quick"])
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return workdir, json.load(f)
+
+
+def test_quick_demo_rl_improves_held_out_f1(quick_run):
+    _, s = quick_run
+    before, after = s["before_rl"], s["after_rl"]
+    # Held-out (test) questions, scored with the world's perfect search engine and with the
+    # simulator: RL must lift both by a clear margin over the warm-started policy.
+    for backend in ("search_engine", "simulator"):
+        assert after[backend]["all"]["f1"] >= before[backend]["all"]["f1"] + 0.15, backend
+    assert s["test_f1_before_rl"] == before["simulator"]["all"]["f1"]
+    assert s["test_f1_after_rl"] == after["simulator"]["all"]["f1"]
+    # The warm start knows the format, not the facts: answering without searching is hopeless.
+    assert before["no_search"]["all"]["f1"] <= 0.2
+
+
+def test_quick_demo_writes_its_outputs(quick_run):
+    workdir, s = quick_run
+    for kind in ("one_hop", "two_hop", "all"):
+        for when in ("before_rl", "after_rl"):
+            for backend in ("simulator", "search_engine", "no_search"):
+                assert 0.0 <= s[when][backend][kind]["f1"] <= 1.0
+    assert s["minutes"] > 0 and set(s["stage_seconds"]) == set(R.STAGES)
+    assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(1, s["settings"]["rl_steps"] + 1))
+    assert rows[-1]["noise_prob"] > rows[0]["noise_prob"]  # the curriculum ran
+    assert os.path.isfile(os.path.join(workdir, "rl", "policy_hf", "config.json"))
+
+
+def test_rerun_skips_finished_stages(quick_run):
+    """Rerunning in the same workdir skips the finished fine-tunes and resumes RL from its last
+    checkpoint (here: nothing left to do), with the same result."""
+    workdir, s = quick_run
+    again = R.run(workdir, quick=True)
+    assert again["stage_seconds"]["simulator"] < s["stage_seconds"]["simulator"] / 3
+    assert again["stage_seconds"]["policy"] < s["stage_seconds"]["policy"] / 3
+    assert again["test_f1_after_rl"] == pytest.approx(s["test_f1_after_rl"])

@@ -1,0 +1,5 @@
+import sys
+
+from zsjax.demo.run import main
+
+sys.exit(main())

@@ -1,0 +1,449 @@
+"""The built-in demo: in a generated world no model could know, a small policy learns to search
+a small LLM simulator, with the whole ZeroSearch loop, on a CPU in minutes.
+
+    python -m zsjax.demo --workdir runs/demo [--quick] [--algorithm grpo|ppo|reinforce_pp]
+
+1. world: fictional people, cities, countries and occupations; one- and two-hop questions,
+   train / validation / test disjoint (zsjax/demo/world.py).
+2. tokenizer: byte-level BPE trained on the world's text and the ZeroSearch prompts.
+3. simulator: a small random model fine-tuned with `zsjax.sft` on (query, documents) pairs,
+   useful and noisy, with the ZeroSearch simulator prompt: it comes to "know" the world.
+4. policy: a small random model warm-started (`zsjax.sft`, trajectory rows) on the interaction
+   format only: it searches for an arbitrary entity half the time, answers with an arbitrary
+   entity from the documents, and sometimes answers without searching.
+5. RL (`zsjax.train`) against the simulator with the noise curriculum.
+6. evaluation on the test questions before and after RL, with the simulator and with the
+   world's perfect search engine, per question type, and without searching.
+
+The workdir gets summary.json, curves.png, and each stage's folder (metrics, checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+from zsjax.demo import world as W
+
+STAGES = ("world", "simulator", "policy", "eval_before", "rl", "eval_after")
+
+
+def settings_for(quick: bool) -> dict:
+    """Sizes and hyper-parameters of the default and the --quick demo."""
+    s = {
+        "world": {"people": 150, "cities": 40, "countries": 10},
+        "model": {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
+                  "d_ff": 512},
+        "vocab": 1536, "docs": 3,
+        "sim_steps": 700, "sim_batch": 32, "sim_lr": 3e-3,
+        "copy_steps": 400, "policy_steps": 200, "policy_batch": 32, "policy_lr": 2e-3,
+        "rl_steps": 150, "questions": 16, "rollouts": 8, "rl_lr": 5e-4, "entropy_coef": 0.01,
+        "eval_limit": 0,
+    }
+    if quick:
+        s.update(world={"people": 60, "cities": 16, "countries": 8}, sim_steps=700,
+                 rl_steps=40, eval_limit=0)
+    return s
+
+
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+# --- 2. tokenizer and models -------------------------------------------------------------
+
+def make_tokenizer(world: W.World, questions: list[W.Question], path: str, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from zsjax.search import prompts as P
+    from zsjax.search.simulator import simulator_prompt
+    from zsjax.search.backend import SearchRequest
+    texts = world.corpus() + [q.question for q in questions]
+    texts += [P.POLICY_TEMPLATE, P.INVALID_ACTION, P.information_block("Doc 1: x")]
+    texts += [simulator_prompt(SearchRequest("q", "Q", ("A",), noisy)) for noisy in (0, 1)]
+    texts += [f"<search> {e} </search> <answer> {e} </answer>" for e in world.entities()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts * 3, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_model(path: str, tokenizer_dir: str, tokenizer, dims: dict, seed: int) -> str:
+    import jax
+
+    from zsjax.models import ModelConfig, init_params, save_hf
+    vocab = -(-(len(tokenizer) + 1) // 64) * 64
+    config = ModelConfig(vocab_size=vocab, family="qwen2", qkv_bias=True, tie_embeddings=True,
+                         eos_token_ids=(tokenizer.eos_token_id,),
+                         pad_token_id=tokenizer.pad_token_id, **dims)
+    save_hf(config, init_params(config, jax.random.key(seed)), path, tokenizer_dir=tokenizer_dir)
+    return path
+
+
+# --- 3. simulator data -------------------------------------------------------------------
+
+QUERY_FORMS = ["{e}", "{e}", "who is {e}", "where was {e} born", "{e} birthplace",
+               "occupation of {e}", "{e} country", "which country is {e} in", "about {e}"]
+
+
+def simulator_rows(world: W.World, questions: list[W.Question], docs: int, seed: int
+                   ) -> list[dict]:
+    """(query, question, answer, documents, label) pairs over every entity and varied query
+    forms, useful and noisy in equal numbers."""
+    rng = random.Random(seed)
+    by_entity: dict[str, list[W.Question]] = {}
+    for q in questions:
+        for e in q.hops:
+            by_entity.setdefault(e, []).append(q)
+    rows = []
+    for e in world.entities():
+        for form in QUERY_FORMS:
+            query = form.format(e=e)
+            # Half the time the prompt's question is about something else: the documents must
+            # follow the query, not the question.
+            related = by_entity.get(e)
+            q = rng.choice(related if related and rng.random() < 0.5 else questions)
+            for label in ("useful", "noisy"):
+                rows.append({"query": query, "question": q.question,
+                             "golden_answers": [q.answer], "label": label,
+                             "documents": world.documents(query, noisy=label == "noisy", k=docs)})
+    return rows
+
+
+# --- 4. policy warm-start data -----------------------------------------------------------
+
+def _entities_in(world: W.World, text: str) -> list[str]:
+    """Every possible answer (entity or occupation) mentioned in a text."""
+    return [e for e in world.entities() + W.OCCUPATIONS if W.mentions(text, e)]
+
+
+FORMAT_QUESTIONS = ["Who is {e}?", "Tell me about {e}.", "What is known about {e}?",
+                    "Look up {e}."]
+
+
+def copy_rows(world: W.World, questions: list[W.Question], seed: int, n: int,
+              generic: float = 0.5) -> list[dict]:
+    """Search-only rows (the turn ends after `<search> E </search>`) for generic questions
+    about every entity and for training questions: they teach the small model what a
+    pretrained LM can already do, repeat a name it has been given. Learning this has a sharp
+    phase change (loss flat at ~0.5, then ~0 within 50-100 steps); mixed with the noisy
+    format rows it does not happen within the demo's budget."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        if rng.random() < generic:
+            entity = rng.choice(world.entities())
+            question = rng.choice(FORMAT_QUESTIONS).format(e=entity)
+        else:
+            q = rng.choice(questions)
+            question, entity = q.question, q.hops[0]
+        rows.append({"question": question,
+                     "segments": [{"text": f"<search> {entity} </search>", "loss": 1}]})
+    return rows
+
+
+def policy_rows(world: W.World, questions: list[W.Question], docs: int, seed: int,
+                n: int, copy_query: float = 0.9, generic: float = 0.5,
+                second_search: float = 0.5, direct: float = 0.1) -> list[dict]:
+    """Format-only trajectories. The question is a training question, or (with probability
+    `generic`) a generic one ("Who is E?") about any entity of the world, so that, like a
+    pretrained LM, the policy can write every name (but knows no fact). With probability
+    `direct` answer at once with an arbitrary entity; otherwise search (for the entity the question names with
+    probability `copy_query`, an arbitrary entity otherwise), with probability `second_search`
+    search again for another arbitrary entity from the documents, then answer with an arbitrary entity from the
+    documents. The documents are the world's own (useful) ones. What the policy does not learn
+    here: which fact in the documents answers the question, and that a two-hop question needs
+    a second search for the city it found."""
+    from zsjax.search import prompts as P
+    rng = random.Random(seed)
+    everything = world.entities() + W.OCCUPATIONS
+    rows = []
+    for _ in range(n):
+        if rng.random() < generic:
+            entity = rng.choice(world.entities())
+            question = rng.choice(FORMAT_QUESTIONS).format(e=entity)
+        else:
+            q = rng.choice(questions)
+            question, entity = q.question, q.hops[0]
+        segs = []
+        if rng.random() < direct:
+            segs.append({"text": f"<answer> {rng.choice(everything)} </answer>", "loss": 1})
+        else:
+            query = entity if rng.random() < copy_query else rng.choice(everything)
+            for hop in range(2 if rng.random() < second_search else 1):
+                text = world.documents(query, k=docs)
+                segs.append({"text": f"<search> {query} </search>", "loss": 1})
+                segs.append({"text": P.information_block(text), "loss": 0})
+                found = _entities_in(world, text) or everything
+                query = rng.choice([e for e in found if e != query] or found)
+            segs.append({"text": f"<answer> {rng.choice(found)} </answer>", "loss": 1})
+        rows.append({"question": question, "segments": segs})
+    return rows
+
+
+# --- 5-6. RL and evaluation ------------------------------------------------------------------
+
+def _config(name: str, arg: str = ""):
+    """configs/NAME.py's get_config(arg), found beside the package (any working directory)."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(W.__file__))))
+    if root not in sys.path:  # the config files import each other as `configs.*`
+        sys.path.append(root)
+    path = os.path.join(root, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"zsjax_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def _sft(model_dir: str, rows_path: str, workdir: str, export: str, *, steps: int, batch: int,
+         lr: float) -> None:
+    """Fine-tunes model_dir on rows_path and exports to `export` (skipped when a previous run
+    of the demo already exported it; an interrupted fine-tune resumes from its checkpoint)."""
+    done = os.path.join(export, ".demo_stage_done")
+    if os.path.exists(done):
+        _log(f"{export} exists: skipping")
+        return
+    from zsjax import sft
+    c = _config("sft_simulator", model_dir)
+    c.unlock()
+    c.data.path, c.data.max_length, c.data.use_chat_template = rows_path, 512, "no"
+    c.data.length_multiple = 16
+    c.train.update(steps=steps, batch_size=batch, lr=lr, warmup_steps=20, weight_decay=0.0,
+                   log_every=100, checkpoint_every=steps)
+    c.mesh.update(data=1)
+    c.export_dir = export
+    sft.run(c, workdir)
+    open(done, "w").close()
+
+
+def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Question],
+                    docs: int, *, no_search: bool = True) -> dict:
+    """Test F1/EM per backend (simulator, perfect search engine) and question type, plus the
+    score of answering without searching."""
+    from zsjax.data.qa import QARow
+    from zsjax.evaluate import evaluate, load_policy
+    from zsjax.search import FunctionBackend, RolloutSettings
+    from zsjax.search.simulator import InProcessSimulator
+    config, params, tok = load_policy(model_dir)
+    sim_config, sim_params, sim_tok = load_policy(sim_dir)
+    simulator = InProcessSimulator(sim_config, sim_params, sim_tok, temperature=0.0,
+                                   max_new_tokens=16 * docs, top_k_docs=docs)
+    engine = FunctionBackend(lambda r: world.documents(r.query, k=docs))
+    sets = {kind: [QARow(q.question, (q.answer,)) for q in test if q.kind == kind]
+            for kind in ("one_hop", "two_hop")}
+    settings = RolloutSettings(max_turns=2, max_response_tokens=24, max_prompt_tokens=512,
+                               max_obs_tokens=24 * docs)
+    out = {}
+    backends = {"simulator": simulator, "search_engine": engine}
+    for name, backend in backends.items():
+        out[name] = evaluate(config, params, tok, sets, backend, settings=settings,
+                             batch_size=128)
+    if no_search:
+        out["no_search"] = {k: answer_without_search(config, params, tok, rows)
+                            for k, rows in sets.items()}
+    for res in out.values():
+        n = sum(r["n"] for r in res.values())
+        res["all"] = {k: sum(r[k] * r["n"] for r in res.values()) / n
+                      for k in ("f1", "exact_match", "substring_match", "searches_mean")}
+        res["all"]["n"] = n
+    return out
+
+
+def answer_without_search(config, params, tok, rows) -> dict:
+    """Scores of answering at once: the policy prompt followed by a forced `<answer>`, greedy
+    to `</answer>` (what the policy "knows" without searching)."""
+    from zsjax.rl import rewards
+    from zsjax.sampling import generate
+    from zsjax.search.rollout import prompt_ids
+    forced = tok.encode("<answer>", add_special_tokens=False)
+    out = generate(config, params, [prompt_ids(tok, r.question, False) + forced for r in rows],
+                   max_new_tokens=16, stop_strings=["</answer>"], tokenizer=tok)
+    answers = [tok.decode(t, skip_special_tokens=True).split("</answer>")[0].strip()
+               for t in out.tokens]
+    scores = rewards.score(answers, [r.golden_answers for r in rows])
+    return {"n": len(rows), "f1": float(scores["f1"].mean()),
+            "exact_match": float(scores["em"].mean()),
+            "substring_match": float(scores["substring"].mean()), "searches_mean": 0.0}
+
+
+def simulator_accuracy(sim_dir: str, world: W.World, docs: int, n: int = 64,
+                       seed: int = 0) -> float:
+    """The fraction of useful-document requests (query = an entity's name) for which the
+    fine-tuned simulator's greedy documents start with exactly that entity's true facts."""
+    from zsjax.evaluate import load_policy
+    from zsjax.search import SearchRequest
+    from zsjax.search.simulator import InProcessSimulator
+    config, params, tok = load_policy(sim_dir)
+    sim = InProcessSimulator(config, params, tok, temperature=0.0, max_new_tokens=16 * docs,
+                             top_k_docs=docs)
+    rng = random.Random(seed)
+    entities = rng.sample(world.entities(), min(n, len(world.entities())))
+    out = sim.search([SearchRequest(e, "", ("",)) for e in entities])
+    good = 0
+    for e, text in zip(entities, out):
+        want = world.documents(e, k=docs).splitlines()[:docs - 1]
+        good += text.splitlines()[:docs - 1] == want
+    return good / len(entities)
+
+
+def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
+    c = _config("tiny")
+    c.unlock()
+    c.fixture = False
+    c.seed = seed
+    c.policy.path, c.simulator.path = paths["policy"], paths["simulator"]
+    c.data.train_path = paths["train"]
+    c.data.length_multiple = 16
+    c.simulator.update(temperature=0.5, max_new_tokens=16 * s["docs"], top_k_docs=s["docs"])
+    c.rollout.update(max_turns=2, max_response_tokens=24, max_prompt_tokens=512,
+                     max_obs_tokens=24 * s["docs"], temperature=1.0, top_p=1.0)
+    c.curriculum.update(start=0.0, end=0.3, base=4.0)
+    c.rl.update(algorithm=algorithm, questions_per_step=s["questions"],
+                rollouts_per_question=s["rollouts"], mini_batches=2, lr=s["rl_lr"],
+                kl_coef=0.0 if algorithm == "grpo" else 0.001, entropy_coef=s["entropy_coef"],
+                critic_lr=s["rl_lr"], warmup_steps=5)
+    c.train.update(steps=s["rl_steps"], log_every=10, checkpoint_every=25, progress=True,
+                   eval_every=0)
+    c.lock()
+    return c
+
+
+def plot(metrics_path: str, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(x) for x in open(metrics_path)]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax[0].plot(steps, [r["reward_mean"] for r in rows], label="reward (F1)")
+    ax[0].set_title("reward")
+    ax[1].plot(steps, [r["noise_prob"] for r in rows], label="noise probability")
+    ax[1].plot(steps, [r["noisy_fraction"] or 0 for r in rows], ".", alpha=0.5,
+               label="noisy fraction (realised)")
+    ax[1].set_title("curriculum")
+    ax[1].legend()
+    ax[2].plot(steps, [r["searches_mean"] for r in rows])
+    ax[2].set_title("searches per question")
+    for a in ax:
+        a.set_xlabel("RL step")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def run(workdir: str, *, quick: bool = False, algorithm: str = "grpo", seed: int = 0) -> dict:
+    t_start = time.time()
+    s = settings_for(quick)
+    os.makedirs(workdir, exist_ok=True)
+    times = {}
+
+    t = time.time()
+    world = W.make_world(seed=seed, **s["world"])
+    splits = world.splits()
+    data = os.path.join(workdir, "data")
+    os.makedirs(data, exist_ok=True)
+    paths = {name: _write_jsonl(os.path.join(data, f"{name}.jsonl"), [q.row() for q in qs])
+             for name, qs in splits.items()}
+    all_q = [q for qs in splits.values() for q in qs]
+    tok_dir = os.path.join(workdir, "tokenizer")
+    tok = make_tokenizer(world, all_q, tok_dir, s["vocab"])
+    sim_init = make_model(os.path.join(workdir, "init", "simulator"), tok_dir, tok, s["model"],
+                          seed)
+    pol_init = make_model(os.path.join(workdir, "init", "policy"), tok_dir, tok, s["model"],
+                          seed + 1)
+    _log(f"world: {len(world.people)} people, {len(world.cities)} cities, "
+         f"{len(world.countries)} countries; questions "
+         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; vocab {len(tok)}")
+    times["world"] = time.time() - t
+
+    t = time.time()
+    sim_rows = simulator_rows(world, all_q, s["docs"], seed)
+    sim_dir = os.path.join(workdir, "simulator_hf")
+    _log(f"simulator: fine-tuning on {len(sim_rows)} (query, documents) pairs")
+    _sft(sim_init, _write_jsonl(os.path.join(data, "simulator_pairs.jsonl"), sim_rows),
+         os.path.join(workdir, "simulator_sft"), sim_dir, steps=s["sim_steps"],
+         batch=s["sim_batch"], lr=s["sim_lr"])
+    sim_acc = simulator_accuracy(sim_dir, world, s["docs"])
+    _log(f"simulator: {sim_acc:.0%} of greedy useful documents state the true facts")
+    times["simulator"] = time.time() - t
+
+    t = time.time()
+    rows = copy_rows(world, splits["train"], seed, n=4000)
+    copy_dir = os.path.join(workdir, "policy_copy_hf")
+    _log(f"policy: learning to repeat names ({len(rows)} search-only rows)")
+    _sft(pol_init, _write_jsonl(os.path.join(data, "policy_copy.jsonl"), rows),
+         os.path.join(workdir, "policy_copy_sft"), copy_dir, steps=s["copy_steps"],
+         batch=s["policy_batch"], lr=s["policy_lr"])
+    rows = policy_rows(world, splits["train"], s["docs"], seed, n=4000)
+    warm_dir = os.path.join(workdir, "policy_warm_hf")
+    _log(f"policy: warm start on {len(rows)} format-only trajectories")
+    _sft(copy_dir, _write_jsonl(os.path.join(data, "policy_format.jsonl"), rows),
+         os.path.join(workdir, "policy_sft"), warm_dir, steps=s["policy_steps"],
+         batch=s["policy_batch"], lr=s["policy_lr"])
+    times["policy"] = time.time() - t
+
+    t = time.time()
+    test = splits["test"]
+    before = evaluate_policy(warm_dir, sim_dir, world, test, s["docs"])
+    _log(f"before RL: test F1 {before['simulator']['all']['f1']:.3f} (simulator), "
+         f"{before['search_engine']['all']['f1']:.3f} (search engine), "
+         f"{before['no_search']['all']['f1']:.3f} (no search)")
+    times["eval_before"] = time.time() - t
+
+    t = time.time()
+    from zsjax import train
+    rl_dir = os.path.join(workdir, "rl")
+    rl_paths = {"policy": warm_dir, "simulator": sim_dir, "train": paths["train"]}
+    train.run(rl_config(s, rl_paths, algorithm, seed), rl_dir)
+    times["rl"] = time.time() - t
+
+    t = time.time()
+    after = evaluate_policy(os.path.join(rl_dir, "policy_hf"), sim_dir, world, test, s["docs"])
+    _log(f"after RL: test F1 {after['simulator']['all']['f1']:.3f} (simulator), "
+         f"{after['search_engine']['all']['f1']:.3f} (search engine), "
+         f"{after['no_search']['all']['f1']:.3f} (no search)")
+    times["eval_after"] = time.time() - t
+    plot(os.path.join(rl_dir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+
+    summary = {
+        "test_f1_before_rl": before["simulator"]["all"]["f1"],
+        "test_f1_after_rl": after["simulator"]["all"]["f1"],
+        "simulator_fact_accuracy": sim_acc,
+        "before_rl": before, "after_rl": after,
+        "algorithm": algorithm, "quick": quick, "seed": seed, "settings": s,
+        "stage_seconds": times, "minutes": (time.time() - t_start) / 60}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    _log(f"done in {summary['minutes']:.1f} min: test F1 {summary['test_f1_before_rl']:.3f} -> "
+         f"{summary['test_f1_after_rl']:.3f}; summary.json and curves.png in {workdir}")
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zsjax.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--quick", action="store_true", help="a smaller world and fewer steps")
+    p.add_argument("--algorithm", default="grpo", choices=("grpo", "ppo", "reinforce_pp"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    run(args.workdir, quick=args.quick, algorithm=args.algorithm, seed=args.seed)
+    return 0
