@@ -42,11 +42,10 @@ def settings_for(quick: bool) -> dict:
         "sim_steps": 700, "sim_batch": 32, "sim_lr": 3e-3,
         "copy_steps": 400, "policy_steps": 200, "policy_batch": 32, "policy_lr": 2e-3,
         "rl_steps": 150, "questions": 16, "rollouts": 8, "rl_lr": 5e-4, "entropy_coef": 0.01,
-        "eval_limit": 0,
     }
     if quick:
         s.update(world={"people": 60, "cities": 16, "countries": 8}, sim_steps=700,
-                 rl_steps=40, eval_limit=0)
+                 rl_steps=40)
     return s
 
 
@@ -132,6 +131,17 @@ FORMAT_QUESTIONS = ["Who is {e}?", "Tell me about {e}.", "What is known about {e
                     "Look up {e}."]
 
 
+def _pick_question(rng: random.Random, world: W.World, questions: list[W.Question],
+                   generic: float) -> tuple[str, str]:
+    """(question, the entity it names): a generic question about any entity of the world with
+    probability `generic`, else a training question."""
+    if rng.random() < generic:
+        entity = rng.choice(world.entities())
+        return rng.choice(FORMAT_QUESTIONS).format(e=entity), entity
+    q = rng.choice(questions)
+    return q.question, q.hops[0]
+
+
 def copy_rows(world: W.World, questions: list[W.Question], seed: int, n: int,
               generic: float = 0.5) -> list[dict]:
     """Search-only rows (the turn ends after `<search> E </search>`) for generic questions
@@ -142,12 +152,7 @@ def copy_rows(world: W.World, questions: list[W.Question], seed: int, n: int,
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        if rng.random() < generic:
-            entity = rng.choice(world.entities())
-            question = rng.choice(FORMAT_QUESTIONS).format(e=entity)
-        else:
-            q = rng.choice(questions)
-            question, entity = q.question, q.hops[0]
+        question, entity = _pick_question(rng, world, questions, generic)
         rows.append({"question": question,
                      "segments": [{"text": f"<search> {entity} </search>", "loss": 1}]})
     return rows
@@ -159,10 +164,10 @@ def policy_rows(world: W.World, questions: list[W.Question], docs: int, seed: in
     """Format-only trajectories. The question is a training question, or (with probability
     `generic`) a generic one ("Who is E?") about any entity of the world, so that, like a
     pretrained LM, the policy can write every name (but knows no fact). With probability
-    `direct` answer at once with an arbitrary entity; otherwise search (for the entity the question names with
-    probability `copy_query`, an arbitrary entity otherwise), with probability `second_search`
-    search again for another arbitrary entity from the documents, then answer with an arbitrary entity from the
-    documents. The documents are the world's own (useful) ones. What the policy does not learn
+    `direct` answer at once with an arbitrary entity; otherwise search (for the entity the
+    question names with probability `copy_query`, an arbitrary entity otherwise), with
+    probability `second_search` search again for another arbitrary entity from the documents,
+    then answer with an arbitrary entity from the documents. The documents are the world's own (useful) ones. What the policy does not learn
     here: which fact in the documents answers the question, and that a two-hop question needs
     a second search for the city it found."""
     from zsjax.search import prompts as P
@@ -170,18 +175,13 @@ def policy_rows(world: W.World, questions: list[W.Question], docs: int, seed: in
     everything = world.entities() + W.OCCUPATIONS
     rows = []
     for _ in range(n):
-        if rng.random() < generic:
-            entity = rng.choice(world.entities())
-            question = rng.choice(FORMAT_QUESTIONS).format(e=entity)
-        else:
-            q = rng.choice(questions)
-            question, entity = q.question, q.hops[0]
+        question, entity = _pick_question(rng, world, questions, generic)
         segs = []
         if rng.random() < direct:
             segs.append({"text": f"<answer> {rng.choice(everything)} </answer>", "loss": 1})
         else:
             query = entity if rng.random() < copy_query else rng.choice(everything)
-            for hop in range(2 if rng.random() < second_search else 1):
+            for _ in range(2 if rng.random() < second_search else 1):
                 text = world.documents(query, k=docs)
                 segs.append({"text": f"<search> {query} </search>", "loss": 1})
                 segs.append({"text": P.information_block(text), "loss": 0})
@@ -235,8 +235,14 @@ def _sft(model_dir: str, rows_path: str, workdir: str, export: str, *, steps: in
     open(done, "w").close()
 
 
+def _rollout(docs: int) -> dict:
+    """The rollout limits shared by RL and evaluation (short turns, two searches at most)."""
+    return {"max_turns": 2, "max_response_tokens": 24, "max_prompt_tokens": 512,
+            "max_obs_tokens": 24 * docs}
+
+
 def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Question],
-                    docs: int, *, no_search: bool = True) -> dict:
+                    docs: int) -> dict:
     """Test F1/EM per backend (simulator, perfect search engine) and question type, plus the
     score of answering without searching."""
     from zsjax.data.qa import QARow
@@ -250,16 +256,14 @@ def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Q
     engine = FunctionBackend(lambda r: world.documents(r.query, k=docs))
     sets = {kind: [QARow(q.question, (q.answer,)) for q in test if q.kind == kind]
             for kind in ("one_hop", "two_hop")}
-    settings = RolloutSettings(max_turns=2, max_response_tokens=24, max_prompt_tokens=512,
-                               max_obs_tokens=24 * docs)
+    settings = RolloutSettings(**_rollout(docs))
     out = {}
     backends = {"simulator": simulator, "search_engine": engine}
     for name, backend in backends.items():
         out[name] = evaluate(config, params, tok, sets, backend, settings=settings,
                              batch_size=128)
-    if no_search:
-        out["no_search"] = {k: answer_without_search(config, params, tok, rows)
-                            for k, rows in sets.items()}
+    out["no_search"] = {k: answer_without_search(config, params, tok, rows)
+                        for k, rows in sets.items()}
     for res in out.values():
         n = sum(r["n"] for r in res.values())
         res["all"] = {k: sum(r[k] * r["n"] for r in res.values()) / n
@@ -314,8 +318,7 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     c.data.train_path = paths["train"]
     c.data.length_multiple = 16
     c.simulator.update(temperature=0.5, max_new_tokens=16 * s["docs"], top_k_docs=s["docs"])
-    c.rollout.update(max_turns=2, max_response_tokens=24, max_prompt_tokens=512,
-                     max_obs_tokens=24 * s["docs"], temperature=1.0, top_p=1.0)
+    c.rollout.update(temperature=1.0, top_p=1.0, **_rollout(s["docs"]))
     c.curriculum.update(start=0.0, end=0.3, base=4.0)
     c.rl.update(algorithm=algorithm, questions_per_step=s["questions"],
                 rollouts_per_question=s["rollouts"], mini_batches=2, lr=s["rl_lr"],
