@@ -34,6 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
         "entropy_coef": 0.001, "kl_coef": 0.001, "kl_kind": "k3", "std_eps": 1e-6,
         "aggregation": "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum
         "remat": False,
+        # A regex over param paths (e.g. "embed") that the policy update leaves unchanged.
+        "freeze": "",
         # PPO's critic and GAE.
         "critic_lr": 1e-5, "value_clip": 0.5, "gamma": 1.0, "lam": 1.0})
     c.train = ml_collections.ConfigDict({

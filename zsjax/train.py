@@ -215,7 +215,7 @@ def run(config, workdir: str) -> list[dict]:
                             kl_kind=rl.kl_kind, aggregation=rl.aggregation,
                             temperature=config.rollout.temperature, value_clip=rl.value_clip)
     tx = U.make_optimizer(rl.lr, warmup_steps=rl.warmup_steps, weight_decay=rl.weight_decay,
-                          grad_clip=rl.grad_clip)
+                          grad_clip=rl.grad_clip, freeze=rl.freeze)
     state = U.init_state(params, tx)
     critic_tx = critic_state = None
     if rl.algorithm == "ppo":

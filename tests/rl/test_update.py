@@ -122,6 +122,35 @@ def test_learning_direction_grpo():
     assert int(state.step) == 3 and float(metrics["grad_norm"]) > 0
 
 
+def test_freeze_leaves_matching_params_unchanged():
+    """`freeze` is a regex over param paths: those params stay bit-identical (no weight decay,
+    no Adam step) while every other param moves, on one device and on a mesh. A pattern
+    matching nothing is an error."""
+    params = _params(5)
+    batch = _batch(5, params=params)
+    params = jax.tree.map(np.asarray, params)  # host copies: the step donates its input
+    meshes = [None]
+    if jax.device_count() >= 4:
+        meshes.append(sharding.make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4]))
+    for mesh in meshes:
+        p = (jax.tree.map(jnp.asarray, params) if mesh is None
+             else jax.device_put(params, param_shardings(CONFIG, mesh)))
+        tx = U.make_optimizer(1e-2, weight_decay=0.1, freeze=r"embed|\['mlp'\]")
+        state = U.init_state(p, tx)
+        step = U.make_policy_step(state, batch, config=CONFIG, tx=tx, cfg=CFG, mesh=mesh)
+        for _ in range(2):
+            state, _ = step(state, batch)
+        for path, before in jax.tree_util.tree_flatten_with_path(params)[0]:
+            name = jax.tree_util.keystr(path)
+            after = np.asarray(functools.reduce(lambda t, k: t[k.key], path, state.params))
+            if "embed" in name or "['mlp']" in name:
+                np.testing.assert_array_equal(after, before, err_msg=name)
+            else:
+                assert np.abs(after - before).max() > 1e-4, name
+    with pytest.raises(ValueError, match="matches no parameter"):
+        U.init_state(params, U.make_optimizer(1e-2, freeze="no_such_param"))
+
+
 def test_kl_penalty_is_added():
     batch = _batch()
     logits = jax.random.normal(jax.random.key(4), (B, T, CONFIG.vocab_size))

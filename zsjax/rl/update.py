@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any
 
 import flax
@@ -59,16 +60,38 @@ class TrainState:
 
 
 def make_optimizer(lr: float = 1e-6, *, warmup_steps: int = 0, weight_decay: float = 0.01,
-                   grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.999
-                   ) -> optax.GradientTransformation:
-    """AdamW at a constant rate after a linear warm-up, after global-norm clipping."""
+                   grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.999,
+                   freeze: str = "") -> optax.GradientTransformation:
+    """AdamW at a constant rate after a linear warm-up, after global-norm clipping.
+
+    `freeze`: a regular expression searched in each param's path (`jax.tree_util.keystr`, e.g.
+    "['embed']['embedding']"); the params it matches are never updated and get no optimizer
+    state. Why one would: Adam turns the small, one-signed gradients that a softmax gives to
+    tokens a batch never uses into full-size steps, so an embedding row that RL never sees (a
+    name only in held-out questions) drifts anyway; freezing the table keeps it as the warm
+    start left it."""
     schedule = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0
                 else optax.constant_schedule(lr))
     if warmup_steps > 0:
         schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)],
                                         [warmup_steps])
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    if not freeze:
+        return tx
+    pattern = re.compile(freeze)
+
+    def labels(params):
+        out = jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if pattern.search(jax.tree_util.keystr(path)) else "train",
+            params)
+        if "frozen" not in jax.tree.leaves(out):
+            first = jax.tree_util.tree_flatten_with_path(params)[0][0][0]
+            raise ValueError(f"freeze={freeze!r} matches no parameter; paths look like "
+                             f"{jax.tree_util.keystr(first)}")
+        return out
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
@@ -79,10 +102,21 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=jax.jit(tx.init)(params))
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
-        transform_non_params=lambda _: replicated)
+    # An optimizer-state leaf that is a copy of a param (Adam's moments) ends with that
+    # param's path and has its shape; everything else (counts) is replicated. Matching on paths
+    # rather than with optax.tree_map_params also covers multi_transform (`freeze`), whose
+    # labels need the real params.
+    by_path = {tuple(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def leaf_sharding(path, leaf):
+        for i in range(len(path)):
+            x = by_path.get(tuple(path[i:]))
+            if x is not None and x.shape == leaf.shape:
+                return x.sharding
+        return replicated
+
+    opt_shardings = jax.tree_util.tree_map_with_path(leaf_sharding,
+                                                     jax.eval_shape(tx.init, params))
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                       opt_state=opt_state)
