@@ -13,6 +13,7 @@ from zsjax.demo import run as R
 # test questions, 8.8 min under pytest). --quick now takes 70 RL steps; not yet measured.
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("demo"))
