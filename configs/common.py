@@ -43,7 +43,16 @@ def base_config() -> ml_collections.ConfigDict:
         "tensorboard": True, "progress": True,
         "max_nonfinite_steps": 3,  # stop after this many steps in a row with only NaN updates
         "eval_every": 0, "eval_batch_size": 64})
-    # Mesh sizes; -1 takes the remaining devices. 1 x 1 x 1 is one device.
+    # The training mesh over all processes' devices; -1 takes the remaining devices. 1 x 1 x 1
+    # is one device.
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+    # Generation meshes, over each process's own devices (`devices`: a slice "A:B" of them).
+    # Sizes all 0: the training mesh in a one-process run, else all local devices along data.
+    # The simulator's all 0 and devices "": it shares the rollout mesh; e.g. devices "4:8"
+    # with tensor=-1 puts it on a sub-mesh of its own. Params move between meshes in-program.
+    c.rollout_mesh = ml_collections.ConfigDict({"data": 0, "fsdp": 0, "tensor": 0,
+                                                "devices": ""})
+    c.simulator_mesh = ml_collections.ConfigDict({"data": 0, "fsdp": 0, "tensor": 0,
+                                                  "devices": ""})
     c.resume = True
     return c

@@ -363,3 +363,34 @@ def test_same_config_on_a_mesh(tmp_path, monkeypatch):
     for a, b in zip(out["one"], out["mesh"]):
         for key in ("reward_mean", "entropy", "policy_loss", "kl", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_separate_rollout_and_simulator_meshes(tmp_path):
+    """Policy rollouts on a tensor-parallel mesh of devices 0-1, the simulator on devices 2-3,
+    the update on an fsdp x tensor mesh: the params move between meshes inside the program, and
+    (sampling being per trajectory) the run equals one that does everything on one mesh."""
+    import jax
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices")
+    from zsjax.models import load_hf
+    runs = {}
+    for name in ("same", "split"):
+        config = tiny.get_config()
+        config.train.update(steps=2, tensorboard=False)
+        if name == "same":
+            config.mesh.update(data=4)
+        else:
+            config.mesh.update(fsdp=2, tensor=2)
+            config.rollout_mesh.update(data=1, fsdp=1, tensor=2, devices="0:2")
+            config.simulator_mesh.update(devices="2:4")
+        train.run(config, str(tmp_path / name))
+        runs[name] = ([(r["question"], r["response"])
+                       for r in _lines(tmp_path / name / "trajectories.jsonl")],
+                      jax.tree.leaves(load_hf(str(tmp_path / name / "policy_hf"))[1]))
+    assert runs["same"][0] == runs["split"][0]
+    for a, b in zip(runs["same"][1], runs["split"][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    config = tiny.get_config()
+    config.rollout_mesh.update(devices="9:12")
+    with pytest.raises(InputError, match="selects none"):
+        train.run(config, str(tmp_path / "bad"))

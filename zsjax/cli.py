@@ -21,13 +21,22 @@ class InputError(ValueError):
     The config programs print its message as one line and exit with status 2."""
 
 
-def run_config_program(run: Callable[[object, str], object]) -> None:
+def run_config_program(run: Callable[[object, str], object], *,
+                       multiprocess: bool = False) -> None:
     """Parses --config (locked: misspelt keys are errors) and --workdir, then calls
-    run(config, workdir)."""
+    run(config, workdir). With `multiprocess`, also the flags that join this process to a
+    multi-process JAX program (zsjax.distributed), which is initialised first."""
     config_flags.DEFINE_config_file("config", None, "an ml-collections config file, "
                                     "FILE.py[:ARG]", lock_config=True)
     flags.DEFINE_string("workdir", None, "output folder")
     flags.mark_flags_as_required(["config"])
+    if multiprocess:
+        flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for a "
+                            "multi-process run (auto-detected under SLURM and on TPU VMs)")
+        flags.DEFINE_integer("num_processes", 0, "number of processes of the run")
+        flags.DEFINE_integer("process_id", -1, "this process's index, 0 .. num_processes - 1")
+        flags.DEFINE_float("initialization_timeout", 300.0, "seconds to wait for every "
+                           "process to join before failing")
 
     def main(argv):
         if len(argv) > 1:
@@ -36,6 +45,14 @@ def run_config_program(run: Callable[[object, str], object]) -> None:
             raise app.UsageError("--workdir is required")
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         try:
+            if multiprocess:
+                from zsjax import distributed
+                f = flags.FLAGS
+                try:
+                    distributed.initialize(f.coordinator_address, f.num_processes,
+                                           f.process_id, f.initialization_timeout)
+                except ValueError as e:
+                    raise InputError(str(e)) from None
             run(flags.FLAGS.config, flags.FLAGS.workdir)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ or its checkpoints/ folder. `evaluate` is the library entry point (the trainer's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -52,16 +53,18 @@ def evaluate(config, params, tokenizer, datasets: Mapping[str, Sequence[QARow]],
             raise ValueError(f"dataset {name!r} has no rows")
         t0 = time.time()
         trajs = []
+        if hasattr(backend, "new_step"):  # a sampled simulator: seeded per prompt
+            backend.new_step(0)
         with tqdm(total=len(rows), desc=name, unit="q", file=sys.stderr,
                   disable=not progress) as bar:
-            for k, lo in enumerate(range(0, len(rows), batch_size)):
+            for lo in range(0, len(rows), batch_size):
                 batch = rows[lo:lo + batch_size]
-                if hasattr(backend, "new_step"):  # a sampled simulator: seeded per batch
-                    backend.new_step(k)
+                # Question i is trajectory i whatever the batch size: the same draws.
                 trajs += rollout([r.question for r in batch], [r.golden_answers for r in batch],
                                  tokenizer=tokenizer, generate_fn=gen, backend=backend,
                                  settings=settings, noise_probability=noise_probability,
-                                 rng=draw_rng(seed, k), seed=seed)
+                                 noise_rng=functools.partial(draw_rng, seed, 0), seed=seed,
+                                 trajectory_ids=range(lo, lo + len(batch)))
                 bar.update(len(batch))
         scores = rewards.score([t.answer for t in trajs], [t.golden_answers for t in trajs])
         results[name] = {

@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     try:
         traj = rollout([args.question], [args.answer or [""]], tokenizer=tokenizer,
                        generate_fn=gen, backend=backend, settings=settings,
-                       noise_probability=args.noise_probability, rng=draw_rng(args.seed, 0),
+                       noise_probability=args.noise_probability,
+                       noise_rng=lambda tid: draw_rng(args.seed, 0, tid),
                        seed=args.seed)[0]
     except SearchBackendError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -90,6 +90,37 @@ def mesh_from_config(data: int, fsdp: int, tensor: int) -> Mesh | None:
     return None if mesh.size == 1 else mesh
 
 
+def device_slice(spec: str, devices) -> list:
+    """`devices[A:B]` for a spec "A:B" (either end may be empty); all of them for ""."""
+    devices = list(devices)
+    if not spec:
+        return devices
+    try:
+        lo, hi = (int(x) if x.strip() else None for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"a device slice is 'A:B' (e.g. '0:4'); got {spec!r}") from None
+    picked = devices[lo:hi]
+    if not picked:
+        raise ValueError(f"device slice {spec!r} selects none of this process's "
+                         f"{len(devices)} devices")
+    return picked
+
+
+def local_mesh(data: int, fsdp: int, tensor: int, devices: str = "") -> Mesh:
+    """A mesh over this process's own devices (`devices`: a slice "A:B" of them; -1 sizes take
+    the rest): generation meshes, which each process drives on its own. Always a Mesh, even of
+    one device, so that it names the device it lives on."""
+    local = device_slice(devices, jax.local_devices())
+    sizes = [data, fsdp, tensor]
+    if -1 not in sizes:
+        n = math.prod(sizes)
+        if n > len(local):
+            raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {n} "
+                             f"devices; this process has {len(local)} (devices={devices!r})")
+        local = local[:n]
+    return make_mesh(data, fsdp, tensor, devices=local)
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
                     rules: Rules = DEFAULT_RULES) -> P:
     """PartitionSpec for an array with the given logical dim names (and shape, for divisibility)."""

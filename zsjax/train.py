@@ -2,6 +2,12 @@
 GRPO / PPO / REINFORCE++ updates, in one JAX program.
 
     python -m zsjax.train --config configs/tiny.py --workdir runs/tiny [--config.KEY=VALUE ...]
+        [--coordinator_address HOST:PORT --num_processes N --process_id I]
+
+Several processes (hosts) run the same command and form one JAX program (zsjax.distributed;
+detected by itself under SLURM and on TPU VMs). Each rolls out its own block of the step's
+questions on its own devices (`rollout_mesh`, `simulator_mesh`); the update runs on the
+training mesh over all of them; process 0 writes the metrics.
 
 The workdir gets metrics.jsonl (one JSON object per step), trajectories.jsonl (one record per
 trajectory), eval.jsonl (periodic evaluations), TensorBoard event files in tb/, orbax checkpoints
@@ -15,6 +21,7 @@ a killed-and-resumed run reach the same params as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -25,9 +32,11 @@ from zsjax.cli import InputError
 ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
 
-def _pad_batch(trajs, length_multiple: int = 64):
+def _pad_batch(trajs, length_multiple: int = 64, width: int = 0):
+    """Right-padded tokens, attention and loss masks; `width` (if larger) overrides the
+    batch's own padded length (every process pads to the global one)."""
     import numpy as np
-    width = -(-max(len(t.token_ids) for t in trajs) // length_multiple) * length_multiple
+    width = max(width, _width(trajs, length_multiple))
     b = len(trajs)
     tokens = np.zeros((b, width), np.int32)
     attn = np.zeros((b, width), bool)
@@ -36,6 +45,40 @@ def _pad_batch(trajs, length_multiple: int = 64):
         n = len(t.token_ids)
         tokens[i, :n], attn[i, :n], mask[i, :n] = t.token_ids, True, t.loss_mask
     return tokens, attn, mask
+
+
+def _width(trajs, length_multiple: int) -> int:
+    return -(-max(len(t.token_ids) for t in trajs) // length_multiple) * length_multiple
+
+
+def _meshes(config, mesh):
+    """The generation meshes: (policy rollouts, simulator). They are this process's own
+    devices, since each process rolls out its own questions. Unset (all sizes 0, no devices),
+    the rollout mesh is the training mesh in a one-process run and all of this process's devices
+    along `data` otherwise; the simulator shares the rollout mesh."""
+    import jax
+
+    from zsjax import sharding
+
+    def build(c, default):
+        sizes = (c.data, c.fsdp, c.tensor)
+        if sizes == (0, 0, 0) and not c.devices:
+            return default
+        if 0 in sizes and sizes != (0, 0, 0):
+            raise InputError(f"mesh sizes must be >= 1 or -1 (or all 0: the default); got "
+                             f"data={c.data}, fsdp={c.fsdp}, tensor={c.tensor}")
+        try:
+            return sharding.local_mesh(*(sizes if sizes != (0, 0, 0) else (-1, 1, 1)),
+                                       devices=c.devices)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    default = mesh if jax.process_count() == 1 else sharding.local_mesh(-1, 1, 1)
+    try:
+        rollout_mesh = build(config.rollout_mesh, default)
+        return rollout_mesh, build(config.simulator_mesh, rollout_mesh)
+    except InputError as e:
+        raise InputError(f"config.rollout_mesh / simulator_mesh: {e}") from None
 
 
 def _paths(config, workdir: str) -> dict[str, str]:
@@ -53,8 +96,16 @@ def _paths(config, workdir: str) -> dict[str, str]:
         paths["train"] = paths["train"] or trivia.write_jsonl(
             os.path.join(workdir, "data", "trivia.jsonl"))
     elif missing and config.get("fixture", False):
+        import jax
+
+        from zsjax import distributed
         from zsjax.tools import tiny_fixture
-        fx = tiny_fixture.make(os.path.join(workdir, "fixture"), seed=config.seed)
+        # The first process builds it; with several, the others wait (a shared workdir).
+        if jax.process_index() == 0:
+            fx = tiny_fixture.make(os.path.join(workdir, "fixture"), seed=config.seed)
+        distributed.barrier("zsjax_fixture")
+        if jax.process_index() != 0:
+            fx = tiny_fixture.fixture_paths(os.path.join(workdir, "fixture"))
         for key, fx_key in (("policy", "policy"), ("simulator", "simulator"), ("train", "qa")):
             paths[key] = paths[key] or fx[fx_key]
     elif missing:
@@ -147,17 +198,16 @@ def run(config, workdir: str) -> list[dict]:
     import numpy as np
     from tqdm import tqdm
 
-    from zsjax import sharding
+    from zsjax import distributed, sharding
     from zsjax.checkpointing import Checkpointer
     from zsjax.data.qa import QuestionStream, read_qa
     from zsjax.generate import load_tokenizer
-    from zsjax.models import load_hf, save_hf, to_hf_dict
+    from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
     from zsjax.rl import advantages as A
     from zsjax.rl import losses as L
     from zsjax.rl import rewards as R
     from zsjax.rl import update as U
-    from zsjax.search import (ModelTurnGenerator, RolloutSettings, StepCache, noisy_fraction,
-                              rollout)
+    from zsjax.search import ModelTurnGenerator, RolloutSettings, StepCache, rollout
     from zsjax.search.curriculum import draw_rng, noise_probability
     from zsjax.search.simulator import InProcessSimulator
 
@@ -176,6 +226,10 @@ def run(config, workdir: str) -> list[dict]:
     except ValueError as e:
         raise InputError(f"config.mesh: {e}") from None
     _check_batch(config, mesh)
+    if rl.questions_per_step % jax.process_count():
+        raise InputError(f"rl.questions_per_step={rl.questions_per_step} does not split over "
+                         f"{jax.process_count()} processes")
+    rollout_mesh, sim_mesh = _meshes(config, mesh)
     use_ref = bool(rl.kl_coef) or rl.algorithm in ("reinforce_pp", "ppo")
     roles = {"policy": paths["policy"], "simulator": paths["simulator"]}
     if use_ref:
@@ -199,7 +253,8 @@ def run(config, workdir: str) -> list[dict]:
     policy_config, params = load_hf(paths["policy"], dtype=config.policy.dtype, mesh=mesh)
     ref_params = (load_hf(paths["reference"], dtype=config.policy.dtype, mesh=mesh)[1]
                   if use_ref else None)
-    sim_config, sim_params = load_hf(paths["simulator"], dtype=config.simulator.dtype, mesh=mesh)
+    sim_config, sim_params = load_hf(paths["simulator"], dtype=config.simulator.dtype,
+                                     mesh=sim_mesh)
     sim_model = InProcessSimulator(
         sim_config, sim_params, sim_tokenizer, style=config.simulator.style,
         temperature=config.simulator.temperature, max_new_tokens=config.simulator.max_new_tokens,
@@ -230,18 +285,36 @@ def run(config, workdir: str) -> list[dict]:
         start, position = meta["step"], meta["data_position"]
         print(f"[train] resumed from step {start}", file=sys.stderr)
     lead = jax.process_index() == 0
-    if lead:
-        for name in ("metrics.jsonl", "trajectories.jsonl", "eval.jsonl"):
-            _truncate_jsonl(os.path.join(workdir, name), start)
+    # Metrics have one writer (process 0); each process writes its own trajectories.
+    traj_file = ("trajectories.jsonl" if lead else
+                 f"trajectories.process{jax.process_index()}.jsonl")
+    for name in (("metrics.jsonl", "eval.jsonl") if lead else ()) + (traj_file,):
+        _truncate_jsonl(os.path.join(workdir, name), start)
+    k = rl.rollouts_per_question
+    n_global = rl.questions_per_step * k
+    # Each process rolls out the questions whose trajectories its devices hold in the update.
+    rows_sharding = (None if mesh is None else
+                     sharding.named_sharding(("batch",), (n_global,), mesh))
+    my_rows = (slice(0, n_global) if mesh is None else
+               distributed.rows_of_process(n_global, rows_sharding))
+    n_local = my_rows.stop - my_rows.start
     stream = QuestionStream(rows, rl.questions_per_step, seed=config.seed, start=position,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            process_index=my_rows.start // n_local,
+                            process_count=n_global // n_local)
+    gen_shardings = (None if rollout_mesh is mesh else
+                     decoder.param_shardings(policy_config, rollout_mesh))
+
+    def to_global(x):  # this process's rows -> the global batch on the training mesh
+        if mesh is None:
+            return jnp.asarray(x)
+        names = ("batch",) + ("length",) * (x.ndim - 1)
+        return distributed.global_batch(
+            x, sharding.named_sharding(names, (n_global,) + x.shape[1:], mesh))
     writer = None
     if lead and tc.tensorboard:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1)
 
-    k = rl.rollouts_per_question
     step_fns: dict = {}
     history: list[dict] = []
     guard = _NaNGuard(tc.max_nonfinite_steps)
@@ -253,28 +326,42 @@ def run(config, workdir: str) -> list[dict]:
         p = noise_probability(step, tc.steps, config.curriculum.start, config.curriculum.end,
                               config.curriculum.base)
         simulator.new_step(step)
-        gen = ModelTurnGenerator(policy_config, state.params, tokenizer, settings,
+        gen_params = (state.params if gen_shardings is None else
+                      distributed.to_mesh(state.params, gen_shardings))
+        gen = ModelTurnGenerator(policy_config, gen_params, tokenizer, settings,
                                  kv_reuse=config.rollout.kv_reuse)
         trajs = rollout([q.question for q in qs for _ in range(k)],
                         [q.golden_answers for q in qs for _ in range(k)], tokenizer=tokenizer,
                         generate_fn=gen, backend=simulator, settings=settings,
-                        noise_probability=p, rng=draw_rng(config.seed, step),
-                        seed=config.seed * 1_000_003 + step)
+                        noise_probability=p,
+                        noise_rng=functools.partial(draw_rng, config.seed, step),
+                        seed=config.seed * 1_000_003 + step,
+                        trajectory_ids=range(my_rows.start, my_rows.stop))
+        del gen, gen_params  # the rollout copy and its KV caches are not needed past here
         t_rollout = time.perf_counter() - t0
         scores = R.score([t.answer for t in trajs], [t.golden_answers for t in trajs])
+        # Per-trajectory statistics of every process, for the metrics.
+        stats = distributed.gather(np.array(
+            [[f1, em, sub, len(t.response_ids), t.num_searches, t.answer is not None,
+              sum(t.noisy), len(t.noisy), len(t.token_ids)]
+             for t, f1, em, sub in zip(trajs, scores["f1"], scores["em"],
+                                       scores["substring"])], np.float64))
+        cache_hits = int(distributed.gather(np.array([simulator.hits])).sum())
 
         # --- Old and reference logprobs, values, advantages. ----------------------------------
         t1 = time.perf_counter()
-        tokens, attn, mask = _pad_batch(trajs, config.data.length_multiple)
-        n = len(trajs)
+        width = distributed.global_max(_width(trajs, config.data.length_multiple))
+        tokens, attn, mask = map(to_global, _pad_batch(trajs, config.data.length_multiple,
+                                                       width))
+        n = n_global
         micro = n // rl.mini_batches // rl.micro_batches
         old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,
                               temperature=loss_cfg.temperature, mesh=mesh)
         ref = (U.logprobs_pass(policy_config, ref_params, tokens, attn, micro_batch=micro,
                                temperature=loss_cfg.temperature, mesh=mesh)
                if ref_params is not None else None)
-        mask_j = jnp.asarray(mask)
-        f1 = jnp.asarray(scores["f1"])
+        mask_j = mask
+        f1 = to_global(np.asarray(scores["f1"], np.float32))
         old_values = returns = None
         if rl.algorithm == "grpo":
             adv = A.group_normalized(f1.reshape(-1, k), eps=rl.std_eps)
@@ -291,8 +378,7 @@ def run(config, workdir: str) -> list[dict]:
             kl = L.kl_estimate(old, ref, "k1") * mask_j
             adv = A.reinforce_plus_plus(A.place_on_last_token(f1, mask_j), kl, mask_j,
                                         kl_coef=rl.kl_coef)
-        batch = U.Batch(tokens=jnp.asarray(tokens), attention_mask=jnp.asarray(attn),
-                        loss_mask=mask_j, old_logprobs=old, advantages=adv, ref_logprobs=ref,
+        batch = U.Batch(tokens=tokens, attention_mask=attn, loss_mask=mask_j, old_logprobs=old, advantages=adv, ref_logprobs=ref,
                         old_values=old_values, returns=returns)
         jax.block_until_ready(batch)
         t_logprobs = time.perf_counter() - t1
@@ -332,42 +418,45 @@ def run(config, workdir: str) -> list[dict]:
             value = float(np.mean([m.get(key, 0.0) for m in ms]))
             return value if np.isfinite(value) else None
 
+        searches = stats[:, 7].sum()
         record = {
-            "step": step + 1, "reward_mean": float(scores["f1"].mean()),
-            "reward_std": float(scores["f1"].std()),
-            "f1_mean": float(scores["f1"].mean()), "em_mean": float(scores["em"].mean()),
-            "substring_mean": float(scores["substring"].mean()), "noise_prob": p,
-            "noisy_fraction": noisy_fraction(trajs),
+            "step": step + 1, "reward_mean": float(stats[:, 0].mean()),
+            "reward_std": float(stats[:, 0].std()),
+            "f1_mean": float(stats[:, 0].mean()), "em_mean": float(stats[:, 1].mean()),
+            "substring_mean": float(stats[:, 2].mean()), "noise_prob": p,
+            "noisy_fraction": float(stats[:, 6].sum() / searches) if searches else None,
             "kl": mean("kl"), "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
             "clip_fraction": mean("clip_fraction"), "grad_norm": mean("grad_norm"),
             "value_loss": mean("value_loss") if critic_state is not None else None,
             "skipped_updates": skipped,
-            "response_tokens_mean": float(np.mean([len(t.response_ids) for t in trajs])),
-            "searches_mean": float(np.mean([t.num_searches for t in trajs])),
-            "valid_answer_rate": float(np.mean([t.answer is not None for t in trajs])),
-            "cache_hits": simulator.hits,
-            "tokens_per_s": float(attn.sum() * rl.epochs / seconds),
+            "response_tokens_mean": float(stats[:, 3].mean()),
+            "searches_mean": float(stats[:, 4].mean()),
+            "valid_answer_rate": float(stats[:, 5].mean()),
+            "cache_hits": cache_hits,
+            "tokens_per_s": float(stats[:, 8].sum() * rl.epochs / seconds),
             "time_rollout_s": t_rollout - simulator.seconds,
             "time_simulator_s": simulator.seconds, "time_logprobs_s": t_logprobs,
             "time_update_s": t_update, "step_s": seconds}
         if eval_sets and tc.eval_every and ((step + 1) % tc.eval_every == 0
                                             or step + 1 == tc.steps):
             t3 = time.perf_counter()
-            record.update(_evaluate(config, policy_config, state.params, tokenizer, eval_sets,
+            eval_params = (state.params if gen_shardings is None else
+                           distributed.to_mesh(state.params, gen_shardings))
+            record.update(_evaluate(config, policy_config, eval_params, tokenizer, eval_sets,
                                     sim_model, settings, step + 1, workdir if lead else None))
             record["time_eval_s"] = time.perf_counter() - t3
         history.append(record)
         if lead:
             with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-            with open(os.path.join(workdir, "trajectories.jsonl"), "a") as f:
-                for t in trajs:
-                    f.write(json.dumps({"step": step + 1, **t.to_record()}) + "\n")
             if writer is not None:
                 for key, value in record.items():
                     if isinstance(value, (int, float)) and key != "step" and np.isfinite(value):
                         writer.add_scalar(key, value, step + 1)
                 writer.flush()
+        with open(os.path.join(workdir, traj_file), "a") as f:
+            for t in trajs:
+                f.write(json.dumps({"step": step + 1, **t.to_record()}) + "\n")
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", noise=f"{p:.2f}",
                         searches=f"{record['searches_mean']:.2f}", step_s=f"{seconds:.1f}")
@@ -388,8 +477,9 @@ def run(config, workdir: str) -> list[dict]:
     ckpt.close()
     if writer is not None:
         writer.close()
+    final_params = distributed.fetch(state.params)  # every process takes part in the gather
     if lead:
-        save_hf(policy_config, jax.device_get(state.params), os.path.join(workdir, "policy_hf"),
+        save_hf(policy_config, final_params, os.path.join(workdir, "policy_hf"),
                 tokenizer_dir=paths["policy"])
     return history
 
@@ -432,4 +522,4 @@ def _evaluate(config, policy_config, params, tokenizer, eval_sets, sim_model, se
 
 if __name__ == "__main__":
     from zsjax.cli import run_config_program
-    run_config_program(run)
+    run_config_program(run, multiprocess=True)

@@ -191,3 +191,27 @@ def test_sharded_generation_matches_single_device(hf_model_dir):
     assert out.tokens == ref.tokens
     for a, b in zip(out.logprobs, ref.logprobs):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_rows_sample_independently_of_the_batch(hf_model_dir):
+    """A row's samples depend on (seed, its row seed) only: not on the other rows, its position,
+    the padded batch size or the mesh."""
+    from zsjax import sharding
+    path, _ = hf_model_dir(family="qwen2", tied=False)
+    config, params = load_hf(path)
+    kw = dict(max_new_tokens=12, temperature=1.0, eos_token_ids=[], seed=4)
+    whole = generate(config, params, RAGGED, **kw)
+    n = len(RAGGED)
+    alone = [generate(config, params, [RAGGED[i]], row_seeds=[i], **kw).tokens[0]
+             for i in range(n)]
+    assert alone == whole.tokens
+    backwards = generate(config, params, RAGGED[::-1], row_seeds=range(n)[::-1], **kw)
+    assert backwards.tokens[::-1] == whole.tokens
+    if jax.device_count() >= 4:
+        mesh = sharding.make_mesh(data=4, devices=jax.devices()[:4])
+        _, sharded = load_hf(path, mesh=mesh)
+        assert generate(config, sharded, RAGGED, **kw).tokens == whole.tokens
+    other = generate(config, params, RAGGED, row_seeds=range(1, n + 1), **kw)
+    assert other.tokens != whole.tokens
+    with pytest.raises(ValueError, match="row_seeds"):
+        generate(config, params, RAGGED, row_seeds=[1], **kw)

@@ -174,7 +174,7 @@ def test_noise_draws(tokenizer):
         backend = FunctionBackend(_docs)
         rollout(qs, [["a"]] * len(qs), tokenizer=tokenizer,
                 generate_fn=ScriptedPolicy(tokenizer, scripts), backend=backend,
-                noise_probability=p, rng=np.random.default_rng(seed))
+                noise_probability=p, noise_rng=lambda tid: np.random.default_rng([seed, tid]))
         return [r.noisy for batch in backend.calls for r in batch]
 
     assert not any(run(0.0, 1)) and all(run(1.0, 1))
@@ -231,3 +231,27 @@ def test_kv_reuse_equals_re_prefill_greedy(smollm2_dir, tokenizer):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
     assert sum(t.turns for t in runs[True]) > len(qs)
+
+
+def test_split_batch_samples_what_the_whole_batch_does(smollm2_dir, tokenizer):
+    """Per-trajectory randomness: a batch rolled out in two parts (as two processes do) with
+    their trajectory ids gives the whole batch's trajectories: the same sampled tokens and the
+    same noisy draws."""
+    from zsjax.models import load_hf
+    config, params = load_hf(smollm2_dir)
+    settings = RolloutSettings(max_turns=2, max_response_tokens=16, temperature=1.0, top_p=0.9)
+    qs = ["What is the capital of France?", "Who wrote Hamlet?", "Name a colour.", "Why?"]
+
+    def run(part, ids):
+        gen = ModelTurnGenerator(config, params, tokenizer, settings, kv_reuse=True)
+        return rollout([qs[i] for i in part], [["x"]] * len(part), tokenizer=tokenizer,
+                       generate_fn=gen, backend=FunctionBackend(_docs), settings=settings,
+                       noise_probability=0.5, seed=3, trajectory_ids=ids)
+
+    whole = run([0, 1, 2, 3], None)
+    parts = run([0, 1], [0, 1]) + run([2, 3], [2, 3])
+    for a, b in zip(whole, parts):
+        assert a.token_ids == b.token_ids and a.noisy == b.noisy
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+    shifted = run([0, 1], [2, 3])  # other ids: other draws
+    assert [t.token_ids for t in shifted] != [t.token_ids for t in whole[:2]]

@@ -111,7 +111,7 @@ class QuestionStream:
 
     `position` counts batches drawn; a stream built with the same seed and `start=position`
     continues exactly where the first stopped. With several processes, process i of n takes
-    rows i, i + n, ... of each global batch.
+    the i-th of n contiguous blocks of each global batch (its rows of the global array).
     """
 
     def __init__(self, rows: list[QARow], batch_size: int, *, seed: int, start: int = 0,
@@ -132,4 +132,5 @@ class QuestionStream:
             order = np.resize(order, self.batch_size)
         idx = order[k * self.batch_size:(k + 1) * self.batch_size]
         self.position += 1
-        return [self.rows[i] for i in idx[self.process_index::self.process_count]]
+        per = self.batch_size // self.process_count
+        return [self.rows[i] for i in idx[self.process_index * per:(self.process_index + 1) * per]]

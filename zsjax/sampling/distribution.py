@@ -77,7 +77,8 @@ def filter_logits(logits_bv: jax.Array, params: SamplingParams) -> jax.Array:
 def sample(logits_bv: jax.Array, params: SamplingParams, key: jax.Array
            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row: (tokens [B], logprobs under the sampled distribution [B],
-    model logprobs at temperature T without top-k/top-p [B])."""
+    model logprobs at temperature T without top-k/top-p [B]). `key` is one key for the batch
+    or a [B] array of keys, one per row."""
     logits = logits_bv.astype(jnp.float32)
     if params.greedy:
         tokens = jnp.argmax(logits, axis=-1)
@@ -86,7 +87,10 @@ def sample(logits_bv: jax.Array, params: SamplingParams, key: jax.Array
         lp = jnp.take_along_axis(model_lp, tokens[:, None], axis=-1)[:, 0]
         return tokens, lp, lp
     logprobs = filter_logits(logits, params)
-    tokens = jax.random.categorical(key, logprobs, axis=-1)
+    if jnp.ndim(key) == 1:  # a key per row
+        tokens = jax.vmap(jax.random.categorical)(key, logprobs)
+    else:
+        tokens = jax.random.categorical(key, logprobs, axis=-1)
     lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     model_lp = jax.nn.log_softmax(logits / params.temperature, axis=-1)
     mlp = jnp.take_along_axis(model_lp, tokens[:, None], axis=-1)[:, 0]

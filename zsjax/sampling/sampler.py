@@ -4,6 +4,11 @@ Prompts of different lengths are left-padded into one batch, so every row writes
 slot each step. Shapes are bucketed (prompt length, generation length and batch rounded up to
 a power of two or 1.5 x one), so a training run compiles a handful of programs. The loop stops as soon as every
 row has finished (EOS, a stop string, or its token budget).
+
+Randomness is per row: row r draws from `fold_in(key(seed), row_seeds[r])`, one `fold_in` per
+decode step. A row's samples therefore depend on its seed alone, not on the other rows, its
+position in the batch, the padding or the mesh; a rollout split over several processes (or
+re-batched between turns) samples exactly what one batch would.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def _extend_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, max_new,
-                       eos_ids, stop_next, stop_matched, key, *, config: ModelConfig,
+                       eos_ids, stop_next, stop_matched, row_keys, *, config: ModelConfig,
                        params_s: SamplingParams, gen_len: int, mesh, rules, has_stop: bool):
     """Writes a left-padded chunk [B, C] into the cache at cache.index, then decodes.
 
@@ -72,14 +77,14 @@ def _extend_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b,
     stop_state = jnp.zeros((b,), jnp.int32)
 
     def cond(state):
-        i, reason = state[0], state[5]
+        i, reason = state[0], state[4]
         return (i < max_new) & jnp.any(reason == _RUNNING)
 
     def body(state):
-        i, cache, logits, key, outs, reason, stop_state = state
+        i, cache, logits, outs, reason, stop_state = state
         out_tokens, out_lp, out_mlp, lengths = outs
-        key, sub = jax.random.split(key)
-        tok, lp, mlp = sample(logits, params_s, sub)
+        tok, lp, mlp = sample(logits, params_s,
+                              jax.vmap(jax.random.fold_in, (0, None))(row_keys, i))
         running = reason == _RUNNING
         tok = jnp.where(running, tok, 0).astype(jnp.int32)
         out_tokens = out_tokens.at[:, i].set(tok)
@@ -100,14 +105,14 @@ def _extend_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b,
         pos = (start_pos_b + chunk_lens + i)[:, None]
         logits, cache = model.apply({"params": params}, tok[:, None], pos, cache,
                                     running[:, None])
-        return (i + 1, cache, logits[:, -1], key, (out_tokens, out_lp, out_mlp, lengths), reason,
+        return (i + 1, cache, logits[:, -1], (out_tokens, out_lp, out_mlp, lengths), reason,
                 stop_state)
 
-    state = (jnp.int32(0), cache, logits, key, (out_tokens, out_lp, out_mlp, lengths), reason,
+    state = (jnp.int32(0), cache, logits, (out_tokens, out_lp, out_mlp, lengths), reason,
              stop_state)
     state = jax.lax.while_loop(cond, body, state)
-    steps, cache, reason = state[0], state[1], state[5]
-    out_tokens, out_lp, out_mlp, lengths = state[4]
+    steps, cache, reason = state[0], state[1], state[4]
+    out_tokens, out_lp, out_mlp, lengths = state[3]
     return (out_tokens, out_lp, out_mlp, lengths, reason, steps), cache
 
 
@@ -115,21 +120,39 @@ _STATIC = ("config", "params_s", "gen_len", "mesh", "rules", "has_stop")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_core(params, tokens_bp, mask_bp, active_b, max_new, eos_ids, stop_next,
-                   stop_matched, key, **static):
+def _generate_core(params, tokens_bp, mask_bp, active_b, row_seeds_b, max_new, eos_ids,
+                   stop_next, stop_matched, key, **static):
     b, p = tokens_bp.shape
     cache = init_cache(static["config"], b, p + static["gen_len"])
     start = jnp.zeros((b,), jnp.int32)
     outs, _ = _extend_and_decode(params, cache, tokens_bp, mask_bp, start, active_b, max_new,
-                                 eos_ids, stop_next, stop_matched, key, **static)
+                                 eos_ids, stop_next, stop_matched, _row_keys(key, row_seeds_b),
+                                 **static)
     return outs
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def _continue_core(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, max_new, eos_ids,
-                   stop_next, stop_matched, key, **static):
+def _continue_core(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, row_seeds_b,
+                   max_new, eos_ids, stop_next, stop_matched, key, **static):
     return _extend_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, max_new,
-                              eos_ids, stop_next, stop_matched, key, **static)
+                              eos_ids, stop_next, stop_matched, _row_keys(key, row_seeds_b),
+                              **static)
+
+
+def _row_keys(key, row_seeds_b):
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, row_seeds_b)
+
+
+def _row_seeds(row_seeds, n: int, b: int) -> np.ndarray:
+    """uint32 seeds for the b rows of a batch (n real ones); default: the row index."""
+    if row_seeds is None:
+        row_seeds = range(n)
+    row_seeds = [int(s) for s in row_seeds]
+    if len(row_seeds) != n:
+        raise ValueError(f"row_seeds has {len(row_seeds)} entries for {n} prompts")
+    out = np.zeros(b, np.uint32)
+    out[:n] = np.array(row_seeds, np.uint64) & 0xFFFFFFFF
+    return out
 
 
 def _validate_prompts(prompts, vocab_size) -> list[list[int]]:
@@ -223,8 +246,12 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              stop_strings: Sequence[str] = (), tokenizer=None,
              eos_token_ids: Sequence[int] | None = None, seed: int = 0,
+             row_seeds: Sequence[int] | None = None,
              rules=sharding.DEFAULT_RULES) -> GenerateResult:
     """Samples continuations of token-id prompts (ragged lengths allowed); temperature 0 is greedy.
+
+    Row r samples from `fold_in(key(seed), row_seeds[r])` (default: r), independently of the
+    other rows.
 
     Stops a row at an EOS id, at a stop string (needs `tokenizer`; detected on device, across
     token boundaries), or after `max_new_tokens`. Runs sharded when `params` live on a mesh
@@ -240,7 +267,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     tokens, mask = _left_pad(prompts, b, p)
     active = np.arange(b) < n
     outs = _generate_core(
-        params, *_place_rows([tokens, mask, active], mesh, rules), jnp.int32(max_new_tokens),
+        params, *_place_rows([tokens, mask, active, _row_seeds(row_seeds, n, b)], mesh, rules),
+        jnp.int32(max_new_tokens),
         prep.eos, prep.stop_next, prep.stop_matched, jax.random.key(seed), config=config,
         params_s=prep.params_s, gen_len=bucket(max_new_tokens), mesh=mesh,
         rules=sharding.as_rules(rules), has_stop=prep.has_stop)
@@ -305,6 +333,7 @@ def continue_generate(config: ModelConfig, params, chunks: Sequence[Sequence[int
                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                       stop_strings: Sequence[str] = (), tokenizer=None,
                       eos_token_ids: Sequence[int] | None = None, seed: int = 0,
+                      row_seeds: Sequence[int] | None = None,
                       rules=sharding.DEFAULT_RULES) -> tuple[GenerateResult, DecodeSession]:
     """Like `generate`, but each row's chunk extends that row's cached context in `session`
     (None: start fresh, the chunks are the prompts). Returns the result and the new session,
@@ -331,7 +360,8 @@ def continue_generate(config: ModelConfig, params, chunks: Sequence[Sequence[int
     active = np.arange(b) < n
     start = session.next_pos.astype(np.int32)
     outs, cache = _continue_core(
-        params, cache, *_place_rows([tokens, mask, start, active], mesh, rules),
+        params, cache, *_place_rows([tokens, mask, start, active,
+                                     _row_seeds(row_seeds, n, b)], mesh, rules),
         jnp.int32(max_new_tokens), prep.eos, prep.stop_next, prep.stop_matched,
         jax.random.key(seed), config=config, params_s=prep.params_s, gen_len=g, mesh=mesh,
         rules=sharding.as_rules(rules), has_stop=prep.has_stop)

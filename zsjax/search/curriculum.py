@@ -18,7 +18,8 @@ def noise_probability(step: int, total_steps: int, start: float = 0.0, end: floa
     return float(start + (base ** frac - 1) / (base - 1) * (end - start))
 
 
-def draw_rng(seed: int, step: int) -> np.random.Generator:
-    """The generator for step `step`'s useful/noisy draws: reproducible from (seed, step) alone,
-    so a resumed run draws exactly what an uninterrupted one would."""
-    return np.random.default_rng([seed, step, 0x5EA2C4])
+def draw_rng(seed: int, step: int, trajectory_id: int = 0) -> np.random.Generator:
+    """The generator of one trajectory's useful/noisy draws in step `step`: reproducible from
+    (seed, step, trajectory) alone, so a resumed run, or one whose batch is split over several
+    processes, draws exactly what an uninterrupted single-process run would."""
+    return np.random.default_rng([seed, step, 0x5EA2C4, trajectory_id])

@@ -16,7 +16,7 @@ new observation tokens (falling back to a re-prefill when a context outgrows the
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -132,6 +132,7 @@ class TurnInputs:
     truncated: list[bool]  # the context was cut at max_prompt_tokens
     max_new_tokens: int
     seed: int
+    row_seeds: list[int] | None = None  # per-row sampling seeds: the trajectories' ids
 
 
 class TurnGenerator(Protocol):
@@ -153,7 +154,8 @@ class ModelTurnGenerator:
         s = self.settings
         return dict(max_new_tokens=inputs.max_new_tokens, temperature=s.temperature,
                     top_p=s.top_p, top_k=s.top_k, stop_strings=P.STOP_STRINGS,
-                    tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, seed=inputs.seed)
+                    tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, seed=inputs.seed,
+                    row_seeds=inputs.row_seeds)
 
     def __call__(self, inputs: TurnInputs) -> GenerateResult:
         if not self.kv_reuse:
@@ -181,18 +183,27 @@ def _mesh_of(params):
 def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *, tokenizer,
             generate_fn: TurnGenerator, backend: SearchBackend,
             settings: RolloutSettings = RolloutSettings(), noise_probability: float = 0.0,
-            rng: np.random.Generator | None = None, seed: int = 0) -> list[Trajectory]:
+            noise_rng: Callable[[int], np.random.Generator] | None = None, seed: int = 0,
+            trajectory_ids: Sequence[int] | None = None) -> list[Trajectory]:
     """Runs every question through the search agent; returns one Trajectory per question.
 
-    Each search call is noisy with probability `noise_probability`, drawn from `rng` (seed it
-    from the run seed and step for reproducibility).
+    Trajectory i has the id `trajectory_ids[i]` (default: i). Everything it draws at random is
+    keyed by that id: its tokens (the sampler's per-row seeds) and whether each of its search
+    calls is noisy (probability `noise_probability`, drawn from `noise_rng(id)`; default: a
+    generator seeded by (seed, id)). So a batch split into parts, e.g. over processes, gives the
+    trajectories the whole batch would.
     """
     if len(questions) != len(golden_answers):
         raise ValueError(f"{len(questions)} questions but {len(golden_answers)} golden-answer "
                          "lists")
     if not 0.0 <= noise_probability <= 1.0:
         raise ValueError(f"noise_probability must be in [0, 1]; got {noise_probability}")
-    rng = rng if rng is not None else np.random.default_rng(seed)
+    traj_ids = list(range(len(questions)) if trajectory_ids is None else trajectory_ids)
+    if len(traj_ids) != len(questions):
+        raise ValueError(f"{len(traj_ids)} trajectory ids for {len(questions)} questions")
+    if noise_rng is None:
+        noise_rng = lambda tid: np.random.default_rng([seed, tid])  # noqa: E731
+    rngs = [noise_rng(tid) for tid in traj_ids]
     trajs = [Trajectory(question=q, golden_answers=tuple(g),
                         prompt_ids=prompt_ids(tokenizer, q, settings.use_chat_template))
              for q, g in zip(questions, golden_answers)]
@@ -209,7 +220,8 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
             contexts=[c[-settings.max_prompt_tokens:] for c in contexts],
             new_tokens=[pending[i] for i in open_idx], dropped_eos=[dropped[i] for i in open_idx],
             truncated=[len(c) > settings.max_prompt_tokens for c in contexts],
-            max_new_tokens=settings.max_response_tokens, seed=seed * 1_000_003 + turn))
+            max_new_tokens=settings.max_response_tokens, seed=seed * 1_000_003 + turn,
+            row_seeds=[traj_ids[i] for i in open_idx]))
         if len(result.tokens) != len(open_idx):
             raise RuntimeError(f"turn generator returned {len(result.tokens)} generations for "
                                f"{len(open_idx)} trajectories")
@@ -238,7 +250,7 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
                 continue
             still_open.append(i)
             if action.kind == "search":
-                noisy = bool(rng.random() < noise_probability)
+                noisy = bool(rngs[i].random() < noise_probability)
                 requests.append(SearchRequest(action.content, t.question, t.golden_answers,
                                               noisy))
                 owners.append(i)

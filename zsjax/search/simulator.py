@@ -7,6 +7,7 @@ requests with one batched `generate` call. Identical requests within a call are 
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Sequence
 
 from zsjax.sampling import generate
@@ -104,7 +105,9 @@ class InProcessSimulator:
         self.generated = 0  # distinct prompts generated (after the per-call cache)
 
     def new_step(self, step: int) -> None:
-        """Seeds the following calls' sampling from (seed, step, call): reproducible on resume."""
+        """Seeds the following calls' sampling from (seed, step) and each prompt's text: a
+        prompt gets the same documents whichever call, batch or process generates it in this
+        step, and a resumed run samples what the first one did."""
         self.step, self.calls = step, 0
 
     def _encode(self, prompt: str) -> list[int]:
@@ -121,7 +124,8 @@ class InProcessSimulator:
         unique = list(dict.fromkeys(prompts))  # the query cache: one generation per distinct prompt
         result = generate(self.config, self.params, [self._encode(p) for p in unique],
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                          tokenizer=self.tokenizer, seed=(self.seed * 1_000_003 + self.step) * 10_007 + self.calls)
+                          tokenizer=self.tokenizer, seed=self.seed * 1_000_003 + self.step,
+                          row_seeds=[zlib.crc32(p.encode()) for p in unique])
         self.calls += 1
         self.generated += len(unique)
         docs = {p: postprocess_documents(self.tokenizer.decode(ids, skip_special_tokens=True),

@@ -42,12 +42,17 @@ def _tokenizer(path: str, vocab_size: int = 600):
     return fast
 
 
+def fixture_paths(directory: str) -> dict[str, str]:
+    """Where `make` puts the fixture: {qa, policy, simulator}."""
+    return {"qa": os.path.join(directory, "qa.jsonl"),
+            "policy": os.path.join(directory, "policy_hf"),
+            "simulator": os.path.join(directory, "simulator_hf")}
+
+
 def make(directory: str, *, seed: int = 0) -> dict[str, str]:
     """Writes the fixture (idempotent); returns paths {qa, policy, simulator}."""
     from zsjax.models import ModelConfig, init_params, save_hf
-    paths = {"qa": os.path.join(directory, "qa.jsonl"),
-             "policy": os.path.join(directory, "policy_hf"),
-             "simulator": os.path.join(directory, "simulator_hf")}
+    paths = fixture_paths(directory)
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     os.makedirs(directory, exist_ok=True)

@@ -1,0 +1,63 @@
+"""The launch scripts that cannot run here for real: tpu_pod.sh (its DRY_RUN output) and
+gpu_slurm.sbatch (with a stand-in `srun` that records its arguments); local.sh for real."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+    return dict(os.environ, ZSJAX_SKIP_INSTALL="1", VIRTUAL_ENV=sys.prefix,
+                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **extra)
+
+
+def _bash(args, env, timeout=120):
+    return subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_tpu_pod_dry_run_creates_copies_installs_and_runs_on_all_workers():
+    out = _bash(["launch/tpu_pod.sh", "configs/zerosearch.py:qwen2.5-7b-base,grpo",
+                 "--workdir", "gs://b/run 1", "--config.rl.lr=2e-6"],
+                _env(DRY_RUN="1", TPU_NAME="zs", ZONE="us-east5-a", ACCELERATOR="v5p-64"))
+    assert out.returncode == 0, out.stderr
+    lines = [x for x in out.stderr.splitlines() if x.startswith("+ gcloud")]
+    assert len(lines) == 4
+    assert "tpu-vm create zs --zone us-east5-a --accelerator-type v5p-64" in lines[0]
+    assert all("--worker=all" in x for x in lines[1:])
+    assert "tpu-vm scp" in lines[1] and "tar -xzf ~/zsjax.tar.gz" in lines[2]
+    assert "pip install" in out.stderr
+    for part in ("python3 -m zsjax.train --config", "configs/zerosearch.py:qwen2.5-7b-base,grpo",
+                 "gs://b/run 1", "--config.rl.lr=2e-6"):
+        assert part in lines[3], part
+
+
+def test_tpu_pod_needs_its_settings():
+    out = _bash(["launch/tpu_pod.sh", "configs/tiny.py"], _env(DRY_RUN="1", ZONE="z"))
+    assert out.returncode != 0 and "set TPU_NAME" in out.stderr
+
+
+def test_gpu_slurm_runs_zsjax_train_through_srun(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun_args"
+    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = _env(SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="7")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    out = _bash(["launch/gpu_slurm.sbatch", "configs/tiny.py", "runs/x",
+                 "--config.rl.lr=1e-6"], env)
+    assert out.returncode == 0, out.stderr
+    assert record.read_text().split() == [
+        "--ntasks-per-node=1", "--kill-on-bad-exit=1", "python", "-u", "-m", "zsjax.train",
+        "--config", "configs/tiny.py", "--workdir", "runs/x", "--config.rl.lr=1e-6"]
+    usage = _bash(["launch/gpu_slurm.sbatch"], env)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_local_sh_runs_zsjax_train():
+    out = _bash(["launch/local.sh", "--helpshort"], _env())
+    assert out.returncode == 0, out.stderr
+    assert "--coordinator_address" in out.stdout + out.stderr

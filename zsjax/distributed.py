@@ -1,0 +1,182 @@
+"""Multi-process JAX: start-up, and moving per-process data in and out of global arrays.
+
+One process runs per host (TPU VM worker, SLURM task, or a local process with fake CPU
+devices). `initialize` joins them into one JAX program before any device is touched:
+
+- explicit: `--coordinator_address HOST:PORT --num_processes N --process_id I`;
+- detected: SLURM (`srun`, SLURM_NTASKS > 1) and multi-host TPU VMs (TPU_WORKER_HOSTNAMES),
+  where `jax.distributed.initialize()` finds everything itself;
+- otherwise one process, and nothing is initialised.
+
+A peer that never starts would leave the others waiting in the coordination service; here a
+watchdog ends the process with a clear message after `timeout_s` instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+
+import numpy as np
+
+EXIT_NO_PEERS = 3
+
+
+def detected_cluster() -> str | None:
+    """'slurm' or 'tpu' when this process is one of several in a job JAX can auto-detect."""
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if len(hosts) > 1:
+        return "tpu"
+    return None
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
+               timeout_s: float = 300.0) -> bool:
+    """Joins this process to a multi-process JAX program; returns whether it did.
+
+    Must run before JAX initialises its backends (before the first device query or array).
+    """
+    import jax
+    explicit = bool(coordinator_address) or num_processes > 1 or process_id >= 0
+    cluster = None if explicit else detected_cluster()
+    if not explicit and cluster is None:
+        return False
+    if explicit:
+        if not coordinator_address or num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                "multi-process runs need all three of --coordinator_address HOST:PORT, "
+                f"--num_processes N and --process_id I with 0 <= I < N; got coordinator_address="
+                f"{coordinator_address!r}, num_processes={num_processes}, process_id={process_id}")
+        if ":" not in coordinator_address:
+            raise ValueError(f"--coordinator_address must be HOST:PORT; got "
+                             f"{coordinator_address!r}")
+        if num_processes == 1:
+            return False
+    # CPU devices of different processes talk through gloo (a no-op for GPU and TPU clients).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = (f"{num_processes} processes at {coordinator_address} (this is process "
+             f"{process_id})" if explicit else f"the {cluster} job's processes")
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(timeout_s):
+            print(f"error: the JAX distributed runtime did not come up within {timeout_s:.0f} s: "
+                  f"waited for {where}. Did every process start, with the same --num_processes "
+                  "and --coordinator_address and distinct --process_id? (raise the limit with "
+                  "--initialization_timeout)", file=sys.stderr, flush=True)
+            os._exit(EXIT_NO_PEERS)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    # JAX's own deadline is longer, so that the message above is what a user sees.
+    kwargs = {"initialization_timeout": int(timeout_s) + 60}
+    if explicit:
+        kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
+                      process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+    done.set()
+    return True
+
+
+def is_lead() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+def batch_slice(global_rows: int) -> slice:
+    """The rows of a global batch that this process holds (contiguous, by process index)."""
+    import jax
+    n, i = jax.process_count(), jax.process_index()
+    if global_rows % n:
+        raise ValueError(f"a batch of {global_rows} rows does not split over {n} processes")
+    per = global_rows // n
+    return slice(i * per, (i + 1) * per)
+
+
+def global_batch(local: np.ndarray, sharding) -> "jax.Array":
+    """A global array whose rows are every process's `local` rows, in process order, placed
+    on `sharding` (batch over its leading axis). One process: a plain device_put."""
+    import jax
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def gather(local: np.ndarray) -> np.ndarray:
+    """Concatenates every process's rows of `local` (same trailing shape), in process order."""
+    import jax
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+
+
+def global_max(value: int) -> int:
+    """The largest `value` over all processes."""
+    import jax
+    if jax.process_count() == 1:
+        return int(value)
+    return int(gather(np.array([value], np.int64)).max())
+
+
+def fetch(tree):
+    """NumPy copies of a tree of (possibly multi-process) arrays; every process must call it."""
+    import jax
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def barrier(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def rows_of_process(global_rows: int, sharding) -> slice:
+    """The contiguous block of a [global_rows, ...] batch that `sharding` puts on this
+    process's devices (what `global_batch` expects this process to supply)."""
+    import jax
+    if jax.process_count() == 1:
+        return slice(0, global_rows)
+    spans = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+                    for s in sharding.addressable_devices_indices_map((global_rows,)).values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != hi - lo or any(b[0] != a[1] for a, b in
+                                                     zip(spans, spans[1:])):
+        raise ValueError(f"this process's devices hold rows {spans} of the batch, not one "
+                         "contiguous block; order the mesh's devices by process")
+    return slice(lo, hi)
+
+
+def to_mesh(tree, shardings):
+    """Copies a tree of arrays onto `shardings` (a matching tree of shardings, e.g. of another
+    mesh). Within one process this is a device_put. A leaf spread over several processes is
+    first replicated on its own mesh (one leaf at a time, to bound memory), then this process's
+    copy is placed on the target, which must be this process's own devices."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def move(x, target):
+        if x.is_fully_addressable:
+            return jax.device_put(x, target)
+        replicated = NamedSharding(x.sharding.mesh, PartitionSpec())
+        whole = _replicate(x, replicated).addressable_data(0)
+        return jax.device_put(whole, target)
+
+    return jax.tree.map(move, tree, shardings)
+
+
+def _replicate(x, replicated):
+    return _replicator(replicated)(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicator(replicated):
+    import jax
+    return jax.jit(lambda a: a, out_shardings=replicated)
