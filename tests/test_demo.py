@@ -1,5 +1,6 @@
 """`python -m zsjax.demo --quick` end to end: a small world, simulator and policy trained from
-scratch, then RL; held-out reward must rise by a clear margin. About 10 minutes on 2 cores."""
+scratch, then RL; held-out reward must rise by a clear margin. About 10 minutes on 2 cores,
+the longest module of the default suite."""
 
 import json
 import os
@@ -7,11 +8,6 @@ import os
 import pytest
 
 from zsjax.demo import run as R
-
-# Slow (skipped by the default run) until a quick run passes it: with 50 RL steps, held-out F1
-# rose 0.071 -> 0.321 with the simulator but only 0.143 -> 0.286 with the search engine (28
-# test questions, 8.8 min under pytest). --quick now takes 70 RL steps; not yet measured.
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -61,3 +61,20 @@ def test_local_sh_runs_zsjax_train():
     out = _bash(["launch/local.sh", "--helpshort"], _env())
     assert out.returncode == 0, out.stderr
     assert "--coordinator_address" in out.stdout + out.stderr
+
+
+def test_cluster_detection(monkeypatch):
+    from zsjax import distributed
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.detected_cluster() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.detected_cluster() is None  # a one-task job is one process
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.detected_cluster() == "slurm"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1")
+    assert distributed.detected_cluster() is None  # a single-host slice
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+    assert distributed.detected_cluster() == "tpu"

@@ -114,6 +114,14 @@ def test_incomplete_distributed_flags_are_an_input_error(tmp_path):
     assert out.returncode == 2 and "--coordinator_address HOST:PORT" in out.stdout
 
 
+def test_a_training_mesh_short_of_the_devices_is_an_input_error(tmp_path):
+    args = [a for a in ARGS if not a.startswith("--config.mesh")] + ["--config.mesh.data=2"]
+    out = _run(["bash", "launch/multiprocess_cpu.sh", *args, "--workdir", str(tmp_path)],
+               dict(_env(), NPROC="2", DEVICES="2", TIMEOUT="60"), timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:]
+    assert "the training mesh must span all 4 devices" in out.stdout
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -226,6 +226,11 @@ def run(config, workdir: str) -> list[dict]:
     except ValueError as e:
         raise InputError(f"config.mesh: {e}") from None
     _check_batch(config, mesh)
+    if jax.process_count() > 1 and (mesh is None or mesh.size != jax.device_count()):
+        raise InputError(f"with {jax.process_count()} processes the training mesh must span "
+                         f"all {jax.device_count()} devices (e.g. --config.mesh.fsdp=-1); got "
+                         f"data={config.mesh.data}, fsdp={config.mesh.fsdp}, "
+                         f"tensor={config.mesh.tensor}")
     if rl.questions_per_step % jax.process_count():
         raise InputError(f"rl.questions_per_step={rl.questions_per_step} does not split over "
                          f"{jax.process_count()} processes")
@@ -378,8 +383,9 @@ def run(config, workdir: str) -> list[dict]:
             kl = L.kl_estimate(old, ref, "k1") * mask_j
             adv = A.reinforce_plus_plus(A.place_on_last_token(f1, mask_j), kl, mask_j,
                                         kl_coef=rl.kl_coef)
-        batch = U.Batch(tokens=tokens, attention_mask=attn, loss_mask=mask_j, old_logprobs=old, advantages=adv, ref_logprobs=ref,
-                        old_values=old_values, returns=returns)
+        batch = U.Batch(tokens=tokens, attention_mask=attn, loss_mask=mask_j, old_logprobs=old,
+                        advantages=adv, ref_logprobs=ref, old_values=old_values,
+                        returns=returns)
         jax.block_until_ready(batch)
         t_logprobs = time.perf_counter() - t1
 
