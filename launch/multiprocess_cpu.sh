@@ -8,6 +8,7 @@
 # Arguments go to every process's `python -m zsjax.train`. Each process's output is prefixed
 # with [pI]. If any process fails, the others are stopped; the exit code is the first failure's.
 # PORT picks the coordinator port (default: a free one); TIMEOUT bounds the start-up (seconds).
+# Needs bash 5.1 or later (`wait -n -p`).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 NPROC="${NPROC:-2}"

@@ -5,11 +5,14 @@
 #
 #   TPU_NAME=zs-v5p ZONE=us-east5-a ACCELERATOR=v5p-64 \
 #     bash launch/tpu_pod.sh configs/zerosearch.py:qwen2.5-7b-base,grpo \
-#       --workdir gs://BUCKET/runs/7b --config.policy.path=... [--config.KEY=VALUE ...]
+#       --workdir /mnt/runs/7b --config.rl.micro_batches=5 --config.rollout_mesh.tensor=4 \
+#       --config.policy.path=... [--config.KEY=VALUE ...]
 #
-# The first argument is the config; the rest go to zsjax.train on every worker. Use a gs://
-# workdir (or a shared disk): checkpoints are written by all workers, metrics by worker 0.
-# Model folders must be readable on every worker (same local path, or copy them first).
+# The first argument is the config; the rest go to zsjax.train on every worker. The workdir
+# must be one shared directory on every worker (NFS, Filestore, or a bucket mounted with
+# gcsfuse): checkpoints are written by all workers, metrics by worker 0. Model folders must be
+# readable on every worker (same path). With fsdp over all 32 chips of a v5p-64, the recipe's
+# 160-trajectory mini-batches need rl.micro_batches=5 (32 rows, one per chip).
 # Environment: TPU_NAME, ZONE, ACCELERATOR (when creating), RUNTIME (TPU software version),
 # PROJECT (gcloud project; default: gcloud's), SPOT=1 (spot capacity), DRY_RUN=1 (print the
 # gcloud commands instead of running them).
@@ -51,8 +54,9 @@ if [[ "${DRY_RUN:-0}" == "1" ]] || ! gcloud compute tpus tpu-vm describe "$TPU_N
 fi
 
 # This checkout (tracked files, as committed) to ~/zsjax on every worker.
-archive="$(mktemp -t zsjax.XXXXXX).tar.gz"
-trap 'rm -f "$archive"' EXIT
+tmp_dir="$(mktemp -d)"
+archive="$tmp_dir/zsjax.tar.gz"
+trap 'rm -rf "$tmp_dir"' EXIT
 git -C "$ROOT" archive --format=tar.gz -o "$archive" HEAD
 run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:~/zsjax.tar.gz" --worker=all \
   "${gcloud_args[@]}"
@@ -62,7 +66,8 @@ python3 -m pip install --quiet "jax[tpu]>=0.10.2,<0.11" -e .'
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${gcloud_args[@]}" \
   --command "$install"
 
-train="cd ~/zsjax && python3 -m zsjax.train --config $(quote "$CONFIG")"
+# ZSJAX_CLUSTER=tpu: join the slice's workers (JAX finds them through the TPU metadata).
+train="cd ~/zsjax && ZSJAX_CLUSTER=tpu python3 -m zsjax.train --config $(quote "$CONFIG")"
 for arg in "$@"; do train+=" $(quote "$arg")"; done
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${gcloud_args[@]}" \
   --command "$train"

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,7 +31,7 @@ def test_tpu_pod_dry_run_creates_copies_installs_and_runs_on_all_workers():
     assert all("--worker=all" in x for x in lines[1:])
     assert "tpu-vm scp" in lines[1] and "tar -xzf ~/zsjax.tar.gz" in lines[2]
     assert "pip install" in out.stderr
-    for part in ("python3 -m zsjax.train --config", "configs/zerosearch.py:qwen2.5-7b-base,grpo",
+    for part in ("ZSJAX_CLUSTER=tpu python3 -m zsjax.train --config", "configs/zerosearch.py:qwen2.5-7b-base,grpo",
                  "gs://b/run 1", "--config.rl.lr=2e-6"):
         assert part in lines[3], part
 
@@ -78,3 +80,19 @@ def test_cluster_detection(monkeypatch):
     assert distributed.detected_cluster() is None  # a single-host slice
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
     assert distributed.detected_cluster() == "tpu"
+    monkeypatch.setenv("ZSJAX_CLUSTER", "slurm")  # named outright
+    assert distributed.detected_cluster() == "slurm"
+    monkeypatch.setenv("ZSJAX_CLUSTER", "k8s")
+    with pytest.raises(ValueError, match="ZSJAX_CLUSTER"):
+        distributed.detected_cluster()
+
+
+def test_slurm_gives_one_task_per_node_all_its_gpus(monkeypatch):
+    from zsjax import distributed
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
+    assert distributed.slurm_local_device_ids() == list(range(8))
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")  # one task per GPU: JAX's own default
+    assert distributed.slurm_local_device_ids() is None
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE")
+    assert distributed.slurm_local_device_ids() is None

@@ -394,3 +394,5 @@ def test_separate_rollout_and_simulator_meshes(tmp_path):
     config.rollout_mesh.update(devices="9:12")
     with pytest.raises(InputError, match="selects none"):
         train.run(config, str(tmp_path / "bad"))
+    with pytest.raises(InputError, match="is a URL"):
+        train.run(tiny.get_config(), "gs://bucket/run")

@@ -25,13 +25,30 @@ EXIT_NO_PEERS = 3
 
 
 def detected_cluster() -> str | None:
-    """'slurm' or 'tpu' when this process is one of several in a job JAX can auto-detect."""
+    """'slurm' or 'tpu' when this process is one of several in a job JAX can auto-detect.
+    ZSJAX_CLUSTER=slurm|tpu says so outright (launch/tpu_pod.sh sets it: on Cloud TPU VMs JAX
+    finds the other workers through the metadata server, not the environment)."""
+    named = os.environ.get("ZSJAX_CLUSTER", "")
+    if named:
+        if named not in ("slurm", "tpu"):
+            raise ValueError(f"ZSJAX_CLUSTER must be 'slurm' or 'tpu'; got {named!r}")
+        return named
     if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return "slurm"
     hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     if len(hosts) > 1:
         return "tpu"
     return None
+
+
+def slurm_local_device_ids() -> list[int] | None:
+    """With one SLURM task per node, all of the node's GPUs (JAX would otherwise give each
+    task only GPU SLURM_LOCALID); None when SLURM does not say how many GPUs a node has."""
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE", "")
+    tasks = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+    if not gpus.isdigit() or tasks != 1:
+        return None
+    return list(range(int(gpus)))
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
@@ -76,6 +93,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     if explicit:
         kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
                       process_id=process_id)
+    elif cluster == "slurm" and slurm_local_device_ids() is not None:
+        kwargs["local_device_ids"] = slurm_local_device_ids()
     jax.distributed.initialize(**kwargs)
     done.set()
     return True
@@ -122,13 +141,24 @@ def global_max(value: int) -> int:
     return int(gather(np.array([value], np.int64)).max())
 
 
-def fetch(tree):
-    """NumPy copies of a tree of (possibly multi-process) arrays; every process must call it."""
+def fetch_to_lead(tree):
+    """NumPy copies of a tree of (possibly multi-process) arrays on process 0, None on the
+    others. Every process must call it: each leaf in turn is replicated over its mesh, and only
+    process 0 copies it to host memory."""
     import jax
+    import numpy as np
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def one(x):
+        if x.is_fully_addressable:
+            return np.asarray(x) if is_lead() else None
+        whole = _replicate(x, NamedSharding(x.sharding.mesh, PartitionSpec()))
+        return np.asarray(whole.addressable_data(0)) if is_lead() else None
+
+    out = jax.tree.map(one, tree)
+    return out if is_lead() else None
 
 
 def barrier(name: str) -> None:

@@ -88,13 +88,22 @@ def _paths(config, workdir: str) -> dict[str, str]:
              "simulator": config.simulator.path, "train": config.data.train_path}
     missing = [k for k in ("policy", "simulator", "train") if not paths[k]]
     if missing and config.get("smollm2", False):
+        import jax
+
+        from zsjax import distributed
         from zsjax.data import trivia
         from zsjax.tools import fetch_smollm2
+        # The first process fetches and writes; with several, the others then read.
+        if jax.process_index() == 0:
+            if not (paths["policy"] and paths["simulator"]):
+                fetch_smollm2.fetch()
+            if not paths["train"]:
+                trivia.write_jsonl(os.path.join(workdir, "data", "trivia.jsonl"))
+        distributed.barrier("zsjax_smollm2")
         model = fetch_smollm2.fetch() if not (paths["policy"] and paths["simulator"]) else ""
         paths["policy"] = paths["policy"] or model
         paths["simulator"] = paths["simulator"] or model
-        paths["train"] = paths["train"] or trivia.write_jsonl(
-            os.path.join(workdir, "data", "trivia.jsonl"))
+        paths["train"] = paths["train"] or os.path.join(workdir, "data", "trivia.jsonl")
     elif missing and config.get("fixture", False):
         import jax
 
@@ -215,6 +224,10 @@ def run(config, workdir: str) -> list[dict]:
     if rl.algorithm not in ALGORITHMS:
         raise InputError(f"config.rl.algorithm={rl.algorithm!r} is not available in "
                          f"zsjax.train; choose one of {ALGORITHMS}")
+    if "://" in workdir:
+        raise InputError(f"workdir {workdir!r} is a URL; zsjax writes through the local file "
+                         "system: give a local path, or with several hosts a shared one (NFS, "
+                         "Filestore, or a bucket mounted with gcsfuse)")
     os.makedirs(workdir, exist_ok=True)
 
     # --- Everything that can be wrong with the input is checked before any model loads. -----
@@ -303,6 +316,10 @@ def run(config, workdir: str) -> list[dict]:
     my_rows = (slice(0, n_global) if mesh is None else
                distributed.rows_of_process(n_global, rows_sharding))
     n_local = my_rows.stop - my_rows.start
+    if n_local * jax.process_count() != n_global:
+        raise InputError(f"the training mesh gives each process {n_local} of the step's "
+                         f"{n_global} trajectories; each must get 1/{jax.process_count()} "
+                         "(the batch axes, data x fsdp, must span the processes)")
     stream = QuestionStream(rows, rl.questions_per_step, seed=config.seed, start=position,
                             process_index=my_rows.start // n_local,
                             process_count=n_global // n_local)
@@ -483,7 +500,7 @@ def run(config, workdir: str) -> list[dict]:
     ckpt.close()
     if writer is not None:
         writer.close()
-    final_params = distributed.fetch(state.params)  # every process takes part in the gather
+    final_params = distributed.fetch_to_lead(state.params)  # every process takes part
     if lead:
         save_hf(policy_config, final_params, os.path.join(workdir, "policy_hf"),
                 tokenizer_dir=paths["policy"])

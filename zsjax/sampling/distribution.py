@@ -87,8 +87,8 @@ def sample(logits_bv: jax.Array, params: SamplingParams, key: jax.Array
         lp = jnp.take_along_axis(model_lp, tokens[:, None], axis=-1)[:, 0]
         return tokens, lp, lp
     logprobs = filter_logits(logits, params)
-    if jnp.ndim(key) == 1:  # a key per row
-        tokens = jax.vmap(jax.random.categorical)(key, logprobs)
+    if jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        tokens = jax.vmap(jax.random.categorical)(key, logprobs)  # a typed key per row
     else:
         tokens = jax.random.categorical(key, logprobs, axis=-1)
     lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

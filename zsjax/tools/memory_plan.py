@@ -3,12 +3,15 @@ from the model shapes (no weights needed).
 
     python -m zsjax.tools.memory_plan
 
-Assumptions (ZeroSearch's recipe, DESIGN.md section 1): 64 questions x 5 rollouts a step, all
-rolled out at once; trajectories up to 4096 tokens, simulator prompts + 600 new tokens up to
-1024; policy and reference in float32 with AdamW (m, v) in float32; simulator in bfloat16.
+Assumptions: configs/zerosearch.py's recipe (DESIGN.md section 1): 64 questions x 5 rollouts a
+step, all rolled out at once, in the sampler's bucketed batch; policy, reference, AdamW state
+(optax keeps the params' dtype) and simulator in bfloat16; trajectories up to 4096 tokens,
+simulator prompts + 600 new tokens up to 1024; the update's logits in float32.
 """
 
 from __future__ import annotations
+
+from zsjax.sampling.sampler import bucket
 
 GB = 1e9
 QWEN = {  # Qwen2.5 config.json values
@@ -28,27 +31,28 @@ def kv_bytes_per_token(m, dtype_bytes) -> int:
 
 
 def plan(name, *, devices, per_process, train_shards, rollout_tensor, sim_tensor,
-         trajectories=320, traj_tokens=4096, sim_tokens=1024, rows_per_device=1):
+         trajectories=320, traj_tokens=4096, sim_tokens=1024, rows_per_device=1, pb=2):
     pol, sim = QWEN["7B"], QWEN["14B"]
     p, s = n_params(pol), n_params(sim)
     local_trajs = trajectories * per_process // devices
+    batch = bucket(local_trajs, 1)  # the sampler pads its batch to a bucket
     rows = [
-        ("policy params, fp32 (training mesh)", 4 * p / train_shards),
-        ("AdamW m + v, fp32", 8 * p / train_shards),
-        ("gradients, fp32 (transient)", 4 * p / train_shards),
-        ("reference params, fp32", 4 * p / train_shards),
-        ("policy copy for rollouts, fp32 (rollout mesh)", 4 * p / rollout_tensor),
-        ("policy KV cache, fp32", local_trajs * traj_tokens * kv_bytes_per_token(pol, 4)
-         / per_process),
+        ("policy params, bf16 (training mesh)", pb * p / train_shards),
+        ("AdamW m + v, bf16", 2 * pb * p / train_shards),
+        ("gradients, bf16 (transient)", pb * p / train_shards),
+        ("reference params, bf16", pb * p / train_shards),
+        ("policy copy for rollouts, bf16 (rollout mesh)", pb * p / rollout_tensor),
+        (f"policy KV cache, bf16 ({batch} rows)",
+         batch * traj_tokens * kv_bytes_per_token(pol, pb) / per_process),
         ("simulator params, bf16 (simulator mesh)", 2 * s / sim_tensor),
-        ("simulator KV cache, bf16", local_trajs * sim_tokens * kv_bytes_per_token(sim, 2)
-         / per_process),
+        (f"simulator KV cache, bf16 ({batch} rows)",
+         batch * sim_tokens * kv_bytes_per_token(sim, 2) / per_process),
         ("update logits + their gradient, fp32, one row", rows_per_device * 2 * traj_tokens
          * pol["vocab"] * 4),
     ]
     if devices > per_process:  # several processes: the gather to the rollout mesh
-        rows.append(("largest leaf replicated while resharding, fp32",
-                     4 * pol["vocab"] * pol["d"]))
+        rows.append(("largest leaf replicated while resharding, bf16",
+                     pb * pol["vocab"] * pol["d"]))
     print(f"\n{name}: policy {p / 1e9:.2f}B params, simulator {s / 1e9:.2f}B; "
           f"{local_trajs} trajectories per process")
     print("| array | GB per device |\n|---|---:|")
