@@ -25,25 +25,30 @@ QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "Name three 
              "Give me a synonym for happy.", "Where is Mount Everest?", "What do bees make?"]
 
 
+def _best(fn, repeats=5) -> float:
+    """The fastest of `repeats` timed calls (after one untimed call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def ceilings(n=2048, copy_mb=512):
+    """Matmul FLOP/s and memory bandwidth (read + write): the accelerator's own memory through
+    a jitted copy, or host memory on a CPU."""
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    flops = 2 * n ** 3 / min(times)
+    flops = 2 * n ** 3 / _best(lambda: f(x).block_until_ready())
+    if jax.default_backend() != "cpu":
+        y = jnp.ones((copy_mb * 2 ** 20 // 4,), jnp.float32)
+        g = jax.jit(lambda a: a + 1.0)
+        return flops, 2 * y.nbytes / _best(lambda: g(y).block_until_ready())
     a = np.ones(copy_mb * 2 ** 20 // 4, np.float32)
     b = np.empty_like(a)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        times.append(time.perf_counter() - t)
-    bandwidth = 2 * a.nbytes / min(times)  # read + write
-    return flops, bandwidth
+    return flops, 2 * a.nbytes / _best(lambda: np.copyto(b, a))
 
 
 def main():
@@ -53,6 +58,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip transformers (e.g. JAX on a GPU with a CPU-only torch)")
     args = parser.parse_args()
 
     import torch
@@ -64,7 +71,9 @@ def main():
     model_dir = args.model or fetch()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = hf.to(device).eval()
     hf.generation_config.eos_token_id = None
     config, params = load_hf(model_dir)
 
@@ -88,15 +97,17 @@ def main():
             generate(config, params, prompts, max_new_tokens=new, eos_token_ids=[])
             zs.append(time.perf_counter() - t)
 
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         hfs = []
-        for _ in range(args.repeats):
+        for _ in range(0 if args.no_reference else args.repeats):
             t = time.perf_counter()
             with torch.no_grad():
                 res = hf.generate(**enc, max_new_tokens=new, min_new_tokens=new,
                                   do_sample=False, pad_token_id=tok.pad_token_id)
+            if device == "cuda":
+                torch.cuda.synchronize()
             hfs.append(time.perf_counter() - t)
-        assert res.shape[1] - enc["input_ids"].shape[1] == new
+            assert res.shape[1] - enc["input_ids"].shape[1] == new
 
         # Roofline for one decode step: params read once, the KV cache read, 2 flops/param/row.
         prompt_len = max(map(len, prompts))
@@ -105,10 +116,10 @@ def main():
         step_bound = max(2 * n_params * batch / flops_s, (n_params * 4 + kv_bytes) / bytes_s)
         bound_tps = batch / step_bound
         z_tps = batch * new / statistics.median(zs)
-        h_tps = batch * new / statistics.median(hfs)
+        h_tps = batch * new / statistics.median(hfs) if hfs else float("nan")
         rows.append({"batch": batch, "new_tokens": new, "zsjax_tokens_s": round(z_tps, 1),
-                     "transformers_tokens_s": round(h_tps, 1),
-                     "speedup": round(z_tps / h_tps, 2),
+                     "transformers_tokens_s": round(h_tps, 1) if hfs else None,
+                     "speedup": round(z_tps / h_tps, 2) if hfs else None,
                      "zsjax_first_call_s": round(first, 2),
                      "zsjax_compile_s_est": round(first - statistics.median(zs), 2),
                      "roofline_tokens_s": round(bound_tps, 1),
@@ -117,7 +128,7 @@ def main():
 
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                          f"jax {jax.__version__} ({jax.default_backend()}), "
-                         f"torch {torch.__version__}",
+                         f"torch {torch.__version__} ({'skipped' if args.no_reference else device})",
               "matmul_gflop_s": round(flops_s / 1e9, 1),
               "copy_bandwidth_gb_s": round(bytes_s / 1e9, 1), "model": "SmolLM2-135M-Instruct "
               "float32", "rows": rows, "command": " ".join(["python"] + sys.argv)}

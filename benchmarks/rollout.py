@@ -1,11 +1,15 @@
 """Multi-turn rollout throughput: KV-cache reuse across turns vs re-prefilling each turn.
 
     python benchmarks/rollout.py [--questions 16] [--turns 2] [--response-tokens 64]
+        [--backend scripted|simulator] [--modes kv_reuse re_prefill] [--out FILE]
 
 SmolLM2-135M-Instruct as the policy (sampling at the reference's temperature 1.0, top-p 0.95),
-a scripted search backend that returns five ~30-word documents instantly, the same seed for
-both modes. Reports trajectories/s and generated tokens/s per mode after --warmup untimed
-rollouts (the first one, which compiles, is reported apart), and the time split between generation and everything else.
+the same seed for every mode. The search backend is either scripted (five ~30-word documents,
+instantly) or the in-process simulator (SmolLM2-135M-Instruct, prompt-only, temperature 0.8,
+--sim-tokens new tokens, behind the trainer's per-step query cache; the first turn's search is
+scripted, since the untrained policy does not search by itself, and later turns are the model's). Reports trajectories/s and
+generated tokens/s per mode after --warmup untimed rollouts (the first one, which compiles, is
+reported apart), and where the time goes: policy generation, simulator, everything else.
 """
 
 import argparse
@@ -39,6 +43,31 @@ class Timed:
         return out
 
 
+class SearchFirst:
+    """Turn 0 is a scripted `<search> QUESTION </search>` (SmolLM2-135M, untrained, does not
+    follow the search format, so the simulator would never be called); later turns are the
+    model's. Used with the simulator backend, so every trajectory makes one real simulator call
+    and continues from its documents."""
+
+    def __init__(self, inner, tokenizer, questions):
+        self.inner, self.tok, self.questions = inner, tokenizer, questions
+
+    def __call__(self, inputs):
+        if inputs.turn > 0:
+            return self.inner(inputs)
+        from zsjax.sampling import GenerateResult
+        import numpy as np
+        out = GenerateResult([], [], [], [])
+        for r in inputs.rows:
+            ids = self.tok.encode(f"<search> {self.questions[r]} </search>",
+                                  add_special_tokens=False)
+            out.tokens.append(ids)
+            out.logprobs.append(np.zeros(len(ids)))
+            out.model_logprobs.append(np.zeros(len(ids)))
+            out.finish_reasons.append("stop")
+        return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--questions", type=int, default=16)
@@ -48,12 +77,19 @@ def main():
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed rollouts first: bucketed shapes vary between rollouts, so "
                              "the first few compile a handful of programs")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--backend", choices=("scripted", "simulator"), default="scripted")
+    parser.add_argument("--sim-tokens", type=int, default=64,
+                        help="new tokens per simulator call (--backend simulator)")
+    parser.add_argument("--modes", nargs="+", choices=("kv_reuse", "re_prefill"),
+                        default=["kv_reuse", "re_prefill"])
+    parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
     args = parser.parse_args()
 
     import transformers
     from zsjax.models import load_hf
-    from zsjax.search import FunctionBackend, ModelTurnGenerator, RolloutSettings, rollout
+    from zsjax.search import (FunctionBackend, ModelTurnGenerator, RolloutSettings, StepCache,
+                              rollout)
+    from zsjax.search.simulator import InProcessSimulator
     from zsjax.tools.fetch_smollm2 import fetch
     model_dir = fetch()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -62,42 +98,58 @@ def main():
     settings = RolloutSettings(max_turns=args.turns, max_response_tokens=args.response_tokens,
                                temperature=1.0, top_p=0.95)
     rows = []
-    for kv in (True, False):
+    for mode in args.modes:
         times, first = [], None
         for rep in range(args.warmup + args.repeats):
-            gen = Timed(ModelTurnGenerator(config, params, tok, settings, kv_reuse=kv))
+            gen = Timed(ModelTurnGenerator(config, params, tok, settings,
+                                           kv_reuse=mode == "kv_reuse"))
+            turn_fn = SearchFirst(gen, tok, qs) if args.backend == "simulator" else gen
+            if args.backend == "simulator":
+                backend = StepCache(InProcessSimulator(
+                    config, params, tok, style="prompt_only", temperature=0.8,
+                    max_new_tokens=args.sim_tokens, seed=rep))
+                backend.new_step(rep)
+            else:
+                backend = StepCache(FunctionBackend(docs))
             t = time.perf_counter()
-            trajs = rollout(qs, [["x"]] * len(qs), tokenizer=tok, generate_fn=gen,
-                            backend=FunctionBackend(docs), settings=settings, seed=rep)
+            trajs = rollout(qs, [["x"]] * len(qs), tokenizer=tok, generate_fn=turn_fn,
+                            backend=backend, settings=settings, seed=rep)
             total = time.perf_counter() - t
             if rep < args.warmup:
                 first = total if first is None else first
                 continue
-            times.append((total, gen.seconds, gen.tokens,
-                          sum(t.turns for t in trajs), sum(len(t.token_ids) for t in trajs)))
-        total = statistics.median(x[0] for x in times)
-        gen_s = statistics.median(x[1] for x in times)
-        tokens = statistics.median(x[2] for x in times)
-        rows.append({"mode": "kv_reuse" if kv else "re_prefill",
+            times.append((total, gen.seconds, gen.tokens, sum(t.turns for t in trajs),
+                          backend.seconds, sum(t.num_searches for t in trajs)))
+        med = lambda i: statistics.median(x[i] for x in times)  # noqa: E731
+        total = med(0)
+        rows.append({"mode": mode, "backend": args.backend,
                      "trajectories_s": round(len(qs) / total, 2),
-                     "generated_tokens_s": round(tokens / total, 1),
-                     "seconds": round(total, 2), "generation_share": round(gen_s / total, 2),
-                     "turns": statistics.median(x[3] for x in times),
-                     "first_call_s": round(first, 2)})
+                     "generated_tokens_s": round(med(2) / total, 1),
+                     "seconds": round(total, 2), "policy_share": round(med(1) / total, 2),
+                     "simulator_share": round(med(4) / total, 2),
+                     "other_share": round(max(0.0, 1 - (med(1) + med(4)) / total), 2),
+                     "turns": med(3), "searches": med(5), "first_call_s": round(first, 2)})
         print(json.dumps(rows[-1]), flush=True)
-    ratio = rows[0]["trajectories_s"] / rows[1]["trajectories_s"]
-    lines = [f"{len(qs)} questions, max_turns={args.turns}, {args.response_tokens} tokens/turn, "
-             f"SmolLM2-135M-Instruct float32, T=1.0 top-p 0.95, {os.cpu_count()} cores", "",
-             "| mode | trajectories/s | generated tokens/s | s per rollout | generation share | "
-             "turns played | first call s |", "|---|---|---|---|---|---|---|"]
+    head = (f"{len(qs)} questions, max_turns={args.turns}, {args.response_tokens} tokens/turn, "
+            f"SmolLM2-135M-Instruct float32, T=1.0 top-p 0.95, backend {args.backend}"
+            + (f" ({args.sim_tokens} tokens/call)" if args.backend == "simulator" else "")
+            + f", {os.cpu_count()} cores")
+    lines = [head, "", "| mode | trajectories/s | generated tokens/s | s per rollout | policy "
+             "share | simulator share | other | turns | searches | first call s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['trajectories_s']} | {r['generated_tokens_s']} | "
-              f"{r['seconds']} | {r['generation_share']} | {r['turns']} | {r['first_call_s']} |"
+              f"{r['seconds']} | {r['policy_share']} | {r['simulator_share']} | "
+              f"{r['other_share']} | {r['turns']} | {r['searches']} | {r['first_call_s']} |"
               for r in rows]
-    lines.append(f"\nkv_reuse / re_prefill throughput: {ratio:.2f}x")
+    ratio = None
+    if len(rows) == 2:
+        ratio = rows[0]["trajectories_s"] / rows[1]["trajectories_s"]
+        lines.append(f"\n{rows[0]['mode']} / {rows[1]['mode']} throughput: {ratio:.2f}x")
     print("\n".join(lines))
     if args.out:
-        json.dump({"rows": rows, "ratio": ratio, "command": " ".join(sys.argv)},
+        json.dump({"rows": rows, "ratio": ratio, "command": " ".join(["python"] + sys.argv)},
                   open(args.out, "w"), indent=2)
+        open(os.path.splitext(args.out)[0] + ".md", "w").write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

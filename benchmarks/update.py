@@ -28,6 +28,16 @@ def matmul_ceiling(n=2048):
     return 2 * n ** 3 / best
 
 
+def peak_memory() -> dict:
+    """The accelerator's peak bytes in use (GPU/TPU), or this process's peak RSS (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"zsjax_peak_device_gb": round(stats["peak_bytes_in_use"] / 1e9, 2)}
+    import resource
+    return {"zsjax_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                                       2)}
+
+
 def _time(fn):
     t = time.perf_counter()
     fn()
@@ -44,7 +54,9 @@ def main():
     parser.add_argument("--small", action="store_true",
                         help="a random ~6M-param Llama (d256, 4 layers, vocab 8192) instead of "
                              "SmolLM2, like the design prototype's small decoder")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip PyTorch (e.g. JAX on a GPU with a CPU-only torch)")
     args = parser.parse_args()
 
     import torch
@@ -96,12 +108,15 @@ def main():
         jax.block_until_ready(state)
         zs.append(time.perf_counter() - t0)
     zs_loss = float(m["policy_loss"])
+    peak = peak_memory()  # before PyTorch loads anything
 
-    # PyTorch eager reference
+    # PyTorch eager reference (on CUDA when JAX runs on a GPU and torch has it)
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
-    tt, tm, ta, to = (torch.tensor(x) for x in (tokens.astype(np.int64), mask, adv, old))
+    tt, tm, ta, to = (torch.tensor(x, device=device)
+                      for x in (tokens.astype(np.int64), mask, adv, old))
 
     def torch_step():
         logits = model(tt).logits[:, :-1].float()
@@ -118,17 +133,19 @@ def main():
         opt.step()
         return float(((pg * m_).sum() / m_.sum()).detach())
 
-    torch_step()
-    ts = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        torch_loss = torch_step()
-        ts.append(time.perf_counter() - t0)
+    ts, torch_loss = [], float("nan")
+    if not args.no_reference:
+        torch_step()
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            torch_loss = torch_step()  # float() synchronises
+            ts.append(time.perf_counter() - t0)
 
-    z, p = statistics.median(zs), statistics.median(ts)
+    z = statistics.median(zs)
+    p = statistics.median(ts) if ts else float("nan")
     report = {
         "machine": f"{os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), "
-                   f"torch {torch.__version__}",
+                   f"torch {torch.__version__} ({'skipped' if args.no_reference else device})",
         "model": "random 6M Llama" if args.small else "SmolLM2-135M-Instruct",
         "params": config.num_params(),
         "batch": f"{b} x {t} tokens ({int(mask.sum())} in the loss)", "micro_batches": args.micro,
@@ -137,11 +154,24 @@ def main():
         "zsjax_tokens_s": round(b * t / z, 1), "torch_tokens_s": round(b * t / p, 1),
         "speedup": round(p / z, 2), "zsjax_compile_s": round(first - z, 1),
         "zsjax_mfu": round(flops / z / ceiling, 3), "torch_mfu": round(flops / p / ceiling, 3),
-        "policy_loss_zsjax": zs_loss, "policy_loss_torch": torch_loss,
+        "policy_loss_zsjax": zs_loss, "policy_loss_torch": torch_loss, **peak,
         "command": " ".join(["python"] + sys.argv)}
+    report = {k: None if isinstance(v, float) and v != v else v for k, v in report.items()}
     print(json.dumps(report, indent=2))
+    mem = ", ".join(f"{k} {v}" for k, v in peak.items())
+    lines = [f"{report['model']}, batch {report['batch']}, {report['machine']}; matmul "
+             f"{report['matmul_gflop_s']} GFLOP/s (same run); {mem}", "",
+             "| zsjax step s | PyTorch step s | speedup | zsjax tokens/s | PyTorch tokens/s | "
+             "MFU zsjax / PyTorch | zsjax compile s | policy loss zsjax / PyTorch |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| {report['zsjax_step_s']} | {report['torch_step_s']} | {report['speedup']}x | "
+             f"{report['zsjax_tokens_s']} | {report['torch_tokens_s']} | {report['zsjax_mfu']} / "
+             f"{report['torch_mfu']} | {report['zsjax_compile_s']} | {zs_loss:.6g} / "
+             f"{torch_loss:.6g} |"]
+    print("\n".join(lines))
     if args.out:
         json.dump(report, open(args.out, "w"), indent=2)
+        open(os.path.splitext(args.out)[0] + ".md", "w").write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
