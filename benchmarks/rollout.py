@@ -9,7 +9,8 @@ instantly) or the in-process simulator (SmolLM2-135M-Instruct, prompt-only, temp
 --sim-tokens new tokens, behind the trainer's per-step query cache; the first turn's search is
 scripted, since the untrained policy does not search by itself, and later turns are the model's). Reports trajectories/s and
 generated tokens/s per mode after --warmup untimed rollouts (the first one, which compiles, is
-reported apart), and where the time goes: policy generation, simulator, everything else.
+reported apart), where the time goes (policy generation, simulator, everything else), and the
+bound on generation set by this machine's matmul rate and memory bandwidth (class Bound).
 """
 
 import argparse
@@ -41,6 +42,50 @@ class Timed:
         self.seconds += time.perf_counter() - t
         self.tokens += sum(len(x) for x in out.tokens)
         return out
+
+
+class Bound:
+    """The time a rollout's generation calls need at least, on this machine: each call's
+    prefill FLOPs at the matmul rate, then per decode step the larger of its FLOPs over the
+    rows still generating and the bytes it must read (params + those rows' KV caches) at the
+    memory bandwidth. Records every sampler call of the policy and the simulator."""
+
+    def __init__(self, config, flops_s, bytes_s):
+        self.p, self.flops_s, self.bytes_s = config.num_params(), flops_s, bytes_s
+        self.param_bytes = self.p * 4  # float32
+        self.kv_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 4
+        self.seconds = 0.0
+
+    def add(self, new_lens, ctx_lens, out_lens):
+        t = 2 * self.p * sum(new_lens) / self.flops_s
+        for i in range(max(out_lens, default=0)):
+            live = [c + i for c, n in zip(ctx_lens, out_lens) if n > i]
+            t += max(2 * self.p * len(live) / self.flops_s,
+                     (self.param_bytes + self.kv_token * sum(live)) / self.bytes_s)
+        self.seconds += t
+
+    def install(self):
+        """Wraps the sampler entry points the rollout and the simulator call."""
+        import importlib
+        # (the package `zsjax.search` exports a function named `rollout`: import by path)
+        R = importlib.import_module("zsjax.search.rollout")
+        S = importlib.import_module("zsjax.search.simulator")
+        gen, cont = R.generate, R.continue_generate
+
+        def generate(config, params, prompts, **kw):
+            out = gen(config, params, prompts, **kw)
+            lens = [len(x) for x in prompts]
+            self.add(lens, lens, [len(x) for x in out.tokens])
+            return out
+
+        def continue_generate(config, params, chunks, *, session, **kw):
+            out, new_session = cont(config, params, chunks, session=session, **kw)
+            lens = [len(x) for x in chunks]
+            start = [0] * len(lens) if session is None else list(session.next_pos[:len(lens)])
+            self.add(lens, [s + n for s, n in zip(start, lens)], [len(x) for x in out.tokens])
+            return out, new_session
+
+        R.generate, R.continue_generate, S.generate = generate, continue_generate, generate
 
 
 class SearchFirst:
@@ -97,6 +142,10 @@ def main():
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.questions)]
     settings = RolloutSettings(max_turns=args.turns, max_response_tokens=args.response_tokens,
                                temperature=1.0, top_p=0.95)
+    from decode import ceilings  # benchmarks/decode.py: matmul rate and memory bandwidth
+    flops_s, bytes_s = ceilings()
+    bound = Bound(config, flops_s, bytes_s)
+    bound.install()
     rows = []
     for mode in args.modes:
         times, first = [], None
@@ -111,6 +160,7 @@ def main():
                 backend.new_step(rep)
             else:
                 backend = StepCache(FunctionBackend(docs))
+            bound.seconds = 0.0
             t = time.perf_counter()
             trajs = rollout(qs, [["x"]] * len(qs), tokenizer=tok, generate_fn=turn_fn,
                             backend=backend, settings=settings, seed=rep)
@@ -119,7 +169,7 @@ def main():
                 first = total if first is None else first
                 continue
             times.append((total, gen.seconds, gen.tokens, sum(t.turns for t in trajs),
-                          backend.seconds, sum(t.num_searches for t in trajs)))
+                          backend.seconds, sum(t.num_searches for t in trajs), bound.seconds))
         med = lambda i: statistics.median(x[i] for x in times)  # noqa: E731
         total = med(0)
         rows.append({"mode": mode, "backend": args.backend,
@@ -128,19 +178,21 @@ def main():
                      "seconds": round(total, 2), "policy_share": round(med(1) / total, 2),
                      "simulator_share": round(med(4) / total, 2),
                      "other_share": round(max(0.0, 1 - (med(1) + med(4)) / total), 2),
-                     "turns": med(3), "searches": med(5), "first_call_s": round(first, 2)})
+                     "turns": med(3), "searches": med(5), "first_call_s": round(first, 2),
+                     "bound_s": round(med(6), 2), "fraction_of_bound": round(med(6) / total, 2)})
         print(json.dumps(rows[-1]), flush=True)
     head = (f"{len(qs)} questions, max_turns={args.turns}, {args.response_tokens} tokens/turn, "
             f"SmolLM2-135M-Instruct float32, T=1.0 top-p 0.95, backend {args.backend}"
             + (f" ({args.sim_tokens} tokens/call)" if args.backend == "simulator" else "")
-            + f", {os.cpu_count()} cores")
+            + f", {os.cpu_count()} cores; matmul {flops_s / 1e9:.1f} GFLOP/s, copy bandwidth "
+            f"{bytes_s / 1e9:.1f} GB/s (same run)")
     lines = [head, "", "| mode | trajectories/s | generated tokens/s | s per rollout | policy "
-             "share | simulator share | other | turns | searches | first call s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "share | simulator share | other | turns | searches | first call s | bound s | "
+             "bound / actual |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['trajectories_s']} | {r['generated_tokens_s']} | "
               f"{r['seconds']} | {r['policy_share']} | {r['simulator_share']} | "
-              f"{r['other_share']} | {r['turns']} | {r['searches']} | {r['first_call_s']} |"
-              for r in rows]
+              f"{r['other_share']} | {r['turns']} | {r['searches']} | {r['first_call_s']} | "
+              f"{r['bound_s']} | {r['fraction_of_bound']} |" for r in rows]
     ratio = None
     if len(rows) == 2:
         ratio = rows[0]["trajectories_s"] / rows[1]["trajectories_s"]
