@@ -93,8 +93,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     if explicit:
         kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
                       process_id=process_id)
-    elif cluster == "slurm" and slurm_local_device_ids() is not None:
-        kwargs["local_device_ids"] = slurm_local_device_ids()
+    elif cluster == "slurm" and (gpus := slurm_local_device_ids()) is not None:
+        kwargs["local_device_ids"] = gpus
     jax.distributed.initialize(**kwargs)
     done.set()
     return True
@@ -103,16 +103,6 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 def is_lead() -> bool:
     import jax
     return jax.process_index() == 0
-
-
-def batch_slice(global_rows: int) -> slice:
-    """The rows of a global batch that this process holds (contiguous, by process index)."""
-    import jax
-    n, i = jax.process_count(), jax.process_index()
-    if global_rows % n:
-        raise ValueError(f"a batch of {global_rows} rows does not split over {n} processes")
-    per = global_rows // n
-    return slice(i * per, (i + 1) * per)
 
 
 def global_batch(local: np.ndarray, sharding) -> "jax.Array":
@@ -146,18 +136,9 @@ def fetch_to_lead(tree):
     others. Every process must call it: each leaf in turn is replicated over its mesh, and only
     process 0 copies it to host memory."""
     import jax
-    import numpy as np
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    def one(x):
-        if x.is_fully_addressable:
-            return np.asarray(x) if is_lead() else None
-        whole = _replicate(x, NamedSharding(x.sharding.mesh, PartitionSpec()))
-        return np.asarray(whole.addressable_data(0)) if is_lead() else None
-
-    out = jax.tree.map(one, tree)
+    out = jax.tree.map(lambda x: np.asarray(_local_whole(x)) if is_lead() else None, tree)
     return out if is_lead() else None
 
 
@@ -190,20 +171,18 @@ def to_mesh(tree, shardings):
     first replicated on its own mesh (one leaf at a time, to bound memory), then this process's
     copy is placed on the target, which must be this process's own devices."""
     import jax
+    return jax.tree.map(lambda x, target: jax.device_put(_local_whole(x), target), tree,
+                        shardings)
+
+
+def _local_whole(x):
+    """`x` itself when this process holds all of it; else its whole value on one local device,
+    replicated over x's mesh first (every process must take part)."""
+    if x.is_fully_addressable:
+        return x
     from jax.sharding import NamedSharding, PartitionSpec
-
-    def move(x, target):
-        if x.is_fully_addressable:
-            return jax.device_put(x, target)
-        replicated = NamedSharding(x.sharding.mesh, PartitionSpec())
-        whole = _replicate(x, replicated).addressable_data(0)
-        return jax.device_put(whole, target)
-
-    return jax.tree.map(move, tree, shardings)
-
-
-def _replicate(x, replicated):
-    return _replicator(replicated)(x)
+    replicated = NamedSharding(x.sharding.mesh, PartitionSpec())
+    return _replicator(replicated)(x).addressable_data(0)
 
 
 @functools.lru_cache(maxsize=None)

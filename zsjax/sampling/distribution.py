@@ -74,11 +74,11 @@ def filter_logits(logits_bv: jax.Array, params: SamplingParams) -> jax.Array:
     return jax.nn.log_softmax(logits, axis=-1)
 
 
-def sample(logits_bv: jax.Array, params: SamplingParams, key: jax.Array
+def sample(logits_bv: jax.Array, params: SamplingParams, keys_b: jax.Array
            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row: (tokens [B], logprobs under the sampled distribution [B],
-    model logprobs at temperature T without top-k/top-p [B]). `key` is one key for the batch
-    or a [B] array of keys, one per row."""
+    model logprobs at temperature T without top-k/top-p [B]). `keys` holds one typed key per
+    row [B], so a row's draw does not depend on the other rows."""
     logits = logits_bv.astype(jnp.float32)
     if params.greedy:
         tokens = jnp.argmax(logits, axis=-1)
@@ -87,10 +87,7 @@ def sample(logits_bv: jax.Array, params: SamplingParams, key: jax.Array
         lp = jnp.take_along_axis(model_lp, tokens[:, None], axis=-1)[:, 0]
         return tokens, lp, lp
     logprobs = filter_logits(logits, params)
-    if jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        tokens = jax.vmap(jax.random.categorical)(key, logprobs)  # a typed key per row
-    else:
-        tokens = jax.random.categorical(key, logprobs, axis=-1)
+    tokens = jax.vmap(jax.random.categorical)(keys_b, logprobs)
     lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     model_lp = jax.nn.log_softmax(logits / params.temperature, axis=-1)
     mlp = jnp.take_along_axis(model_lp, tokens[:, None], axis=-1)[:, 0]
