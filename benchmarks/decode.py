@@ -36,9 +36,10 @@ def _best(fn, repeats=5) -> float:
     return min(times)
 
 
-def ceilings(n=2048, copy_mb=512):
+def ceilings(n=None, copy_mb=512):
     """Matmul FLOP/s and memory bandwidth (read + write): the accelerator's own memory through
     a jitted copy, or host memory on a CPU."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)  # 2048 underfills a GPU
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     flops = 2 * n ** 3 / _best(lambda: f(x).block_until_ready())
@@ -71,7 +72,11 @@ def main():
     model_dir = args.model or fetch()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
+    if tok.pad_token is None:  # some transformers versions convert the GGUF without one
+        tok.pad_token = tok.eos_token
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # JAX runs float32 matmuls on a GPU with TF32; let torch do the same
+        torch.backends.cuda.matmul.allow_tf32 = True
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf = hf.to(device).eval()
     hf.generation_config.eos_token_id = None

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def matmul_ceiling(n=2048):
+def matmul_ceiling(n=None):
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)  # 2048 underfills a GPU
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
@@ -112,6 +113,8 @@ def main():
 
     # PyTorch eager reference (on CUDA when JAX runs on a GPU and torch has it)
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # JAX runs float32 matmuls on a GPU with TF32; let torch do the same
+        torch.backends.cuda.matmul.allow_tf32 = True
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)

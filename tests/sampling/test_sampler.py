@@ -215,3 +215,31 @@ def test_rows_sample_independently_of_the_batch(hf_model_dir):
     assert other.tokens != whole.tokens
     with pytest.raises(ValueError, match="row_seeds"):
         generate(config, params, RAGGED, row_seeds=[1], **kw)
+
+
+def test_drop_last_token_forgets_exactly_the_listed_rows_last_slots():
+    """Against a NumPy reference; one compiled program however many rows are dropped."""
+    from zsjax.models.config import ModelConfig
+    from zsjax.models.decoder import init_cache
+    from zsjax.sampling.sampler import DecodeSession, _forget_slots
+    config = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                         head_dim=8, d_ff=32)
+    cache = init_cache(config, 4, 10)
+    rng = np.random.default_rng(0)
+    valid = rng.random((4, 10)) < 0.8
+    cache = cache.replace(valid=jax.numpy.asarray(valid))
+    session = DecodeSession(cache, 10, 4, np.array([5, 6, 7, 8]), np.array([3, -1, 7, 9]))
+    before = _forget_slots._cache_size()
+    for rows in ([0, 1, 2], [3], [1]):
+        out = session.drop_last_token(rows)
+        want, next_pos, last = valid.copy(), session.next_pos.copy(), session.last_slot.copy()
+        for r in rows:
+            if last[r] >= 0:
+                want[r, last[r]] = False
+                next_pos[r] -= 1
+                last[r] = -1
+        np.testing.assert_array_equal(np.asarray(out.cache.valid), want)
+        np.testing.assert_array_equal(out.next_pos, next_pos)
+        np.testing.assert_array_equal(out.last_slot, last)
+    assert session.drop_last_token([1]) is session  # nothing to forget
+    assert _forget_slots._cache_size() - before <= 1

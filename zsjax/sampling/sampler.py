@@ -307,13 +307,22 @@ class DecodeSession:
         rows = [r for r in rows if self.last_slot[r] >= 0]
         if not rows:
             return self
-        valid = self.cache.valid.at[np.array(rows), self.last_slot[rows]].set(False)
+        slots = np.full(self.last_slot.shape, -1, np.int32)
+        slots[rows] = self.last_slot[rows]
+        valid = _forget_slots(self.cache.valid, jnp.asarray(slots))
         next_pos = self.next_pos.copy()
         next_pos[rows] -= 1
         last_slot = self.last_slot.copy()
         last_slot[rows] = -1
         return DecodeSession(self.cache.replace(valid=valid), self.index, self.rows, next_pos,
                              last_slot)
+
+
+@jax.jit
+def _forget_slots(valid, slots):
+    """Marks slot slots[r] of row r invalid (-1: none). One program per cache shape, where an
+    indexed update would compile again for every number of rows it touches."""
+    return valid & (jnp.arange(valid.shape[1])[None, :] != slots[:, None])
 
 
 @jax.jit
