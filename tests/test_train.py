@@ -84,6 +84,28 @@ def test_noise_fraction_and_rewards_logged_per_step(tmp_path, monkeypatch, algor
     assert (metrics[-1]["value_loss"] is not None) == (algorithm == "ppo")
 
 
+def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):
+    """`train.run(backend=...)` searches that backend (the claims' "real search engine"): its
+    documents reach the trajectories, and no simulator model is loaded (its path is bogus)."""
+    import zsjax.search
+    from zsjax.search import FunctionBackend
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+    config = tiny.get_config()
+    config.train.steps = 1
+    config.simulator.path = str(tmp_path / "no_such_simulator")
+    seen = []
+
+    def engine(request):
+        seen.append(request.query)
+        return f"Doc 1: engine result for {request.query}"
+    workdir = str(tmp_path / "engine")
+    train.run(config, workdir, backend=FunctionBackend(engine))
+    trajs = _lines(os.path.join(workdir, "trajectories.jsonl"))
+    assert seen and len(trajs) == config.rl.questions_per_step * config.rl.rollouts_per_question
+    for t in trajs:
+        assert t["searches"] and "engine result for" in json.dumps(t)
+
+
 def test_unknown_algorithm(tmp_path):
     config = tiny.get_config()
     config.rl.algorithm = "dpo"

@@ -200,8 +200,13 @@ class _NaNGuard:
                 "inspect trajectories.jsonl")
 
 
-def run(config, workdir: str) -> list[dict]:
-    """Trains per `config`; returns the per-step metrics. Importable (tests, notebooks)."""
+def run(config, workdir: str, *, backend=None) -> list[dict]:
+    """Trains per `config`; returns the per-step metrics. Importable (tests, notebooks).
+
+    `backend`: a `zsjax.search.SearchBackend` to search instead of the in-process simulator
+    (a retriever, or the demo world's perfect search engine); the simulator model is then not
+    loaded, and evaluation during training uses this backend too.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -249,14 +254,18 @@ def run(config, workdir: str) -> list[dict]:
                          f"{jax.process_count()} processes")
     rollout_mesh, sim_mesh = _meshes(config, mesh)
     use_ref = bool(rl.kl_coef) or rl.algorithm in ("reinforce_pp", "ppo")
-    roles = {"policy": paths["policy"], "simulator": paths["simulator"]}
+    roles = {"policy": paths["policy"]}
+    if backend is None:
+        roles["simulator"] = paths["simulator"]
     if use_ref:
         roles["reference"] = paths["reference"]
     model_configs = {role: _check_model_dir(p, role) for role, p in roles.items()}
     tokenizer = load_tokenizer(paths["policy"])
-    sim_tokenizer = load_tokenizer(paths["simulator"])
     _check_tokenizer(tokenizer, model_configs["policy"], paths["policy"], "policy")
-    _check_tokenizer(sim_tokenizer, model_configs["simulator"], paths["simulator"], "simulator")
+    if backend is None:
+        sim_tokenizer = load_tokenizer(paths["simulator"])
+        _check_tokenizer(sim_tokenizer, model_configs["simulator"], paths["simulator"],
+                         "simulator")
     if use_ref and model_configs["reference"].vocab_size != model_configs["policy"].vocab_size:
         raise InputError(f"the reference model {paths['reference']} has a vocabulary of "
                          f"{model_configs['reference'].vocab_size}, the policy "
@@ -271,12 +280,16 @@ def run(config, workdir: str) -> list[dict]:
     policy_config, params = load_hf(paths["policy"], dtype=config.policy.dtype, mesh=mesh)
     ref_params = (load_hf(paths["reference"], dtype=config.policy.dtype, mesh=mesh)[1]
                   if use_ref else None)
-    sim_config, sim_params = load_hf(paths["simulator"], dtype=config.simulator.dtype,
-                                     mesh=sim_mesh)
-    sim_model = InProcessSimulator(
-        sim_config, sim_params, sim_tokenizer, style=config.simulator.style,
-        temperature=config.simulator.temperature, max_new_tokens=config.simulator.max_new_tokens,
-        top_k_docs=config.simulator.top_k_docs, seed=config.seed)
+    if backend is None:
+        sim_config, sim_params = load_hf(paths["simulator"], dtype=config.simulator.dtype,
+                                         mesh=sim_mesh)
+        sim_model = InProcessSimulator(
+            sim_config, sim_params, sim_tokenizer, style=config.simulator.style,
+            temperature=config.simulator.temperature,
+            max_new_tokens=config.simulator.max_new_tokens,
+            top_k_docs=config.simulator.top_k_docs, seed=config.seed)
+    else:
+        sim_model = backend
     simulator = StepCache(sim_model)
     settings = RolloutSettings(
         max_turns=config.rollout.max_turns, max_response_tokens=config.rollout.max_response_tokens,

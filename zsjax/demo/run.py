@@ -363,9 +363,11 @@ def plot(metrics_path: str, out: str) -> None:
     fig.savefig(out, dpi=110)
 
 
-def run(workdir: str, *, quick: bool = False, algorithm: str = "grpo", seed: int = 0) -> dict:
-    t_start = time.time()
-    s = settings_for(quick)
+def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
+    """Stages 1-4, shared by the demo and `zsjax.experiments.claims`: the world and its data
+    files, the tokenizer, the fine-tuned simulator and the warm-started policy. A stage already
+    exported by an earlier run in `workdir` is skipped. Returns the world, its splits, the paths
+    and the seconds each stage took."""
     os.makedirs(workdir, exist_ok=True)
     times = {}
 
@@ -413,6 +415,17 @@ def run(workdir: str, *, quick: bool = False, algorithm: str = "grpo", seed: int
          os.path.join(workdir, "policy_sft"), warm_dir, steps=s["policy_steps"],
          batch=s["policy_batch"], lr=s["policy_lr"])
     times["policy"] = time.time() - t
+    return {"world": world, "splits": splits, "paths": paths, "sim_dir": sim_dir,
+            "warm_dir": warm_dir, "sim_acc": sim_acc, "times": times}
+
+
+def run(workdir: str, *, quick: bool = False, algorithm: str = "grpo", seed: int = 0) -> dict:
+    t_start = time.time()
+    s = settings_for(quick)
+    prep = prepare(workdir, s, seed)
+    world, splits, paths = prep["world"], prep["splits"], prep["paths"]
+    sim_dir, warm_dir, sim_acc, times = (prep["sim_dir"], prep["warm_dir"], prep["sim_acc"],
+                                         prep["times"])
 
     t = time.time()
     test = splits["test"]

@@ -1,0 +1,58 @@
+"""`zsjax.experiments.claims`: aggregation over seeds and the claims' verdicts (the runs
+themselves are the demo's, tested in test_demo.py)."""
+
+import numpy as np
+import pytest
+
+from zsjax.experiments import claims
+
+
+def _eval(f1_sim, f1_engine, f1_none=0.0):
+    part = lambda f1: {"f1": f1, "n": 10, "searches_mean": 1.5}  # noqa: E731
+    return {"simulator": {"all": part(f1_sim), "two_hop": part(f1_sim)},
+            "search_engine": {"all": part(f1_engine), "two_hop": part(f1_engine / 2)},
+            "no_search": {"all": part(f1_none)}}
+
+
+def _results(table):
+    out = []
+    for name, seeds in table.items():
+        for seed, (sim, eng, rewards) in enumerate(seeds):
+            out.append({"variant": name, "seed": seed, "rewards": rewards,
+                        "rl_seconds": 60.0, "eval": _eval(sim, eng)})
+    return out
+
+
+BEFORE = _eval(0.07, 0.14)
+
+
+def test_mean_spread_and_final_reward_against_numpy():
+    rewards = [list(np.linspace(0, 1, 20)), list(np.linspace(0, 0.5, 20)),
+               [0.2] * 20]
+    res = _results({"grpo_sim_curriculum": [(0.6, 0.7, rewards[0]), (0.5, 0.8, rewards[1]),
+                                            (0.4, 0.6, rewards[2])]})
+    st = claims.summarize(res, BEFORE)["variants"]["grpo_sim_curriculum"]
+    assert st["f1_simulator"]["mean"] == pytest.approx(np.mean([0.6, 0.5, 0.4]))
+    assert st["f1_simulator"]["sd"] == pytest.approx(np.std([0.6, 0.5, 0.4], ddof=1))
+    assert st["f1_engine"]["min"] == 0.6 and st["f1_engine"]["max"] == 0.8
+    # the reward of the last tenth of the steps (2 of 20), averaged over seeds
+    tails = [np.mean(r[-2:]) for r in rewards]
+    assert st["final_reward"]["mean"] == pytest.approx(np.mean(tails))
+
+
+def test_verdicts_hold_and_fail_as_the_numbers_say():
+    r = [0.1] * 10
+    holds = claims.summarize(_results({
+        "grpo_sim_curriculum": [(0.6, 0.7, r)] * 3, "grpo_engine": [(0.6, 0.65, r)] * 3,
+        "grpo_sim_constant": [(0.5, 0.6, r)] * 3, "grpo_sim_no_noise": [(0.6, 0.6, r)] * 3,
+        "ppo_sim_curriculum": [(0.3, 0.3, r)] * 3,
+        "reinforce_pp_sim_curriculum": [(0.2, 0.2, r)] * 3}), BEFORE)
+    v = {c.split(" (")[0]: h for c, _, h in claims.verdicts(holds)}
+    assert v == {"1. search pays": True, "2. a simulator is as good as real search": True,
+                 "3. the curriculum helps": True, "4. the algorithms compare": None}
+    fails = claims.summarize(_results({
+        "grpo_sim_curriculum": [(0.15, 0.5, r)] * 3, "grpo_engine": [(0.6, 0.65, r)] * 3,
+        "grpo_sim_no_noise": [(0.2, 0.6, r)] * 3}), BEFORE)
+    got = [(c, h) for c, _, h in claims.verdicts(fails)]
+    assert got == [("1. search pays", False), ("2. a simulator is as good as real search", False),
+                   ("3. the curriculum helps (vs no noise)", False)]
