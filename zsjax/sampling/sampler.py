@@ -318,6 +318,10 @@ class DecodeSession:
                              last_slot)
 
 
+# One program that allocates every layer's cache (eagerly, that is 2 x n_layers dispatches).
+_new_cache = jax.jit(init_cache, static_argnums=(0, 1, 2))
+
+
 @jax.jit
 def _forget_slots(valid, slots):
     """Marks slot slots[r] of row r invalid (-1: none). One program per cache shape, where an
@@ -359,7 +363,7 @@ def continue_generate(config: ModelConfig, params, chunks: Sequence[Sequence[int
     c = bucket(max(len(x) for x in chunks), 8)
     g = bucket(max_new_tokens)
     if session is None:
-        session = DecodeSession(init_cache(config, b, bucket(c + g, 64)), 0, n,
+        session = DecodeSession(_new_cache(config, b, bucket(c + g, 64)), 0, n,
                                 np.zeros(b, np.int64), np.full(b, -1, np.int64))
     if session.rows != n or session.cache.valid.shape[0] != b:
         raise ValueError(f"session has {session.rows} rows (batch {session.cache.valid.shape[0]})"
