@@ -126,7 +126,8 @@ def main(argv=None) -> int:
         print(f"[bench] {name}: {' '.join(full[1:])}", file=sys.stderr, flush=True)
         t = time.perf_counter()
         env = dict(os.environ)
-        if accelerated and not no_reference:  # JAX and torch share the device: split its memory
+        if accelerated and not no_reference and cmd[0] in ("decode.py", "update.py"):
+            # JAX and torch share the device there: split its memory
             env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
             env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         proc = subprocess.run(full, cwd=ROOT, timeout=args.timeout, text=True, env=env,

@@ -81,12 +81,13 @@ def _meshes(config, mesh):
         raise InputError(f"config.rollout_mesh / simulator_mesh: {e}") from None
 
 
-def _paths(config, workdir: str) -> dict[str, str]:
+def _paths(config, workdir: str, backend=None) -> dict[str, str]:
     """The policy, reference, simulator and training-data paths; the tiny fixture is built for
     the empty ones when `config.fixture` is set (configs/tiny.py)."""
     paths = {"policy": config.policy.path, "reference": config.reference.path,
              "simulator": config.simulator.path, "train": config.data.train_path}
-    missing = [k for k in ("policy", "simulator", "train") if not paths[k]]
+    needed = ("policy", "train") if backend is not None else ("policy", "simulator", "train")
+    missing = [k for k in needed if not paths[k]]
     if missing and config.get("smollm2", False):
         import jax
 
@@ -205,7 +206,10 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
 
     `backend`: a `zsjax.search.SearchBackend` to search instead of the in-process simulator
     (a retriever, or the demo world's perfect search engine); the simulator model is then not
-    loaded, and evaluation during training uses this backend too.
+    loaded (nor its path required), and evaluation during training uses this backend too. The
+    curriculum still marks requests noisy with its probability; a backend that ignores the flag
+    serves useful documents regardless, so set the curriculum to 0 for an honest
+    `noisy_fraction`.
     """
     import jax
     import jax.numpy as jnp
@@ -236,7 +240,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     os.makedirs(workdir, exist_ok=True)
 
     # --- Everything that can be wrong with the input is checked before any model loads. -----
-    paths = _paths(config, workdir)
+    paths = _paths(config, workdir, backend)
     rows = _load_rows(paths["train"])
     eval_sets = _eval_sets(config)
     try:

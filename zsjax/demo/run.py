@@ -365,8 +365,9 @@ def plot(metrics_path: str, out: str) -> None:
 
 def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
     """Stages 1-4, shared by the demo and `zsjax.experiments.claims`: the world and its data
-    files, the tokenizer, the fine-tuned simulator and the warm-started policy. A stage already
-    exported by an earlier run in `workdir` is skipped. Returns the world, its splits, the paths
+    files, the tokenizer, the fine-tuned simulator and the warm-started policy. A fine-tuning
+    stage already exported by an earlier run in `workdir` is skipped (the rest is quick and is
+    redone). Returns the world, its splits, the paths
     and the seconds each stage took."""
     os.makedirs(workdir, exist_ok=True)
     times = {}

@@ -60,7 +60,9 @@ def _log(msg: str) -> None:
 
 def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
     """Trains one (variant, seed) and evaluates it; the result is cached in result.json."""
-    out_dir = os.path.join(workdir, "runs", f"{name}_seed{seed}")
+    # The budget is part of the name: a rerun with another budget never reuses (or resumes)
+    # a run made under a different step count and curriculum schedule.
+    out_dir = os.path.join(workdir, "runs", f"{name}_seed{seed}_steps{s['rl_steps']}")
     result_path = os.path.join(out_dir, "result.json")
     if os.path.exists(result_path):
         with open(result_path) as f:
@@ -79,13 +81,13 @@ def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
     c.lock()
     backend = (FunctionBackend(lambda r: world.documents(r.query, k=docs))
                if v["backend"] == "engine" else None)
-    t = time.time()
     train.run(c, os.path.join(out_dir, "rl"), backend=backend)
-    rl_seconds = time.time() - t
     evaluation = demo.evaluate_policy(os.path.join(out_dir, "rl", "policy_hf"), prep["sim_dir"],
                                       world, prep["splits"]["test"], docs)
     with open(os.path.join(out_dir, "rl", "metrics.jsonl")) as f:
-        rewards = [json.loads(line)["reward_mean"] for line in f if line.strip()]
+        metrics = [json.loads(line) for line in f if line.strip()]
+    rewards = [m["reward_mean"] for m in metrics]
+    rl_seconds = sum(m["step_s"] for m in metrics)  # right across resumes too
     result = {"variant": name, "seed": seed, **v, "noise": list(v["noise"]),
               "rl_steps": s["rl_steps"], "rl_seconds": rl_seconds, "rewards": rewards,
               "eval": evaluation}
@@ -96,7 +98,7 @@ def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
 
 
 def _stats(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None,
             "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
 
 
@@ -163,7 +165,8 @@ def verdicts(summary: dict) -> list[tuple[str, str, bool | None]]:
 def write_report(workdir: str, summary: dict, results: list[dict], command: str,
                  s: dict) -> str:
     t, b = summary["variants"], summary["before_rl"]
-    fmt = lambda st: f"{st['mean']:.3f} ± {st['sd']:.3f}"  # noqa: E731
+    fmt = lambda st: (f"{st['mean']:.3f} ± {st['sd']:.3f}" if st["sd"] is not None  # noqa: E731
+                      else f"{st['mean']:.3f} (one seed)")
     seeds = sorted({r["seed"] for r in results})
     lines = ["# ZeroSearch's claims in the synthetic world", "",
              f"`{command}`: {s['rl_steps']} RL steps per run, {s['questions']} questions x "
@@ -203,7 +206,7 @@ def plot(workdir: str, summary: dict, results: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for name in names:
         curves = np.array([r["rewards"] for r in results if r["variant"] == name])
-        k = 5  # moving average over steps
+        k = min(5, curves.shape[1])  # moving average over steps
         smooth = np.array([np.convolve(c, np.ones(k) / k, mode="valid") for c in curves])
         x = np.arange(smooth.shape[1]) + k
         ax.plot(x, smooth.mean(0), label=name)
@@ -261,7 +264,7 @@ def main(argv=None) -> int:
                                       prep["splits"]["test"], s["docs"])
         with open(before_path, "w") as f:
             json.dump(before, f, indent=1)
-    names = args.only or list(VARIANTS)
+    names = list(dict.fromkeys(args.only)) if args.only else list(VARIANTS)
     results = []
     todo = [(n, seed) for seed in range(args.seeds) for n in names]
     for i, (name, seed) in enumerate(todo):
