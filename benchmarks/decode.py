@@ -36,13 +36,18 @@ def _best(fn, repeats=5) -> float:
     return min(times)
 
 
-def ceilings(n=None, copy_mb=512):
-    """Matmul FLOP/s and memory bandwidth (read + write): the accelerator's own memory through
-    a jitted copy, or host memory on a CPU."""
+def matmul_rate(n=None) -> float:
+    """Float32 matmul FLOP/s of the default device (an n x n x n product)."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)  # 2048 underfills a GPU
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    flops = 2 * n ** 3 / _best(lambda: f(x).block_until_ready())
+    return 2 * n ** 3 / _best(lambda: f(x).block_until_ready())
+
+
+def ceilings(n=None, copy_mb=512):
+    """Matmul FLOP/s and memory bandwidth (read + write): the accelerator's own memory through
+    a jitted copy, or host memory on a CPU."""
+    flops = matmul_rate(n)
     if jax.default_backend() != "cpu":
         y = jnp.ones((copy_mb * 2 ** 20 // 4,), jnp.float32)
         g = jax.jit(lambda a: a + 1.0)

@@ -20,15 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def matmul_ceiling(n=None):
-    n = n or (2048 if jax.default_backend() == "cpu" else 8192)  # 2048 underfills a GPU
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = min(_time(lambda: f(x).block_until_ready()) for _ in range(5))
-    return 2 * n ** 3 / best
-
-
 def peak_memory() -> dict:
     """The accelerator's peak bytes in use (GPU/TPU), or this process's peak RSS (CPU)."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -37,12 +28,6 @@ def peak_memory() -> dict:
     import resource
     return {"zsjax_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                                        2)}
-
-
-def _time(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main():
@@ -90,7 +75,8 @@ def main():
                     loss_mask=jnp.asarray(mask), old_logprobs=jnp.asarray(old),
                     advantages=jnp.asarray(adv))
     cfg = U.LossConfig(entropy_coef=0.001)
-    ceiling = matmul_ceiling()
+    from decode import matmul_rate  # benchmarks/decode.py
+    ceiling = matmul_rate()
     flops = 6 * config.num_params() * b * t
 
     # zsjax

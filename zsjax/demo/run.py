@@ -251,19 +251,25 @@ def _rollout(docs: int) -> dict:
             "max_obs_tokens": 24 * docs}
 
 
+def engine_backend(world: W.World, docs: int):
+    """The world's perfect search engine: the true documents for each query."""
+    from zsjax.search import FunctionBackend
+    return FunctionBackend(lambda r: world.documents(r.query, k=docs))
+
+
 def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Question],
                     docs: int) -> dict:
     """Test F1/EM per backend (simulator, perfect search engine) and question type, plus the
     score of answering without searching."""
     from zsjax.data.qa import QARow
     from zsjax.evaluate import evaluate, load_policy
-    from zsjax.search import FunctionBackend, RolloutSettings
+    from zsjax.search import RolloutSettings
     from zsjax.search.simulator import InProcessSimulator
     config, params, tok = load_policy(model_dir)
     sim_config, sim_params, sim_tok = load_policy(sim_dir)
     simulator = InProcessSimulator(sim_config, sim_params, sim_tok, temperature=0.0,
                                    max_new_tokens=16 * docs, top_k_docs=docs)
-    engine = FunctionBackend(lambda r: world.documents(r.query, k=docs))
+    engine = engine_backend(world, docs)
     sets = {kind: [QARow(q.question, (q.answer,)) for q in test if q.kind == kind]
             for kind in ("one_hop", "two_hop")}
     settings = RolloutSettings(**_rollout(docs))

@@ -68,7 +68,6 @@ def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
         with open(result_path) as f:
             return json.load(f)
     from zsjax import train
-    from zsjax.search import FunctionBackend
     v = VARIANTS[name]
     world, docs = prep["world"], s["docs"]
     paths = {"policy": prep["warm_dir"], "simulator": prep["sim_dir"],
@@ -79,8 +78,7 @@ def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
     c.train.progress = False
     c.resume = True  # an interrupted run continues from its checkpoint
     c.lock()
-    backend = (FunctionBackend(lambda r: world.documents(r.query, k=docs))
-               if v["backend"] == "engine" else None)
+    backend = demo.engine_backend(world, docs) if v["backend"] == "engine" else None
     train.run(c, os.path.join(out_dir, "rl"), backend=backend)
     evaluation = demo.evaluate_policy(os.path.join(out_dir, "rl", "policy_hf"), prep["sim_dir"],
                                       world, prep["splits"]["test"], docs)
