@@ -74,6 +74,17 @@ def filter_logits(logits_bv: jax.Array, params: SamplingParams) -> jax.Array:
     return jax.nn.log_softmax(logits, axis=-1)
 
 
+def argmax(x_bv: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis (first index of the max), as a max and an index min:
+    two plain reductions, where XLA:CPU runs argmax's paired (value, index) reduction scalar
+    (3.6 ms against 0.6 ms for [32, 49152]). A row holding NaN gives its last index (argmax
+    would give the NaN's), still a valid token id."""
+    n = x_bv.shape[-1]
+    top = x_bv.max(axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x_bv == top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+    return jnp.minimum(first, n - 1)
+
+
 def sample(logits_bv: jax.Array, params: SamplingParams, keys_b: jax.Array
            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row: (tokens [B], logprobs under the sampled distribution [B],
@@ -81,13 +92,16 @@ def sample(logits_bv: jax.Array, params: SamplingParams, keys_b: jax.Array
     row [B], so a row's draw does not depend on the other rows."""
     logits = logits_bv.astype(jnp.float32)
     if params.greedy:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens = argmax(logits)
         # Greedy has no proper distribution; report the model's own (T = 1) logprob.
         model_lp = jax.nn.log_softmax(logits, axis=-1)
         lp = jnp.take_along_axis(model_lp, tokens[:, None], axis=-1)[:, 0]
         return tokens, lp, lp
     logprobs = filter_logits(logits, params)
-    tokens = jax.vmap(jax.random.categorical)(keys_b, logprobs)
+    # The Gumbel-max draw of `jax.random.categorical` (the same noise, so the same tokens),
+    # with the faster argmax.
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logprobs.shape[-1:], jnp.float32))(keys_b)
+    tokens = argmax(logprobs + noise)
     lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     model_lp = jax.nn.log_softmax(logits / params.temperature, axis=-1)
     mlp = jnp.take_along_axis(model_lp, tokens[:, None], axis=-1)[:, 0]

@@ -339,8 +339,9 @@ def _take_rows(cache: KVCache, idx) -> KVCache:
 @functools.partial(jax.jit, static_argnums=1)
 def _grow(cache: KVCache, capacity: int) -> KVCache:
     extra = capacity - cache.capacity
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731
-    return KVCache(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)),
+    pad_k = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731
+    pad_v = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))  # noqa: E731
+    return KVCache(k=tuple(map(pad_k, cache.k)), v=tuple(map(pad_v, cache.v)),
                    valid=jnp.pad(cache.valid, ((0, 0), (0, extra))), index=cache.index)
 
 
