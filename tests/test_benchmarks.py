@@ -1,5 +1,6 @@
 """The benchmark suite's plumbing (`benchmarks/run.py`): one small benchmark end to end and its
-report files (slow: it runs PyTorch and JAX steps), and the rollout benchmark's bound."""
+report files (slow: it runs PyTorch and JAX steps), the rollout benchmark's bound, and the decode
+profiler's attribution of traced op times."""
 
 import importlib.util
 import json
@@ -11,6 +12,14 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
+                                                                     f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -31,10 +40,7 @@ def test_quick_suite_writes_json_and_markdown(tmp_path):
 
 
 def test_rollout_bound_by_hand():
-    spec = importlib.util.spec_from_file_location("rollout_bench",
-                                                  os.path.join(ROOT, "benchmarks", "rollout.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("rollout")
     config = SimpleNamespace(num_params=lambda: 1000, n_layers=2, n_kv_heads=1, head_dim=4)
     bound = bench.Bound(config, flops_s=1e6, bytes_s=1e5)
     # two rows: 3 and 5 new tokens on contexts of 10 and 20; they generate 2 and 1 tokens
@@ -44,3 +50,24 @@ def test_rollout_bound_by_hand():
     step0 = max(2 * 1000 * 2 / 1e6, (4000 + kv * (10 + 20)) / 1e5)
     step1 = max(2 * 1000 * 1 / 1e6, (4000 + kv * 11) / 1e5)  # only the first row is left
     assert bound.seconds == pytest.approx(prefill + step0 + step1)
+
+
+def test_profile_rows_group_loop_ops_per_step_by_shape_and_kind():
+    prof = _load("profile_decode")
+    hlo = ("\n  %dot.1 = f32[32,1536]{1,0} dot(%a, %b)\n  %dot.2 = f32[32,1536]{1,0} dot(%c, %d)"
+           "\n  %fusion.7 = f32[32]{0} fusion(%e), kind=kLoop\n"
+           "  %dot.3 = f32[1536,576]{1,0} dot(%f, %g)\n")
+    events = []
+    for _ in range(4):  # a 4-step loop: two gate-like dots and a fusion per step
+        events += [{"ph": "X", "dur": 100, "args": {"hlo_op": "dot.1", "hlo_module": "jit__g"}},
+                   {"ph": "X", "dur": 300, "args": {"hlo_op": "dot.2", "hlo_module": "jit__g"}},
+                   {"ph": "X", "dur": 50, "args": {"hlo_op": "fusion.7", "hlo_module": "jit__g"}}]
+    events += [{"ph": "X", "dur": 9000, "args": {"hlo_op": "dot.3", "hlo_module": "jit__g"}},
+               {"ph": "X", "dur": 7, "args": {"hlo_op": "dot.1", "hlo_module": "jit__other"}},
+               {"ph": "X", "dur": 5, "name": "no args"}]
+    total, count = prof.op_times(events, "jit__g")
+    assert total["dot.1"] == 400 and count["dot.2"] == 4 and count["dot.3"] == 1
+    rows = prof.per_step_rows(total, count, hlo, steps=4)
+    # dot.3 ran once (prefill): not a loop op; dot.1 and dot.2 share a shape and kind
+    assert rows == [{"shape": "f32[32,1536]", "op": "dot", "ms_per_step": 0.4, "ops_per_step": 2},
+                    {"shape": "f32[32]", "op": "fusion", "ms_per_step": 0.05, "ops_per_step": 1}]
