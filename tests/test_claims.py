@@ -48,11 +48,36 @@ def test_verdicts_hold_and_fail_as_the_numbers_say():
         "ppo_sim_curriculum": [(0.3, 0.3, r)] * 3,
         "reinforce_pp_sim_curriculum": [(0.2, 0.2, r)] * 3}), BEFORE)
     v = {c.split(" (")[0]: h for c, _, h in claims.verdicts(holds)}
-    assert v == {"1. search pays": True, "2. a simulator is as good as real search": True,
-                 "3. the curriculum helps": True, "4. the algorithms compare": None}
+    assert v == {"1. search pays": "yes", "2. a simulator is as good as real search": "yes",
+                 "3. the curriculum helps": "yes", "4. the algorithms compare": "reported"}
     fails = claims.summarize(_results({
         "grpo_sim_curriculum": [(0.15, 0.5, r)] * 3, "grpo_engine": [(0.6, 0.65, r)] * 3,
         "grpo_sim_no_noise": [(0.2, 0.6, r)] * 3}), BEFORE)
     got = [(c, h) for c, _, h in claims.verdicts(fails)]
-    assert got == [("1. search pays", False), ("2. a simulator is as good as real search", False),
-                   ("3. the curriculum helps (vs no noise)", False)]
+    assert got == [("1. search pays", "no"), ("2. a simulator is as good as real search", "no"),
+                   ("3. the curriculum helps (vs no noise)", "no")]
+
+
+def test_at_least_as_well_within_noise_by_the_standard_error_of_the_difference():
+    r = [0.1] * 10
+    summary = claims.summarize(_results({
+        "grpo_sim_curriculum": [(0.50, 0.6, r), (0.60, 0.6, r), (0.55, 0.6, r)],
+        "grpo_sim_constant": [(0.55, 0.6, r), (0.65, 0.6, r), (0.60, 0.6, r)],
+        "grpo_sim_no_noise": [(0.70, 0.6, r), (0.71, 0.6, r), (0.72, 0.6, r)]}), BEFORE)
+    t = summary["variants"]
+    # curriculum 0.55 vs constant 0.60: sd 0.05 on both sides, n = 3
+    se = np.sqrt(2 * np.std([0.5, 0.6, 0.55], ddof=1) ** 2 / 3)
+    assert 0.05 < 2 * se  # a shortfall of 0.05 is inside twice the standard error
+    verdict, text = claims.at_least(t["grpo_sim_curriculum"]["f1_simulator"],
+                                    t["grpo_sim_constant"]["f1_simulator"])
+    assert verdict == "within noise" and f"{se:.3f}" in text and "-0.050" in text
+    # 0.55 vs 0.71 (sd 0.01): 0.16 short, far outside
+    assert claims.at_least(t["grpo_sim_curriculum"]["f1_simulator"],
+                           t["grpo_sim_no_noise"]["f1_simulator"])[0] == "no"
+    assert claims.at_least(t["grpo_sim_no_noise"]["f1_simulator"],
+                           t["grpo_sim_curriculum"]["f1_simulator"])[0] == "yes"
+    one_seed = claims.summarize(_results({"grpo_sim_curriculum": [(0.5, 0.6, r)],
+                                          "grpo_sim_constant": [(0.51, 0.6, r)]}), BEFORE)
+    t1 = one_seed["variants"]
+    assert claims.at_least(t1["grpo_sim_curriculum"]["f1_simulator"],
+                           t1["grpo_sim_constant"]["f1_simulator"])[0] == "no"

@@ -125,9 +125,24 @@ def summarize(results: list[dict], before: dict) -> dict:
             "variants": table}
 
 
-def verdicts(summary: dict) -> list[tuple[str, str, bool | None]]:
-    """(claim, the comparison in numbers, holds?) on the means; None where a variant is missing.
-    'At least as well' is read on means; the spreads are in the table beside them."""
+def at_least(a: dict, b: dict) -> tuple[str, str]:
+    """Does variant a score at least as well as b? From two `_stats`: "yes" when a's mean is
+    not below b's; "within noise" when it is below by at most twice the standard error of the
+    difference of the means over seeds (sqrt(sd_a^2 / n_a + sd_b^2 / n_b)); "no" otherwise,
+    and whenever a side has one seed (no spread to judge the noise by). Also a short text
+    with the difference and its standard error."""
+    diff = a["mean"] - b["mean"]
+    if a["sd"] is None or b["sd"] is None:
+        return ("yes" if diff >= 0 else "no"), f"difference {diff:+.3f} (one seed)"
+    se = (a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"]) ** 0.5
+    verdict = "yes" if diff >= 0 else ("within noise" if -diff <= 2 * se else "no")
+    return verdict, f"difference {diff:+.3f} ± {se:.3f}"
+
+
+def verdicts(summary: dict) -> list[tuple[str, str, str]]:
+    """(claim, the comparison in numbers, verdict) with verdict "yes", "no", "within noise"
+    (see `at_least`) or "reported" (claim 4 names no direction). Claims whose variants did
+    not run are left out."""
     t, b = summary["variants"], summary["before_rl"]
     m = lambda v, k: t[v][k]["mean"] if v in t else None  # noqa: E731
     out = []
@@ -138,25 +153,28 @@ def verdicts(summary: dict) -> list[tuple[str, str, bool | None]]:
         out.append(("1. search pays",
                     f"F1 after RL (simulator) {main:.3f} vs without search {no_search:.3f} and "
                     f"the warm start {b['f1_simulator']:.3f} (holds if above both by > 0.1)",
-                    holds))
-    sim_e, eng_e = m("grpo_sim_curriculum", "f1_engine"), m("grpo_engine", "f1_engine")
-    if sim_e is not None and eng_e is not None:
+                    "yes" if holds else "no"))
+    if "grpo_sim_curriculum" in t and "grpo_engine" in t:
+        verdict, diff = at_least(t["grpo_sim_curriculum"]["f1_engine"],
+                                 t["grpo_engine"]["f1_engine"])
         out.append(("2. a simulator is as good as real search",
-                    f"evaluated with the search engine: simulator-trained {sim_e:.3f} vs "
-                    f"engine-trained {eng_e:.3f}", sim_e >= eng_e))
+                    f"evaluated with the search engine: simulator-trained "
+                    f"{m('grpo_sim_curriculum', 'f1_engine'):.3f} vs engine-trained "
+                    f"{m('grpo_engine', 'f1_engine'):.3f}, {diff}", verdict))
     for other, label in (("grpo_sim_constant", "constant p = 0.25"),
                          ("grpo_sim_no_noise", "no noise")):
-        mo = m(other, "f1_simulator")
-        if main is not None and mo is not None:
+        if main is not None and other in t:
+            verdict, diff = at_least(t["grpo_sim_curriculum"]["f1_simulator"],
+                                     t[other]["f1_simulator"])
             out.append((f"3. the curriculum helps (vs {label})",
-                        f"F1 (simulator) curriculum {main:.3f} vs {label} {mo:.3f}",
-                        main >= mo))
+                        f"F1 (simulator) curriculum {main:.3f} vs {label} "
+                        f"{m(other, 'f1_simulator'):.3f}, {diff}", verdict))
     algos = {a: m(f"{a}_sim_curriculum", "f1_simulator")
              for a in ("grpo", "ppo", "reinforce_pp")}
     if all(v is not None for v in algos.values()):
         out.append(("4. the algorithms compare",
                     ", ".join(f"{a} {v:.3f}" for a, v in algos.items())
-                    + " (F1, simulator): reported, no direction claimed", None))
+                    + " (F1, simulator): reported, no direction claimed", "reported"))
     return out
 
 
@@ -182,10 +200,11 @@ def write_report(workdir: str, summary: dict, results: list[dict], command: str,
                      f"{fmt(st['f1_two_hop_engine'])} | {st['searches_engine']['mean']:.2f} | "
                      f"{fmt(st['f1_no_search'])} | {fmt(st['final_reward'])} | "
                      f"{st['rl_minutes']['mean']:.1f} |")
-    lines += ["", "| claim | measured | holds |", "|---|---|---|"]
-    for claim, text, holds in verdicts(summary):
-        lines.append(f"| {claim} | {text} | "
-                     f"{'n/a' if holds is None else ('yes' if holds else '**no**')} |")
+    lines += ["", "| claim | measured (means over seeds) | holds |", "|---|---|---|"]
+    for claim, text, verdict in verdicts(summary):
+        lines.append(f"| {claim} | {text} | {'**no**' if verdict == 'no' else verdict} |")
+    lines += ["", "A claim of \"at least as well\" is *within noise* when the mean falls short "
+              "by no more than twice the standard error of the difference over seeds."]
     lines += ["", "Per-seed F1 (simulator): " + "; ".join(
         f"{name} {', '.join(f'{x:.3f}' for x in st['f1_simulator']['values'])}"
         for name, st in t.items()), ""]
