@@ -1,11 +1,12 @@
 """Where a decode step's time goes: a `jax.profiler` trace of `generate`, attributed per XLA op.
 
-    python benchmarks/profile_decode.py [--model DIR] [--batch 32] [--new-tokens 64] [--out FILE]
+    python benchmarks/profile_decode.py [--model DIR] [--batch 32] [--new-tokens 64]
+                                        [--temperature T] [--top-p P] [--out FILE]
 
 Compiles `generate` with one call, then traces a second call (a Perfetto JSON trace) while XLA
-dumps the optimised HLO. Every op of the decode loop's body runs once per step: its traced time
-is summed, divided by the number of steps, and grouped by (output shape, op kind), so 30 layers'
-gate projections make one row. On a CPU, the runtime runs independent ops side by side (the
+dumps the optimised HLO. Every op of the decode loop's body runs once per step (or more, inside
+a nested loop): its traced time is summed, divided by the number of steps, and grouped by
+(output shape, op kind), so 30 layers' gate projections make one row. On a CPU, the runtime runs independent ops side by side (the
 gate and up projections, say), so the rows can add up to more than a step's wall time.
 
 This is how the V-cache layout and the argmax were found (docs/PERFORMANCE.md).
@@ -36,18 +37,19 @@ def op_times(trace_events, module: str) -> tuple[collections.Counter, collection
 
 
 def per_step_rows(total, count, hlo_text: str, steps: int) -> list[dict]:
-    """Ops executed once per decode step (steps - 1 to steps + 1 times), grouped by output shape
-    and op kind, in ms per step, largest first."""
+    """Ops of the decode loop (executed at least steps - 1 times: once a step, or several times
+    inside a nested loop such as the top-p bisection), grouped by output shape and op kind, in
+    ms per step, largest first."""
     groups = collections.defaultdict(lambda: [0.0, 0])
     for op, us in total.items():
-        if abs(count[op] - steps) > 1:
-            continue  # prefill, setup, or the loop condition's bookkeeping
+        if count[op] < steps - 1:
+            continue  # prefill and setup
         m = re.search(r"\n\s*%?" + re.escape(op) + r" = (\S+) ([\w-]+)\(", hlo_text)
         shape = re.sub(r"\{[^}]*\}", "", m.group(1)) if m else "?"
         kind = op.rsplit(".", 1)[0] if re.search(r"\.\d+$", op) else op
-        groups[(shape, kind)][0] += us / 1000 / count[op]
+        groups[(shape, kind)][0] += us / 1000 / steps
         groups[(shape, kind)][1] += 1
-    rows = [{"shape": s, "op": k, "ms_per_step": round(v[0], 3), "ops_per_step": v[1]}
+    rows = [{"shape": s, "op": k, "ms_per_step": round(v[0], 3), "n_ops": v[1]}
             for (s, k), v in groups.items()]
     return sorted(rows, key=lambda r: -r["ms_per_step"])
 
@@ -57,6 +59,8 @@ def main():
     parser.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top", type=int, default=20, help="rows to print")
     parser.add_argument("--out", default=None, help="write the rows here as JSON")
     args = parser.parse_args()
@@ -80,7 +84,7 @@ def main():
 
     def call():
         return generate(config, params, prompts, max_new_tokens=args.new_tokens,
-                        eos_token_ids=[])
+                        temperature=args.temperature, top_p=args.top_p, eos_token_ids=[])
 
     call()
     trace_dir = os.path.join(work, "trace")
@@ -98,12 +102,13 @@ def main():
     steps = args.new_tokens  # the loop body runs once per new token
     rows = per_step_rows(total, count, hlo_text, steps)
     step_sum = sum(r["ms_per_step"] for r in rows)
-    print(f"batch {args.batch}, {steps} new tokens, {jax.default_backend()}: traced call "
+    print(f"batch {args.batch}, {steps} new tokens, T={args.temperature}, top-p {args.top_p}, "
+          f"{jax.default_backend()}: traced call "
           f"{wall:.2f} s; loop-body ops sum to {step_sum:.1f} ms a step "
           f"(trace and HLO in {work})\n")
-    print("| ms per step | ops per step | output shape | op |\n|---|---|---|---|")
+    print("| ms per step | distinct ops | output shape | op |\n|---|---|---|---|")
     for r in rows[:args.top]:
-        print(f"| {r['ms_per_step']:.2f} | {r['ops_per_step']} | `{r['shape']}` | {r['op']} |")
+        print(f"| {r['ms_per_step']:.2f} | {r['n_ops']} | `{r['shape']}` | {r['op']} |")
     if args.out:
         json.dump({"batch": args.batch, "new_tokens": steps, "wall_s": wall, "rows": rows},
                   open(args.out, "w"), indent=2)
