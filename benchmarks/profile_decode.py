@@ -6,8 +6,9 @@
 Compiles `generate` with one call, then traces a second call (a Perfetto JSON trace) while XLA
 dumps the optimised HLO. Every op of the decode loop's body runs once per step (or more, inside
 a nested loop): its traced time is summed, divided by the number of steps, and grouped by
-(output shape, op kind), so 30 layers' gate projections make one row. On a CPU, the runtime runs independent ops side by side (the
-gate and up projections, say), so the rows can add up to more than a step's wall time.
+(output shape, op kind), so 30 layers' gate projections make one row. On a CPU, the runtime
+runs independent ops side by side (the gate and up projections, say), so the rows can add up to
+more than a step's wall time.
 
 This is how the V-cache layout and the argmax were found (docs/PERFORMANCE.md).
 """
@@ -44,7 +45,8 @@ def per_step_rows(total, count, hlo_text: str, steps: int) -> list[dict]:
     for op, us in total.items():
         if count[op] < steps - 1:
             continue  # prefill and setup
-        m = re.search(r"\n\s*%?" + re.escape(op) + r" = (\S+) ([\w-]+)\(", hlo_text)
+        # "%op = SHAPE kind(" where SHAPE may be a tuple "(f32[..], s32[..])"; ROOT ops too
+        m = re.search(r"\n\s*(?:ROOT )?%?" + re.escape(op) + r" = (.+?) [\w-]+\(", hlo_text)
         shape = re.sub(r"\{[^}]*\}", "", m.group(1)) if m else "?"
         kind = op.rsplit(".", 1)[0] if re.search(r"\.\d+$", op) else op
         groups[(shape, kind)][0] += us / 1000 / steps

@@ -57,6 +57,7 @@ def test_profile_rows_group_loop_ops_per_step_by_shape_and_kind():
     hlo = ("\n  %dot.1 = f32[32,1536]{1,0} dot(%a, %b)\n  %dot.2 = f32[32,1536]{1,0} dot(%c, %d)"
            "\n  %fusion.7 = f32[32]{0} fusion(%e), kind=kLoop\n"
            "  %fusion.9 = s32[32]{0} fusion(%e), kind=kLoop\n"
+           "  ROOT %reduce.4 = (f32[32]{0}, s32[32]{0}) reduce(%a, %b)\n"
            "  %dot.3 = f32[1536,576]{1,0} dot(%f, %g)\n")
     events = []
     for _ in range(4):  # a 4-step loop: two gate-like dots and a fusion per step
@@ -65,6 +66,7 @@ def test_profile_rows_group_loop_ops_per_step_by_shape_and_kind():
                    {"ph": "X", "dur": 50, "args": {"hlo_op": "fusion.7", "hlo_module": "jit__g"}}]
         events += [{"ph": "X", "dur": 10, "args": {"hlo_op": "fusion.9", "hlo_module": "jit__g"}}
                    ] * 3  # a nested loop: 3 times a step
+        events += [{"ph": "X", "dur": 20, "args": {"hlo_op": "reduce.4", "hlo_module": "jit__g"}}]
     events += [{"ph": "X", "dur": 9000, "args": {"hlo_op": "dot.3", "hlo_module": "jit__g"}},
                {"ph": "X", "dur": 7, "args": {"hlo_op": "dot.1", "hlo_module": "jit__other"}},
                {"ph": "X", "dur": 5, "name": "no args"}]
@@ -74,4 +76,6 @@ def test_profile_rows_group_loop_ops_per_step_by_shape_and_kind():
     # dot.3 ran once (prefill): not a loop op; dot.1 and dot.2 share a shape and kind
     assert rows == [{"shape": "f32[32,1536]", "op": "dot", "ms_per_step": 0.4, "n_ops": 2},
                     {"shape": "f32[32]", "op": "fusion", "ms_per_step": 0.05, "n_ops": 1},
-                    {"shape": "s32[32]", "op": "fusion", "ms_per_step": 0.03, "n_ops": 1}]
+                    {"shape": "s32[32]", "op": "fusion", "ms_per_step": 0.03, "n_ops": 1},
+                    {"shape": "(f32[32], s32[32])", "op": "reduce", "ms_per_step": 0.02,
+                     "n_ops": 1}]

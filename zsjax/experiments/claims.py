@@ -128,9 +128,9 @@ def summarize(results: list[dict], before: dict) -> dict:
 def at_least(a: dict, b: dict) -> tuple[str, str]:
     """Does variant a score at least as well as b? From two `_stats`: "yes" when a's mean is
     not below b's; "within noise" when it is below by at most twice the standard error of the
-    difference of the means over seeds (sqrt(sd_a^2 / n_a + sd_b^2 / n_b)); "no" otherwise,
-    and whenever a side has one seed (no spread to judge the noise by). Also a short text
-    with the difference and its standard error."""
+    difference of the means over seeds (sqrt(sd_a^2 / n_a + sd_b^2 / n_b)); "no" otherwise.
+    With one seed on either side there is no noise estimate, so any shortfall is "no". Also
+    returns a short text with the difference and its standard error."""
     diff = a["mean"] - b["mean"]
     if a["sd"] is None or b["sd"] is None:
         return ("yes" if diff >= 0 else "no"), f"difference {diff:+.3f} (one seed)"
