@@ -85,8 +85,16 @@ def _first_max(x_bv: jax.Array, top_b1: jax.Array) -> jax.Array:
     return jnp.where(first == n, 0, first)
 
 
+def _materialise(x: jax.Array) -> jax.Array:
+    """x computed once and stored. Without this, XLA may fuse x's producer (the Gumbel noise
+    say) into both the max and the index min and compute it twice, and on some backends two
+    fused copies need not agree to the last bit, so no element would equal the max."""
+    return jax.lax.optimization_barrier(x)
+
+
 def argmax(x_bv: jax.Array) -> jax.Array:
     """`jnp.argmax(x, axis=-1)`, faster on XLA:CPU (see `_first_max`); rows with NaN differ."""
+    x_bv = _materialise(x_bv)
     return _first_max(x_bv, x_bv.max(axis=-1, keepdims=True))
 
 
@@ -97,6 +105,7 @@ def sample(logits_bv: jax.Array, params: SamplingParams, keys_b: jax.Array
     row [B], so a row's draw does not depend on the other rows."""
     logits = logits_bv.astype(jnp.float32)
     if params.greedy:
+        logits = _materialise(logits)
         top = logits.max(axis=-1, keepdims=True)
         tokens = _first_max(logits, top)
         # Greedy has no proper distribution; report the model's own (T = 1) logprob, which for
