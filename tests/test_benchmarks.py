@@ -9,6 +9,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,3 +80,18 @@ def test_profile_rows_group_loop_ops_per_step_by_shape_and_kind():
                     {"shape": "s32[32]", "op": "fusion", "ms_per_step": 0.03, "n_ops": 1},
                     {"shape": "(f32[32], s32[32])", "op": "reduce", "ms_per_step": 0.02,
                      "n_ops": 1}]
+
+
+def test_weight_stream_times_the_chained_product_numpy_computes():
+    bench = _load("weight_stream")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    ws = [rng.standard_normal((4, 6)).astype(np.float32) for _ in range(3)]
+    want = x
+    for w in ws:
+        want = np.tanh(want @ w)[:, :4]
+    np.testing.assert_allclose(np.asarray(bench.chain(x, ws)), want, rtol=1e-5, atol=1e-6)
+    row = bench.measure(rows=2, layers=3, k=8, n=16, repeats=1, inner=1)
+    assert row["weight_mb"] == round(4 * 8 * 16 * 3 / 1e6, 1) and row["chained_gflop_s"] >= 0
+    with pytest.raises(ValueError, match="--n"):
+        bench.measure(rows=2, layers=1, k=16, n=8)
