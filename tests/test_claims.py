@@ -88,3 +88,36 @@ def test_at_least_as_well_within_noise_by_the_standard_error_of_the_difference()
     rows = {c: v for c, _, v in claims.verdicts(summary)}
     assert rows["3. the curriculum helps (vs constant p = 0.25)"] == "within noise"
     assert rows["3. the curriculum helps (vs no noise)"] == "no"
+
+
+def test_report_only_summarises_the_finished_runs_and_names_the_missing(tmp_path, capsys):
+    import json
+    import os
+    steps = claims.demo.settings_for(False)["rl_steps"]
+    r = [0.1] * 10
+    res = _results({"grpo_sim_curriculum": [(0.6, 0.7, r), (0.4, 0.5, r)],
+                    "grpo_engine": [(0.5, 0.9, r)]})
+    for rec in res:
+        d = claims.run_dir(str(tmp_path), rec["variant"], rec["seed"], steps)
+        os.makedirs(d)
+        json.dump(rec, open(os.path.join(d, "result.json"), "w"))
+    # a run of another budget is not mixed in
+    other = claims.run_dir(str(tmp_path), "grpo_sim_constant", 0, steps + 1)
+    os.makedirs(other)
+    json.dump(_results({"grpo_sim_constant": [(0.9, 0.9, r)]})[0],
+              open(os.path.join(other, "result.json"), "w"))
+    with pytest.raises(SystemExit):  # no warm-start evaluation yet: nothing to report
+        claims.main(["--workdir", str(tmp_path), "--report-only", "--seeds", "2"])
+    os.makedirs(tmp_path / "shared")
+    json.dump(BEFORE, open(tmp_path / "shared" / "eval_before.json", "w"))
+    assert claims.main(["--workdir", str(tmp_path), "--report-only", "--seeds", "2"]) == 0
+    report = (tmp_path / "claims.md").read_text()
+    assert "**Partial report:** 3 of 12 runs have finished" in report
+    assert "grpo_engine seed 1" in report and "grpo_sim_constant seed 0" in report
+    assert "| grpo_sim_curriculum | 0.500 ± 0.141 |" in report
+    assert "| grpo_engine | 0.500 (one seed) |" in report and "| grpo_sim_constant |" not in report
+    saved = json.load(open(tmp_path / "claims.json"))
+    assert len(saved["missing"]) == 9
+    assert saved["summary"]["variants"]["grpo_sim_curriculum"]["f1_engine"]["mean"] == \
+        pytest.approx(0.6)
+    assert (tmp_path / "final_f1.png").exists() and (tmp_path / "reward_curves.png").exists()

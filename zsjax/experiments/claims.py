@@ -58,15 +58,28 @@ def _log(msg: str) -> None:
     print(f"[claims] {msg}", file=sys.stderr, flush=True)
 
 
-def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
-    """Trains one (variant, seed) and evaluates it; the result is cached in result.json."""
+def run_dir(workdir: str, name: str, seed: int, rl_steps: int) -> str:
     # The budget is part of the name: a rerun with another budget never reuses (or resumes)
     # a run made under a different step count and curriculum schedule.
-    out_dir = os.path.join(workdir, "runs", f"{name}_seed{seed}_steps{s['rl_steps']}")
+    return os.path.join(workdir, "runs", f"{name}_seed{seed}_steps{rl_steps}")
+
+
+def finished(workdir: str, name: str, seed: int, rl_steps: int) -> dict | None:
+    """The saved result of a finished (variant, seed) run, or None."""
+    path = os.path.join(run_dir(workdir, name, seed, rl_steps), "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
+    """Trains one (variant, seed) and evaluates it; the result is cached in result.json."""
+    out_dir = run_dir(workdir, name, seed, s["rl_steps"])
     result_path = os.path.join(out_dir, "result.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
+    done = finished(workdir, name, seed, s["rl_steps"])
+    if done is not None:
+        return done
     from zsjax import train
     v = VARIANTS[name]
     world, docs = prep["world"], s["docs"]
@@ -179,7 +192,7 @@ def verdicts(summary: dict) -> list[tuple[str, str, str]]:
 
 
 def write_report(workdir: str, summary: dict, results: list[dict], command: str,
-                 s: dict) -> str:
+                 s: dict, missing: list[str] = ()) -> str:
     t, b = summary["variants"], summary["before_rl"]
     fmt = lambda st: (f"{st['mean']:.3f} ± {st['sd']:.3f}" if st["sd"] is not None  # noqa: E731
                       else f"{st['mean']:.3f} (one seed)")
@@ -191,8 +204,11 @@ def write_report(workdir: str, summary: dict, results: list[dict], command: str,
              "sample standard deviation over seeds.", "",
              f"Before RL (the shared warm start): F1 {b['f1_simulator']:.3f} with the simulator, "
              f"{b['f1_engine']:.3f} with the search engine, {b['f1_no_search']:.3f} without "
-             "search.", "",
-             "| variant | F1, simulator | F1, search engine | F1 two-hop, engine | searches "
+             "search.", ""]
+    if missing:
+        lines += [f"**Partial report:** {len(results)} of {len(results) + len(missing)} runs "
+                  f"have finished. Not yet run: {', '.join(missing)}.", ""]
+    lines += ["| variant | F1, simulator | F1, search engine | F1 two-hop, engine | searches "
              "(engine) | F1 without search | reward, last 10% of steps | RL min |",
              "|---|---|---|---|---|---|---|---|"]
     for name, st in t.items():
@@ -264,40 +280,59 @@ def main(argv=None) -> int:
                    "a spread)")
     p.add_argument("--rl-steps", type=int, default=None, help="override the RL budget")
     p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=None)
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report and plots from the runs finished so "
+                        "far (say, while a long run is still going in another process)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
     s = demo.settings_for(False)
     s["rl_steps"] = args.rl_steps or (QUICK_RL_STEPS if args.quick else s["rl_steps"])
-    os.makedirs(args.workdir, exist_ok=True)
     start = time.time()
-    prep = demo.prepare(os.path.join(args.workdir, "shared"), s, seed=0)
     before_path = os.path.join(args.workdir, "shared", "eval_before.json")
-    if os.path.exists(before_path):
+    names = list(dict.fromkeys(args.only)) if args.only else list(VARIANTS)
+    todo = [(n, seed) for seed in range(args.seeds) for n in names]
+    results, missing = [], []
+    if args.report_only:
+        for name, seed in todo:
+            r = finished(args.workdir, name, seed, s["rl_steps"])
+            if r is None:
+                missing.append(f"{name} seed {seed}")
+            else:
+                results.append(r)
+        if not results or not os.path.exists(before_path):
+            p.error(f"no finished runs of {s['rl_steps']} steps in {args.workdir}: nothing to "
+                    "report (run without --report-only first; pass --quick or --rl-steps to "
+                    "match the budget of the runs)")
         with open(before_path) as f:
             before = json.load(f)
     else:
-        before = demo.evaluate_policy(prep["warm_dir"], prep["sim_dir"], prep["world"],
-                                      prep["splits"]["test"], s["docs"])
-        with open(before_path, "w") as f:
-            json.dump(before, f, indent=1)
-    names = list(dict.fromkeys(args.only)) if args.only else list(VARIANTS)
-    results = []
-    todo = [(n, seed) for seed in range(args.seeds) for n in names]
-    for i, (name, seed) in enumerate(todo):
-        t = time.time()
-        r = run_one(name, seed, s, prep, args.workdir)
-        results.append(r)
-        _log(f"[{i + 1}/{len(todo)}] {name} seed {seed}: test F1 "
-             f"{r['eval']['simulator']['all']['f1']:.3f} (simulator), "
-             f"{r['eval']['search_engine']['all']['f1']:.3f} (engine); {time.time() - t:.0f} s; "
-             f"{(time.time() - start) / 60:.1f} min so far")
+        os.makedirs(args.workdir, exist_ok=True)
+        prep = demo.prepare(os.path.join(args.workdir, "shared"), s, seed=0)
+        if os.path.exists(before_path):
+            with open(before_path) as f:
+                before = json.load(f)
+        else:
+            before = demo.evaluate_policy(prep["warm_dir"], prep["sim_dir"], prep["world"],
+                                          prep["splits"]["test"], s["docs"])
+            with open(before_path, "w") as f:
+                json.dump(before, f, indent=1)
+        for i, (name, seed) in enumerate(todo):
+            t = time.time()
+            cached = finished(args.workdir, name, seed, s["rl_steps"]) is not None
+            r = run_one(name, seed, s, prep, args.workdir)
+            results.append(r)
+            took = "finished earlier" if cached else f"{time.time() - t:.0f} s"
+            _log(f"[{i + 1}/{len(todo)}] {name} seed {seed}: test F1 "
+                 f"{r['eval']['simulator']['all']['f1']:.3f} (simulator), "
+                 f"{r['eval']['search_engine']['all']['f1']:.3f} (engine); {took}; "
+                 f"{(time.time() - start) / 60:.1f} min so far")
     summary = summarize(results, before)
     command = "python -m zsjax.experiments.claims " + " ".join(argv or sys.argv[1:])
     with open(os.path.join(args.workdir, "claims.json"), "w") as f:
         json.dump({"command": command, "settings": s, "summary": summary,
-                   "verdicts": verdicts(summary)}, f, indent=1)
-    print(write_report(args.workdir, summary, results, command, s))
+                   "verdicts": verdicts(summary), "missing": missing}, f, indent=1)
+    print(write_report(args.workdir, summary, results, command, s, missing))
     plot(args.workdir, summary, results)
     _log(f"done in {(time.time() - start) / 60:.1f} min: claims.md, claims.json, "
          f"reward_curves.png, final_f1.png in {args.workdir}")
