@@ -65,7 +65,9 @@ def measure(rows: int, layers: int, k: int, n: int, repeats: int = 5, inner: int
     t_read = _best(read, weights, repeats=repeats, inner=inner)
     flops = 2 * rows * k * n * layers
     nbytes = 4 * k * n * layers
-    return {"rows": rows, "layers": layers, "k": k, "n": n, "weight_mb": round(nbytes / 1e6, 1),
+    return {"rows": rows, "layers": layers, "k": k, "n": n, "flops": flops, "weight_bytes": nbytes,
+            "seconds": {"chained": t_chain, "in_cache": t_cache, "read": t_read},
+            "weight_mb": round(nbytes / 1e6, 1),
             "chained_ms": round(t_chain * 1e3, 2), "chained_gflop_s": round(flops / t_chain / 1e9),
             "chained_gb_s": round(nbytes / t_chain / 1e9, 1),
             "in_cache_gflop_s": round(flops / t_cache / 1e9),
@@ -85,7 +87,7 @@ def main():
     results = []
     for rows in args.rows:
         results.append(measure(rows, args.layers, args.k, args.n))
-        print(json.dumps(results[-1]), flush=True)
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "seconds"}), flush=True)
     head = (f"{args.layers} distinct [{args.k}, {args.n}] float32 weights "
             f"({results[0]['weight_mb']} MB), backend {jax.default_backend()}, "
             f"{os.cpu_count()} cores")

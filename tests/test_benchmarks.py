@@ -91,7 +91,13 @@ def test_weight_stream_times_the_chained_product_numpy_computes():
     for w in ws:
         want = np.tanh(want @ w)[:, :4]
     np.testing.assert_allclose(np.asarray(bench.chain(x, ws)), want, rtol=1e-5, atol=1e-6)
-    row = bench.measure(rows=2, layers=3, k=8, n=16, repeats=1, inner=1)
-    assert row["weight_mb"] == round(4 * 8 * 16 * 3 / 1e6, 1) and row["chained_gflop_s"] >= 0
+    row = bench.measure(rows=2, layers=8, k=64, n=512, repeats=1, inner=1)
+    # 8 float32 [64, 512] matrices, each applied once to 2 rows
+    assert row["weight_bytes"] == 8 * 64 * 512 * 4 and row["weight_mb"] == 1.0
+    assert row["flops"] == 8 * 2 * 2 * 64 * 512
+    t = row["seconds"]
+    assert min(t.values()) > 0
+    assert row["chained_over_read"] == round(t["read"] / t["chained"], 2)
+    assert row["chained_gb_s"] == round(8 * 64 * 512 * 4 / t["chained"] / 1e9, 1)
     with pytest.raises(ValueError, match="--n"):
         bench.measure(rows=2, layers=1, k=16, n=8)

@@ -1,6 +1,9 @@
 """`zsjax.experiments.claims`: aggregation over seeds and the claims' verdicts (the runs
 themselves are the demo's, tested in test_demo.py)."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -24,6 +27,11 @@ def _results(table):
 
 
 BEFORE = _eval(0.07, 0.14)
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
 
 
 def test_mean_spread_and_final_reward_against_numpy():
@@ -91,8 +99,6 @@ def test_at_least_as_well_within_noise_by_the_standard_error_of_the_difference()
 
 
 def test_report_only_summarises_the_finished_runs_and_names_the_missing(tmp_path, capsys):
-    import json
-    import os
     steps = claims.demo.settings_for(False)["rl_steps"]
     r = [0.1] * 10
     res = _results({"grpo_sim_curriculum": [(0.6, 0.7, r), (0.4, 0.5, r)],
@@ -100,23 +106,29 @@ def test_report_only_summarises_the_finished_runs_and_names_the_missing(tmp_path
     for rec in res:
         d = claims.run_dir(str(tmp_path), rec["variant"], rec["seed"], steps)
         os.makedirs(d)
-        json.dump(rec, open(os.path.join(d, "result.json"), "w"))
+        _write_json(os.path.join(d, "result.json"), rec)
     # a run of another budget is not mixed in
     other = claims.run_dir(str(tmp_path), "grpo_sim_constant", 0, steps + 1)
     os.makedirs(other)
-    json.dump(_results({"grpo_sim_constant": [(0.9, 0.9, r)]})[0],
-              open(os.path.join(other, "result.json"), "w"))
-    with pytest.raises(SystemExit):  # no warm-start evaluation yet: nothing to report
+    _write_json(os.path.join(other, "result.json"),
+                _results({"grpo_sim_constant": [(0.9, 0.9, r)]})[0])
+    with pytest.raises(SystemExit):  # the runs are there, the warm start's evaluation is not
         claims.main(["--workdir", str(tmp_path), "--report-only", "--seeds", "2"])
+    assert "eval_before.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no run of this budget
+        claims.main(["--workdir", str(tmp_path), "--report-only", "--rl-steps", "7"])
+    assert "no finished runs of 7 steps" in capsys.readouterr().err
     os.makedirs(tmp_path / "shared")
-    json.dump(BEFORE, open(tmp_path / "shared" / "eval_before.json", "w"))
+    _write_json(tmp_path / "shared" / "eval_before.json", BEFORE)
     assert claims.main(["--workdir", str(tmp_path), "--report-only", "--seeds", "2"]) == 0
     report = (tmp_path / "claims.md").read_text()
     assert "**Partial report:** 3 of 12 runs have finished" in report
+    assert "--report-only" not in report  # it names the command that made the runs
     assert "grpo_engine seed 1" in report and "grpo_sim_constant seed 0" in report
     assert "| grpo_sim_curriculum | 0.500 ± 0.141 |" in report
     assert "| grpo_engine | 0.500 (one seed) |" in report and "| grpo_sim_constant |" not in report
-    saved = json.load(open(tmp_path / "claims.json"))
+    with open(tmp_path / "claims.json") as f:
+        saved = json.load(f)
     assert len(saved["missing"]) == 9
     assert saved["summary"]["variants"]["grpo_sim_curriculum"]["f1_engine"]["mean"] == \
         pytest.approx(0.6)

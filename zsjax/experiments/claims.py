@@ -3,6 +3,7 @@ shared world, simulator and warm-started policy, the same RL budget for every va
 
     python -m zsjax.experiments.claims --workdir runs/claims [--quick] [--seeds 3]
                                        [--only grpo_sim_curriculum grpo_engine ...]
+    python -m zsjax.experiments.claims --workdir runs/claims --report-only  # runs so far
 
 The variants (all start from the same warm-started policy; `sim` = RL against the fine-tuned
 simulator, `engine` = against the world's perfect search engine):
@@ -27,7 +28,8 @@ documents and with the perfect search engine, and answering without search. The 
 Writes WORKDIR/claims.md (the table and each claim's verdict), WORKDIR/claims.json,
 WORKDIR/reward_curves.png and WORKDIR/final_f1.png. Every (variant, seed) run keeps its own
 folder; a run that finished is not run again, and one that was interrupted resumes from its
-last checkpoint, so the command can simply be started again after a crash.
+last checkpoint, so the command can simply be started again after a crash. `--report-only`
+writes the same files from the runs finished so far, naming the others, and trains nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Sequence
 
 from zsjax.demo import run as demo
 
@@ -192,7 +195,7 @@ def verdicts(summary: dict) -> list[tuple[str, str, str]]:
 
 
 def write_report(workdir: str, summary: dict, results: list[dict], command: str,
-                 s: dict, missing: list[str] = ()) -> str:
+                 s: dict, missing: Sequence[str] = ()) -> str:
     t, b = summary["variants"], summary["before_rl"]
     fmt = lambda st: (f"{st['mean']:.3f} ± {st['sd']:.3f}" if st["sd"] is not None  # noqa: E731
                       else f"{st['mean']:.3f} (one seed)")
@@ -207,7 +210,7 @@ def write_report(workdir: str, summary: dict, results: list[dict], command: str,
              "search.", ""]
     if missing:
         lines += [f"**Partial report:** {len(results)} of {len(results) + len(missing)} runs "
-                  f"have finished. Not yet run: {', '.join(missing)}.", ""]
+                  f"have finished. Not finished: {', '.join(missing)}.", ""]
     lines += ["| variant | F1, simulator | F1, search engine | F1 two-hop, engine | searches "
              "(engine) | F1 without search | reward, last 10% of steps | RL min |",
              "|---|---|---|---|---|---|---|---|"]
@@ -282,7 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=None)
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report and plots from the runs finished so "
-                        "far (say, while a long run is still going in another process)")
+                        "far (say, while a long run is still going in another process); pass "
+                        "the same --quick/--rl-steps, --seeds and --only as the runs")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
@@ -300,10 +304,13 @@ def main(argv=None) -> int:
                 missing.append(f"{name} seed {seed}")
             else:
                 results.append(r)
-        if not results or not os.path.exists(before_path):
+        if not results:
             p.error(f"no finished runs of {s['rl_steps']} steps in {args.workdir}: nothing to "
                     "report (run without --report-only first; pass --quick or --rl-steps to "
                     "match the budget of the runs)")
+        if not os.path.exists(before_path):
+            p.error(f"{before_path} is missing (the warm start's evaluation, written before "
+                    "the first run): is this the workdir the runs were made in?")
         with open(before_path) as f:
             before = json.load(f)
     else:
@@ -319,16 +326,20 @@ def main(argv=None) -> int:
                 json.dump(before, f, indent=1)
         for i, (name, seed) in enumerate(todo):
             t = time.time()
-            cached = finished(args.workdir, name, seed, s["rl_steps"]) is not None
-            r = run_one(name, seed, s, prep, args.workdir)
+            r = finished(args.workdir, name, seed, s["rl_steps"])
+            took = "finished earlier"
+            if r is None:
+                r = run_one(name, seed, s, prep, args.workdir)
+                took = f"{time.time() - t:.0f} s"
             results.append(r)
-            took = "finished earlier" if cached else f"{time.time() - t:.0f} s"
             _log(f"[{i + 1}/{len(todo)}] {name} seed {seed}: test F1 "
                  f"{r['eval']['simulator']['all']['f1']:.3f} (simulator), "
                  f"{r['eval']['search_engine']['all']['f1']:.3f} (engine); {took}; "
                  f"{(time.time() - start) / 60:.1f} min so far")
     summary = summarize(results, before)
-    command = "python -m zsjax.experiments.claims " + " ".join(argv or sys.argv[1:])
+    # The command that made the runs (a --report-only call reports on runs made without it).
+    command = "python -m zsjax.experiments.claims " + " ".join(
+        a for a in (argv or sys.argv[1:]) if a != "--report-only")
     with open(os.path.join(args.workdir, "claims.json"), "w") as f:
         json.dump({"command": command, "settings": s, "summary": summary,
                    "verdicts": verdicts(summary), "missing": missing}, f, indent=1)
