@@ -77,12 +77,10 @@ def finished(workdir: str, name: str, seed: int, rl_steps: int) -> dict | None:
 
 
 def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
-    """Trains one (variant, seed) and evaluates it; the result is cached in result.json."""
+    """Trains one (variant, seed) and evaluates it, saving the result in result.json (see
+    `finished`); an interrupted training resumes from its checkpoint."""
     out_dir = run_dir(workdir, name, seed, s["rl_steps"])
     result_path = os.path.join(out_dir, "result.json")
-    done = finished(workdir, name, seed, s["rl_steps"])
-    if done is not None:
-        return done
     from zsjax import train
     v = VARIANTS[name]
     world, docs = prep["world"], s["docs"]
