@@ -5,7 +5,7 @@
 Runs, each in its own process (so one's memory and compiled programs do not affect the next):
   ceilings     matmul FLOP/s and memory copy bandwidth of this machine (the roofline inputs)
   decode       zsjax.sampling.generate vs transformers' generate, SmolLM2, batch 1 / 8 / 32
-  rollout      multi-turn rollouts, KV reuse vs re-prefill, scripted backend
+  rollout      multi-turn rollouts, KV reuse vs re-prefill vs never-shrinking batches, scripted
   rollout_sim  multi-turn rollouts against the in-process simulator, with the time breakdown
   update       the GRPO step vs a PyTorch eager reference: tokens/s, MFU, peak memory
   update_small the same on a random 5.3M-param Llama

@@ -249,3 +249,54 @@ def test_drop_last_token_forgets_exactly_the_listed_rows_last_slots(caplog):
     compiles = [r.getMessage() for r in caplog.records if "compil" in r.getMessage().lower()]
     assert not compiles, compiles
     assert session.drop_last_token([1]) is session  # nothing to forget
+
+
+def test_shrinking_batch_samples_what_the_whole_batch_does(hf_model_dir):
+    """Rows that finish early leave the batch (it shrinks by halves as they do): every row's
+    tokens, logprobs and finish reason are those of the batch that never shrinks, for fewer
+    rows x steps; and the next turn continues the moved rows' KV caches as if they had stayed."""
+    from zsjax.sampling import continue_generate
+    path, _ = hf_model_dir(family="qwen2", tied=False)
+    config, params = load_hf(path)
+    prompts = [RAGGED[i % 4][:1 + i % 7] for i in range(20)]  # batch bucket 24
+    # About one token in six ends a row (the tiny random model is near uniform).
+    kw = dict(max_new_tokens=30, temperature=1.0, eos_token_ids=list(range(0, 257, 6)), seed=3)
+    whole = generate(config, params, prompts, shrink_above=0, **kw)
+    shrunk = generate(config, params, prompts, shrink_above=2, **kw)
+    lengths = [len(t) for t in whole.tokens]
+    assert min(lengths) < 5 and max(lengths) > 15, lengths  # the rows do finish apart
+    assert shrunk.tokens == whole.tokens
+    assert shrunk.finish_reasons == whole.finish_reasons
+    for a, b in zip(shrunk.logprobs, whole.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert whole.rows_stepped == 24 * max(lengths)
+    assert shrunk.rows_stepped < 0.7 * whole.rows_stepped
+    # A row alone (batch 1, no shrinking possible) samples the same tokens.
+    for i in (0, int(np.argmax(lengths))):
+        assert generate(config, params, [prompts[i]], row_seeds=[i], **kw).tokens[0] == \
+            whole.tokens[i]
+
+    first, s_whole = continue_generate(config, params, prompts, session=None, shrink_above=0,
+                                       **kw)
+    first_s, s_shrunk = continue_generate(config, params, prompts, session=None,
+                                          shrink_above=2, **kw)
+    assert first_s.tokens == first.tokens == whole.tokens
+    assert s_shrunk.index == s_whole.index
+    np.testing.assert_array_equal(s_shrunk.next_pos, s_whole.next_pos)
+    valid = np.asarray(s_whole.cache.valid)  # [B, S]
+    np.testing.assert_array_equal(np.asarray(s_shrunk.cache.valid), valid)
+    # Keys and values agree in every valid slot (finished rows' invalid slots may differ).
+    for a, b in zip(s_shrunk.cache.k, s_whole.cache.k):  # [B, KVH, S, Dh]
+        np.testing.assert_allclose(np.asarray(a) * valid[:, None, :, None],
+                                   np.asarray(b) * valid[:, None, :, None], atol=1e-5)
+    for a, b in zip(s_shrunk.cache.v, s_whole.cache.v):  # [B, KVH, Dh, S]
+        np.testing.assert_allclose(np.asarray(a) * valid[:, None, None, :],
+                                   np.asarray(b) * valid[:, None, None, :], atol=1e-5)
+    chunk = [[40, 41, 42]] * len(prompts)
+    kw2 = dict(kw, seed=4)
+    second, _ = continue_generate(config, params, chunk, session=s_whole, shrink_above=0, **kw2)
+    second_s, _ = continue_generate(config, params, chunk, session=s_shrunk, shrink_above=2,
+                                    **kw2)
+    assert second_s.tokens == second.tokens
+    for a, b in zip(second_s.logprobs, second.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)

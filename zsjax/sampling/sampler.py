@@ -20,6 +20,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +45,9 @@ class GenerateResult:
     logprobs: list[np.ndarray]
     model_logprobs: list[np.ndarray]
     finish_reasons: list[str]
+    # Rows x decode steps computed, padding and finished rows included (a cost measure: the
+    # tokens of `tokens` over it is the batch's utilisation).
+    rows_stepped: int = 0
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -54,46 +58,68 @@ def bucket(n: int, minimum: int = 16) -> int:
     return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
 
-def _extend_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, max_new,
-                       eos_ids, stop_next, stop_matched, row_keys, *, config: ModelConfig,
-                       params_s: SamplingParams, gen_len: int, mesh, rules, has_stop: bool):
-    """Writes a left-padded chunk [B, C] into the cache at cache.index, then decodes.
+@flax.struct.dataclass
+class _Decode:
+    """Everything the decode loop carries. Every leaf but `step` (and the cache's slot index) is
+    batch-major, so the rows still running can be taken into a smaller batch and continue
+    there (`_take`), then be put back (`_put`)."""
+
+    cache: KVCache
+    logits: jax.Array  # [B, V] float32, the logits of each row's next token
+    row_keys: jax.Array  # [B] PRNG keys
+    pos_base: jax.Array  # [B] int32, the position of generated token 0
+    reason: jax.Array  # [B] int32, _RUNNING until the row finishes
+    stop_state: jax.Array  # [B] int32, the stop-string automaton's state
+    lengths: jax.Array  # [B] int32, tokens generated
+    tokens: jax.Array  # [B, G] int32
+    logprobs: jax.Array  # [B, G] float32, under the sampling distribution
+    model_logprobs: jax.Array  # [B, G] float32, at the temperature, no top-k/top-p
+    step: jax.Array  # [] int32, the next step
+
+
+def _prefill(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, row_keys, *,
+             config: ModelConfig, gen_len: int, mesh, rules) -> _Decode:
+    """Writes a left-padded chunk [B, C] into the cache at cache.index; the decode state.
 
     Row r's chunk tokens get positions start_pos[r], start_pos[r] + 1, ...; every active row's
-    chunk must be non-empty (its last column is real). Tokens fed back after a row has finished
-    are written as invalid slots, so the cache can be extended again (multi-turn KV reuse).
+    chunk must be non-empty (its last column is real).
     """
-    model = Decoder(config, mesh, rules)
     b, _ = tokens_bc.shape
     positions = (start_pos_b[:, None]
                  + jnp.maximum(jnp.cumsum(mask_bc, axis=1) - 1, 0)).astype(jnp.int32)
-    chunk_lens = mask_bc.sum(axis=1).astype(jnp.int32)
-    logits, cache = model.apply({"params": params}, tokens_bc, positions, cache, mask_bc,
-                                last_logits_only=True)
-    logits = logits[:, -1]
+    logits, cache = Decoder(config, mesh, rules).apply(
+        {"params": params}, tokens_bc, positions, cache, mask_bc, last_logits_only=True)
+    zeros = jnp.zeros((b, gen_len), jnp.float32)
+    return _Decode(cache=cache, logits=logits[:, -1], row_keys=row_keys,
+                   pos_base=(start_pos_b + mask_bc.sum(axis=1)).astype(jnp.int32),
+                   reason=jnp.where(active_b, _RUNNING, _LENGTH).astype(jnp.int32),
+                   stop_state=jnp.zeros((b,), jnp.int32), lengths=jnp.zeros((b,), jnp.int32),
+                   tokens=jnp.zeros((b, gen_len), jnp.int32), logprobs=zeros,
+                   model_logprobs=zeros, step=jnp.int32(0))
 
-    out_tokens = jnp.zeros((b, gen_len), jnp.int32)
-    out_lp = jnp.zeros((b, gen_len), jnp.float32)
-    out_mlp = jnp.zeros((b, gen_len), jnp.float32)
-    lengths = jnp.zeros((b,), jnp.int32)
-    reason = jnp.where(active_b, _RUNNING, _LENGTH).astype(jnp.int32)
-    stop_state = jnp.zeros((b,), jnp.int32)
 
-    def cond(state):
-        i, reason = state[0], state[4]
-        return (i < max_new) & jnp.any(reason == _RUNNING)
+def _decode(params, d: _Decode, max_new, eos_ids, stop_next, stop_matched, *,
+            config: ModelConfig, params_s: SamplingParams, mesh, rules, has_stop: bool,
+            shrink_below: int) -> _Decode:
+    """Decodes until every row has finished or `max_new` steps, or (shrink_below > 0) until at
+    most `shrink_below` rows are still running, for the caller to continue them in a smaller
+    batch. Tokens fed back after a row has finished are written as invalid slots, so the cache
+    can be extended again (multi-turn KV reuse)."""
+    model = Decoder(config, mesh, rules)
 
-    def body(state):
-        i, cache, logits, outs, reason, stop_state = state
-        out_tokens, out_lp, out_mlp, lengths = outs
-        tok, lp, mlp = sample(logits, params_s,
-                              jax.vmap(jax.random.fold_in, (0, None))(row_keys, i))
-        running = reason == _RUNNING
+    def cond(d):
+        running = d.reason == _RUNNING
+        go = (d.step < max_new) & jnp.any(running)
+        return go & (running.sum() > shrink_below) if shrink_below else go
+
+    def body(d):
+        i = d.step
+        tok, lp, mlp = sample(d.logits, params_s,
+                              jax.vmap(jax.random.fold_in, (0, None))(d.row_keys, i))
+        running = d.reason == _RUNNING
         tok = jnp.where(running, tok, 0).astype(jnp.int32)
-        out_tokens = out_tokens.at[:, i].set(tok)
-        out_lp = out_lp.at[:, i].set(jnp.where(running, lp, 0.0))
-        out_mlp = out_mlp.at[:, i].set(jnp.where(running, mlp, 0.0))
         is_eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+        stop_state = d.stop_state
         if has_stop:
             hit = stop_matched[stop_state, tok]
             stop_state = stop_next[stop_state, tok]
@@ -101,25 +127,33 @@ def _extend_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b,
             hit = jnp.zeros_like(is_eos)
         new_reason = jnp.where(is_eos, _EOS, jnp.where(hit, _STOP, jnp.where(
             i + 1 >= max_new, _LENGTH, _RUNNING)))
-        reason = jnp.where(running, new_reason, reason)
-        lengths = jnp.where(running, i + 1, lengths)
         # Feed the sampled token back (as an invalid slot for rows already finished). The last
         # iteration's forward also puts the final token in the cache, ready for the next turn.
-        pos = (start_pos_b + chunk_lens + i)[:, None]
-        logits, cache = model.apply({"params": params}, tok[:, None], pos, cache,
-                                    running[:, None])
-        return (i + 1, cache, logits[:, -1], (out_tokens, out_lp, out_mlp, lengths), reason,
-                stop_state)
+        logits, cache = model.apply({"params": params}, tok[:, None], (d.pos_base + i)[:, None],
+                                    d.cache, running[:, None])
+        return d.replace(
+            cache=cache, logits=logits[:, -1], stop_state=stop_state,
+            reason=jnp.where(running, new_reason, d.reason),
+            lengths=jnp.where(running, i + 1, d.lengths),
+            tokens=d.tokens.at[:, i].set(tok),
+            logprobs=d.logprobs.at[:, i].set(jnp.where(running, lp, 0.0)),
+            model_logprobs=d.model_logprobs.at[:, i].set(jnp.where(running, mlp, 0.0)),
+            step=i + 1)
 
-    state = (jnp.int32(0), cache, logits, (out_tokens, out_lp, out_mlp, lengths), reason,
-             stop_state)
-    state = jax.lax.while_loop(cond, body, state)
-    steps, cache, reason = state[0], state[1], state[4]
-    out_tokens, out_lp, out_mlp, lengths = state[3]
-    return (out_tokens, out_lp, out_mlp, lengths, reason, steps), cache
+    return jax.lax.while_loop(cond, body, d)
 
 
-_STATIC = ("config", "params_s", "gen_len", "mesh", "rules", "has_stop")
+_STATIC = ("config", "params_s", "gen_len", "mesh", "rules", "has_stop", "shrink_below")
+
+
+def _prefill_and_decode(params, cache, tokens, mask, start, active, row_seeds, max_new, eos_ids,
+                        stop_next, stop_matched, key, *, config, params_s, gen_len, mesh, rules,
+                        has_stop, shrink_below):
+    d = _prefill(params, cache, tokens, mask, start, active, _row_keys(key, row_seeds),
+                 config=config, gen_len=gen_len, mesh=mesh, rules=rules)
+    return _decode(params, d, max_new, eos_ids, stop_next, stop_matched, config=config,
+                   params_s=params_s, mesh=mesh, rules=rules, has_stop=has_stop,
+                   shrink_below=shrink_below)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -128,18 +162,78 @@ def _generate_core(params, tokens_bp, mask_bp, active_b, row_seeds_b, max_new, e
     b, p = tokens_bp.shape
     cache = init_cache(static["config"], b, p + static["gen_len"])
     start = jnp.zeros((b,), jnp.int32)
-    outs, _ = _extend_and_decode(params, cache, tokens_bp, mask_bp, start, active_b, max_new,
-                                 eos_ids, stop_next, stop_matched, _row_keys(key, row_seeds_b),
-                                 **static)
-    return outs
+    return _prefill_and_decode(params, cache, tokens_bp, mask_bp, start, active_b, row_seeds_b,
+                               max_new, eos_ids, stop_next, stop_matched, key, **static)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
 def _continue_core(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, row_seeds_b,
                    max_new, eos_ids, stop_next, stop_matched, key, **static):
-    return _extend_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b, max_new,
-                              eos_ids, stop_next, stop_matched, _row_keys(key, row_seeds_b),
-                              **static)
+    return _prefill_and_decode(params, cache, tokens_bc, mask_bc, start_pos_b, active_b,
+                               row_seeds_b, max_new, eos_ids, stop_next, stop_matched, key,
+                               **static)
+
+
+_RESUME_STATIC = tuple(s for s in _STATIC if s != "gen_len")
+
+
+@functools.partial(jax.jit, static_argnames=_RESUME_STATIC, donate_argnames=("d",))
+def _resume_core(params, d, max_new, eos_ids, stop_next, stop_matched, **static):
+    return _decode(params, d, max_new, eos_ids, stop_next, stop_matched, **static)
+
+
+@jax.jit
+def _take(d: _Decode, idx, filler) -> _Decode:
+    """Rows idx of d; rows where `filler` is true only pad the batch and count as finished."""
+    d = jax.tree.map(lambda x: x if x.ndim == 0 else x[idx], d)
+    return d.replace(reason=jnp.where(filler, _LENGTH, d.reason))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put(d: _Decode, sub: _Decode, dest) -> _Decode:
+    """d with row r of `sub` written to row dest[r] (entries past d's batch are dropped); the
+    step and the cache's slot index are sub's. Logits and keys are left as they were."""
+    def put(x, y):
+        return y if x.ndim == 0 else x.at[dest].set(y, mode="drop")
+    moved = jax.tree.map(put, (d.cache, d.reason, d.stop_state, d.lengths, d.tokens, d.logprobs,
+                               d.model_logprobs, d.step),
+                         (sub.cache, sub.reason, sub.stop_state, sub.lengths, sub.tokens,
+                          sub.logprobs, sub.model_logprobs, sub.step))
+    names = ("cache", "reason", "stop_state", "lengths", "tokens", "logprobs", "model_logprobs",
+             "step")
+    return d.replace(**dict(zip(names, moved)))
+
+
+def _shrink_below(b: int, mesh, min_batch: int) -> int:
+    """The running-row count at which a batch of b rows stops to continue in a smaller one
+    (half of it), or 0: never, for batches of at most `min_batch` rows (or where the mesh
+    allows no smaller batch)."""
+    if min_batch <= 0 or b <= min_batch or _batch_size(b // 2, mesh) >= b:
+        return 0
+    return b // 2
+
+
+def _decode_rest(params, d: _Decode, max_new: int, prep, mesh, static: dict, min_batch: int,
+                 rows_stepped: list[int]) -> _Decode:
+    """Continues a loop that stopped with rows still running: those rows go on in a batch of
+    their own (recursively smaller), then are put back. Appends the rows x steps each loop ran
+    to `rows_stepped`."""
+    reason, step = jax.device_get((d.reason, d.step))
+    live = np.flatnonzero(reason == _RUNNING)
+    if not len(live) or step >= max_new:
+        return d
+    b, b2 = len(reason), _batch_size(len(live), mesh)
+    idx = np.concatenate([live, np.full(b2 - len(live), live[0])]).astype(np.int32)
+    filler = np.arange(b2) >= len(live)
+    sub = _take(d, *_place_rows([idx, filler], mesh, static["rules"]))
+    resume_static = {k: static[k] for k in _RESUME_STATIC if k != "shrink_below"}
+    sub = _resume_core(params, sub, jnp.int32(max_new), prep.eos, prep.stop_next,
+                       prep.stop_matched, shrink_below=_shrink_below(b2, mesh, min_batch),
+                       **resume_static)
+    rows_stepped.append(b2 * (int(sub.step) - int(step)))
+    sub = _decode_rest(params, sub, max_new, prep, mesh, static, min_batch, rows_stepped)
+    dest = np.where(filler, b, idx).astype(np.int32)  # fillers land past the end: dropped
+    return _put(d, sub, *_place_rows([dest], mesh, static["rules"]))
 
 
 def _row_keys(key, row_seeds_b):
@@ -230,6 +324,28 @@ def _place_rows(arrays, mesh, rules):
                                                       a.shape, mesh, rules)) for a in arrays]
 
 
+# Batches of more rows than this shrink as rows finish: once at most half the rows still run,
+# the loop stops and they continue in a batch of their own, so finished rows stop costing
+# compute (on a CPU a decode step's time grows with its rows). 0 turns shrinking off.
+SHRINK_ABOVE = 8
+
+
+def _run(core, params, args: list, key, n: int, prep: _Prepared, max_new: int, mesh,
+         static: dict, shrink_above: int) -> tuple[GenerateResult, _Decode]:
+    """Runs a prefill-and-decode program (`args`: its arrays before max_new, row seeds last),
+    continues its running rows in ever smaller batches until all have finished, and collects
+    the first n rows; returns the result and the final state."""
+    b = args[-1].shape[0]
+    d = core(params, *args, jnp.int32(max_new), prep.eos, prep.stop_next, prep.stop_matched,
+             key, shrink_below=_shrink_below(b, mesh, shrink_above), **static)
+    rows_stepped = [b * int(d.step)]
+    d = _decode_rest(params, d, max_new, prep, mesh, static, shrink_above, rows_stepped)
+    result = _collect(n, jax.device_get((d.tokens, d.logprobs, d.model_logprobs, d.lengths,
+                                         d.reason)))
+    result.rows_stepped = sum(rows_stepped)
+    return result, d
+
+
 def _collect(n, outs) -> GenerateResult:
     out_tokens, out_lp, out_mlp, lengths, reason = outs
     result = GenerateResult([], [], [], [])
@@ -249,7 +365,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              stop_strings: Sequence[str] = (), tokenizer=None,
              eos_token_ids: Sequence[int] | None = None, seed: int = 0,
-             row_seeds: Sequence[int] | None = None,
+             row_seeds: Sequence[int] | None = None, shrink_above: int = SHRINK_ABOVE,
              rules=sharding.DEFAULT_RULES) -> GenerateResult:
     """Samples continuations of token-id prompts (ragged lengths allowed); temperature 0 is greedy.
 
@@ -257,8 +373,9 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     other rows.
 
     Stops a row at an EOS id, at a stop string (needs `tokenizer`; detected on device, across
-    token boundaries), or after `max_new_tokens`. Runs sharded when `params` live on a mesh
-    (batch over data x fsdp, heads over tensor).
+    token boundaries), or after `max_new_tokens`. A batch of more than `shrink_above` rows
+    continues in a smaller one once half its rows have finished (0: never). Runs sharded when
+    `params` live on a mesh (batch over data x fsdp, heads over tensor).
     """
     prep = _prepare(config, max_new_tokens, temperature, top_p, top_k, stop_strings, tokenizer,
                     eos_token_ids)
@@ -269,13 +386,13 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     p = bucket(max(len(x) for x in prompts))
     tokens, mask = _left_pad(prompts, b, p)
     active = np.arange(b) < n
-    outs = _generate_core(
-        params, *_place_rows([tokens, mask, active, _row_seeds(row_seeds, n, b)], mesh, rules),
-        jnp.int32(max_new_tokens),
-        prep.eos, prep.stop_next, prep.stop_matched, jax.random.key(seed), config=config,
-        params_s=prep.params_s, gen_len=bucket(max_new_tokens), mesh=mesh,
-        rules=sharding.as_rules(rules), has_stop=prep.has_stop)
-    return _collect(n, jax.device_get(outs[:5]))
+    result, _ = _run(
+        _generate_core, params,
+        _place_rows([tokens, mask, active, _row_seeds(row_seeds, n, b)], mesh, rules),
+        jax.random.key(seed), n, prep, max_new_tokens, mesh,
+        dict(config=config, params_s=prep.params_s, gen_len=bucket(max_new_tokens), mesh=mesh,
+             rules=sharding.as_rules(rules), has_stop=prep.has_stop), shrink_above)
+    return result
 
 
 @dataclasses.dataclass
@@ -351,6 +468,7 @@ def continue_generate(config: ModelConfig, params, chunks: Sequence[Sequence[int
                       stop_strings: Sequence[str] = (), tokenizer=None,
                       eos_token_ids: Sequence[int] | None = None, seed: int = 0,
                       row_seeds: Sequence[int] | None = None,
+                      shrink_above: int = SHRINK_ABOVE,
                       rules=sharding.DEFAULT_RULES) -> tuple[GenerateResult, DecodeSession]:
     """Like `generate`, but each row's chunk extends that row's cached context in `session`
     (None: start fresh, the chunks are the prompts). Returns the result and the new session,
@@ -376,16 +494,16 @@ def continue_generate(config: ModelConfig, params, chunks: Sequence[Sequence[int
     tokens, mask = _left_pad(chunks, b, c)
     active = np.arange(b) < n
     start = session.next_pos.astype(np.int32)
-    outs, cache = _continue_core(
-        params, cache, *_place_rows([tokens, mask, start, active,
-                                     _row_seeds(row_seeds, n, b)], mesh, rules),
-        jnp.int32(max_new_tokens), prep.eos, prep.stop_next, prep.stop_matched,
-        jax.random.key(seed), config=config, params_s=prep.params_s, gen_len=g, mesh=mesh,
-        rules=sharding.as_rules(rules), has_stop=prep.has_stop)
-    host = jax.device_get(outs)
-    lengths, steps = host[3], int(host[5])
+    result, d = _run(
+        _continue_core, params,
+        [cache, *_place_rows([tokens, mask, start, active, _row_seeds(row_seeds, n, b)], mesh,
+                             rules)],
+        jax.random.key(seed), n, prep, max_new_tokens, mesh,
+        dict(config=config, params_s=prep.params_s, gen_len=g, mesh=mesh,
+             rules=sharding.as_rules(rules), has_stop=prep.has_stop), shrink_above)
+    lengths, steps = jax.device_get((d.lengths, d.step))
     chunk_lens = np.array([len(x) for x in chunks] + [1] * (b - n))
     next_pos = session.next_pos + chunk_lens + lengths
     last_slot = np.where(lengths > 0, session.index + c + lengths - 1, -1)
-    new_session = DecodeSession(cache, session.index + c + steps, n, next_pos, last_slot)
-    return _collect(n, host[:5]), new_session
+    new_session = DecodeSession(d.cache, session.index + c + int(steps), n, next_pos, last_slot)
+    return result, new_session

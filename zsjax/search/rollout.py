@@ -22,6 +22,7 @@ import numpy as np
 
 from zsjax.rl.rewards import extract_answer
 from zsjax.sampling import GenerateResult, continue_generate, generate
+from zsjax.sampling.sampler import SHRINK_ABOVE
 from zsjax.search import prompts as P
 from zsjax.search.actions import parse_action
 from zsjax.search.backend import SearchBackend, SearchRequest
@@ -141,12 +142,15 @@ class TurnGenerator(Protocol):
 
 
 class ModelTurnGenerator:
-    """Generates turns with `zsjax.sampling`, re-prefilling or reusing the KV cache."""
+    """Generates turns with `zsjax.sampling`, re-prefilling or reusing the KV cache.
+    `shrink_above`: see `zsjax.sampling.generate` (0: the batch never shrinks)."""
 
     def __init__(self, config, params, tokenizer, settings: RolloutSettings, *,
-                 kv_reuse: bool = True, eos_token_ids: Sequence[int] | None = None):
+                 kv_reuse: bool = True, eos_token_ids: Sequence[int] | None = None,
+                 shrink_above: int = SHRINK_ABOVE):
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.settings, self.kv_reuse, self.eos_token_ids = settings, kv_reuse, eos_token_ids
+        self.shrink_above = shrink_above
         self._session = None
         self._rows: list[int] = []
 
@@ -155,7 +159,7 @@ class ModelTurnGenerator:
         return dict(max_new_tokens=inputs.max_new_tokens, temperature=s.temperature,
                     top_p=s.top_p, top_k=s.top_k, stop_strings=P.STOP_STRINGS,
                     tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, seed=inputs.seed,
-                    row_seeds=inputs.row_seeds)
+                    row_seeds=inputs.row_seeds, shrink_above=self.shrink_above)
 
     def __call__(self, inputs: TurnInputs) -> GenerateResult:
         if not self.kv_reuse:
