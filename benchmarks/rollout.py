@@ -133,6 +133,9 @@ def main():
                         help="new tokens per simulator call (--backend simulator)")
     parser.add_argument("--modes", nargs="+", choices=("kv_reuse", "re_prefill", "full_batch"),
                         default=["kv_reuse", "re_prefill", "full_batch"])
+    parser.add_argument("--shrink-above", type=int, default=None,
+                        help="the generator's shrink_above in the kv_reuse and re_prefill modes "
+                             "(default: zsjax.sampling.sampler.SHRINK_ABOVE)")
     parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
     args = parser.parse_args()
 
@@ -141,7 +144,10 @@ def main():
     from zsjax.search import (FunctionBackend, ModelTurnGenerator, RolloutSettings, StepCache,
                               rollout)
     from zsjax.search.simulator import InProcessSimulator
+    from zsjax.sampling.sampler import SHRINK_ABOVE
     from zsjax.tools.fetch_smollm2 import fetch
+    if args.shrink_above is None:
+        args.shrink_above = SHRINK_ABOVE
     model_dir = fetch()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     config, params = load_hf(model_dir)
@@ -158,7 +164,8 @@ def main():
         for rep in range(args.warmup + args.repeats):
             gen = Timed(ModelTurnGenerator(config, params, tok, settings,
                                            kv_reuse=mode != "re_prefill",
-                                           shrink_above=0 if mode == "full_batch" else 8))
+                                           shrink_above=0 if mode == "full_batch"
+                                           else args.shrink_above))
             turn_fn = SearchFirst(gen, tok, qs) if args.backend == "simulator" else gen
             if args.backend == "simulator":
                 backend = StepCache(InProcessSimulator(

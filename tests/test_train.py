@@ -308,8 +308,22 @@ def _train_cmd(workdir, steps):
             "--config.train.checkpoint_every=1"]
 
 
+_KILL_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """The reference for the SIGKILL tests: the same run, never interrupted (made once)."""
+    import subprocess
+    ref = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run(_train_cmd(ref, _KILL_STEPS), capture_output=True, text=True,
+                          env=dict(os.environ), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return ref
+
+
 @pytest.mark.parametrize("kill_after_lines", [1, 2])
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kill_after_lines):
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kill_after_lines, uninterrupted_run):
     """A run killed with SIGKILL at a random moment after `kill_after_lines` steps were logged
     (often in the middle of an asynchronous checkpoint save) and then resumed ends with exactly
     the params of an uninterrupted run, and with the same per-step rewards."""
@@ -320,11 +334,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kill_after_lines):
     import jax
 
     from zsjax.models import load_hf
-    steps = 4
+    steps = _KILL_STEPS
     env = dict(os.environ)
-    ref = subprocess.run(_train_cmd(tmp_path / "ref", steps), capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-2000:]
 
     work = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(work, steps), stdout=subprocess.DEVNULL,
@@ -343,11 +354,11 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kill_after_lines):
     resumed = subprocess.run(_train_cmd(work, steps), capture_output=True, text=True, env=env,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    _, want = load_hf(str(tmp_path / "ref" / "policy_hf"))
+    _, want = load_hf(str(uninterrupted_run / "policy_hf"))
     _, got = load_hf(str(work / "policy_hf"))
     equal = jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), want, got)
     assert all(jax.tree.leaves(equal))
-    ref_rec, got_rec = _lines(tmp_path / "ref" / "metrics.jsonl"), _lines(metrics)
+    ref_rec, got_rec = _lines(uninterrupted_run / "metrics.jsonl"), _lines(metrics)
     assert [r["step"] for r in got_rec] == list(range(1, steps + 1))
     assert [r["reward_mean"] for r in got_rec] == [r["reward_mean"] for r in ref_rec]
     assert [r["entropy"] for r in got_rec] == [r["entropy"] for r in ref_rec]
