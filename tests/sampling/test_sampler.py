@@ -271,6 +271,13 @@ def test_shrinking_batch_samples_what_the_whole_batch_does(hf_model_dir):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert whole.rows_stepped == 24 * max(lengths)
     assert shrunk.rows_stepped < 0.7 * whole.rows_stepped, (shrunk.rows_stepped, whole.rows_stepped)
+    if jax.device_count() >= 4:  # rows over 4 devices: the smaller batches stay multiples of 4
+        from zsjax import sharding
+        mesh = sharding.make_mesh(data=4, devices=jax.devices()[:4])
+        _, sharded = load_hf(path, mesh=mesh)
+        on_mesh = generate(config, sharded, prompts, **kw)
+        assert on_mesh.tokens == whole.tokens
+        assert on_mesh.rows_stepped < whole.rows_stepped
     # A row alone (batch 1, no shrinking possible) samples the same tokens.
     for i in (0, int(np.argmax(lengths))):
         assert generate(config, params, [prompts[i]], row_seeds=[i], **kw).tokens[0] == \
