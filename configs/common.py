@@ -34,6 +34,12 @@ def base_config() -> ml_collections.ConfigDict:
         "entropy_coef": 0.001, "kl_coef": 0.001, "kl_kind": "k3", "std_eps": 1e-6,
         "aggregation": "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum
         "remat": False,
+        # The PPO ratio's old logprobs: "recompute" them with a forward pass over the rollouts,
+        # or take the "sampler"'s own (one forward pass a step less; equal to the recomputed
+        # ones to ~1e-5 in float32, since the sampler reports logprobs of the distribution it
+        # drew from). "sampler" needs rollout.top_p = 1: top-p sampling draws from a truncated
+        # distribution, whose logprobs are not the policy's.
+        "old_logprobs": "recompute",
         # A regex over param paths (e.g. "embed") that the policy update leaves unchanged.
         "freeze": "",
         # PPO's critic and GAE.

@@ -246,6 +246,34 @@ def test_other_bad_inputs(tmp_path):
         train.run(config, str(tmp_path / "e"))
 
 
+def test_sampler_old_logprobs_train_like_recomputed_ones(tmp_path):
+    """rl.old_logprobs="sampler" (top_p = 1) takes the rollouts' own logprobs as the PPO ratio's
+    denominator: the same run as recomputing them with the training forward, to float32
+    rounding (same rollouts, same losses and gradients)."""
+    runs = {}
+    for mode in ("recompute", "sampler"):
+        config = tiny.get_config()
+        config.train.update(steps=2, tensorboard=False)
+        config.rollout.top_p = 1.0
+        config.rl.old_logprobs = mode
+        runs[mode] = train.run(config, str(tmp_path / mode))
+    for a, b in zip(runs["recompute"], runs["sampler"]):
+        assert a["reward_mean"] == b["reward_mean"]
+        assert a["response_tokens_mean"] == b["response_tokens_mean"]
+        for key in ("policy_loss", "grad_norm", "kl", "entropy", "clip_fraction"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+        # 0.5 (logp - old)^2 over the policy's tokens: the policy's move over the step's
+        # updates, plus (for the sampler's logprobs) their rounding difference
+        assert a["approx_kl_old"] == pytest.approx(b["approx_kl_old"], rel=1e-2, abs=1e-9)
+    config = tiny.get_config()
+    config.rl.old_logprobs = "sampler"  # with the default top_p = 0.95
+    with pytest.raises(InputError, match="needs rollout.top_p=1"):
+        train.run(config, str(tmp_path / "top_p"))
+    config.rl.old_logprobs = "both"
+    with pytest.raises(InputError, match="'recompute' or 'sampler'"):
+        train.run(config, str(tmp_path / "bad"))
+
+
 def test_existing_checkpoints_need_resume(tmp_path, monkeypatch):
     import zsjax.search
     monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)

@@ -47,6 +47,16 @@ def _pad_batch(trajs, length_multiple: int = 64, width: int = 0):
     return tokens, attn, mask
 
 
+def _pad_logprobs(trajs, width: int):
+    """[B, width] float32: the sampler's logprobs of each trajectory's tokens, aligned with
+    `_pad_batch`'s tokens (0 on the prompt, the documents and the padding)."""
+    import numpy as np
+    out = np.zeros((len(trajs), width), np.float32)
+    for i, t in enumerate(trajs):
+        out[i, :len(t.token_ids)] = t.logprobs
+    return out
+
+
 def _width(trajs, length_multiple: int) -> int:
     return -(-max(len(t.token_ids) for t in trajs) // length_multiple) * length_multiple
 
@@ -161,6 +171,13 @@ def _check_batch(config, mesh) -> None:
         raise InputError(f"{n} trajectories a step (questions_per_step x rollouts_per_question) "
                          f"do not split into rl.mini_batches={rl.mini_batches} mini-batches of "
                          f"rl.micro_batches={rl.micro_batches} equal micro-batches")
+    if rl.old_logprobs not in ("recompute", "sampler"):
+        raise InputError(f"rl.old_logprobs must be 'recompute' or 'sampler'; got "
+                         f"{rl.old_logprobs!r}")
+    if rl.old_logprobs == "sampler" and config.rollout.top_p < 1:
+        raise InputError(f"rl.old_logprobs='sampler' needs rollout.top_p=1 (got "
+                         f"{config.rollout.top_p}): top-p sampling draws from a truncated "
+                         "distribution, whose logprobs are not the policy's")
     if mesh is not None:
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
         if (n // rl.mini_batches // rl.micro_batches) % rows:
@@ -394,8 +411,11 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
                                                        width))
         n = n_global
         micro = n // rl.mini_batches // rl.micro_batches
-        old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,
-                              temperature=loss_cfg.temperature, mesh=mesh)
+        if rl.old_logprobs == "sampler":  # the rollouts' own: 0 off the policy's tokens
+            old = to_global(_pad_logprobs(trajs, width))
+        else:
+            old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,
+                                  temperature=loss_cfg.temperature, mesh=mesh)
         ref = (U.logprobs_pass(policy_config, ref_params, tokens, attn, micro_batch=micro,
                                temperature=loss_cfg.temperature, mesh=mesh)
                if ref_params is not None else None)
@@ -467,6 +487,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             "noisy_fraction": float(stats[:, 6].sum() / searches) if searches else None,
             "kl": mean("kl"), "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
             "clip_fraction": mean("clip_fraction"), "grad_norm": mean("grad_norm"),
+            "approx_kl_old": mean("approx_kl_old"),
             "value_loss": mean("value_loss") if critic_state is not None else None,
             "skipped_updates": skipped,
             "response_tokens_mean": float(stats[:, 3].mean()),
