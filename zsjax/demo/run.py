@@ -339,7 +339,7 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     c.rl.update(algorithm=algorithm, questions_per_step=s["questions"],
                 rollouts_per_question=s["rollouts"], mini_batches=2, lr=s["rl_lr"],
                 kl_coef=s["kl_coef"], entropy_coef=s["entropy_coef"], freeze=s["rl_freeze"],
-                critic_lr=s["rl_lr"], warmup_steps=5)
+                critic_lr=s["rl_lr"], warmup_steps=5, old_logprobs="sampler")
     c.train.update(steps=s["rl_steps"], log_every=10, checkpoint_every=25, progress=True,
                    eval_every=0)
     c.lock()
