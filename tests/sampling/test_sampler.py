@@ -287,6 +287,7 @@ def test_shrinking_batch_samples_what_the_whole_batch_does(hf_model_dir):
                                        **kw)
     first_s, s_shrunk = continue_generate(config, params, prompts, session=None, **kw)
     assert first_s.tokens == first.tokens == whole.tokens
+    assert first_s.rows_stepped == shrunk.rows_stepped  # shrinks as generate does
     assert s_shrunk.index == s_whole.index
     np.testing.assert_array_equal(s_shrunk.next_pos, s_whole.next_pos)
     valid = np.asarray(s_whole.cache.valid)  # [B, S]
@@ -305,3 +306,9 @@ def test_shrinking_batch_samples_what_the_whole_batch_does(hf_model_dir):
     assert second_s.tokens == second.tokens
     for a, b in zip(second_s.logprobs, second.logprobs):
         np.testing.assert_allclose(a, b, atol=1e-5)
+    if jax.device_count() >= 4:  # both turns with the rows over 4 devices, shrinking
+        first_m, s_mesh = continue_generate(config, sharded, prompts, session=None, **kw)
+        second_m, _ = continue_generate(config, sharded, chunk, session=s_mesh, **kw2)
+        assert first_m.tokens == whole.tokens and second_m.tokens == second.tokens
+        for a, b in zip(second_m.logprobs, second.logprobs):
+            np.testing.assert_allclose(a, b, atol=1e-5)

@@ -213,27 +213,27 @@ def _shrink_below(b: int, mesh, min_batch: int) -> int:
     return b // 2
 
 
-def _decode_rest(params, d: _Decode, max_new: int, prep, mesh, static: dict, min_batch: int,
-                 rows_stepped: list[int]) -> _Decode:
+def _decode_rest(params, d: _Decode, max_new: int, tables, mesh, static: dict,
+                 min_batch: int) -> tuple[_Decode, int]:
     """Continues a loop that stopped with rows still running: those rows go on in a batch of
-    their own (recursively smaller), then are put back. Appends the rows x steps each loop ran
-    to `rows_stepped`."""
+    their own (recursively smaller), then are put back. `tables`: the (eos, stop_next,
+    stop_matched) device arrays. Returns the final state and the rows x steps the smaller
+    loops ran."""
     reason, step = jax.device_get((d.reason, d.step))
     live = np.flatnonzero(reason == _RUNNING)
     if not len(live) or step >= max_new:
-        return d
+        return d, 0
     b, b2 = len(reason), _batch_size(len(live), mesh)
     idx = np.concatenate([live, np.full(b2 - len(live), live[0])]).astype(np.int32)
     filler = np.arange(b2) >= len(live)
     sub = _take(d, *_place_rows([idx, filler], mesh, static["rules"]))
     resume_static = {k: static[k] for k in _RESUME_STATIC if k != "shrink_below"}
-    sub = _resume_core(params, sub, jnp.int32(max_new), prep.eos, prep.stop_next,
-                       prep.stop_matched, shrink_below=_shrink_below(b2, mesh, min_batch),
-                       **resume_static)
-    rows_stepped.append(b2 * (int(sub.step) - int(step)))
-    sub = _decode_rest(params, sub, max_new, prep, mesh, static, min_batch, rows_stepped)
+    sub = _resume_core(params, sub, jnp.int32(max_new), *tables,
+                       shrink_below=_shrink_below(b2, mesh, min_batch), **resume_static)
+    stepped = b2 * (int(sub.step) - int(step))
+    sub, deeper = _decode_rest(params, sub, max_new, tables, mesh, static, min_batch)
     dest = np.where(filler, b, idx).astype(np.int32)  # fillers land past the end: dropped
-    return _put(d, sub, *_place_rows([dest], mesh, static["rules"]))
+    return _put(d, sub, *_place_rows([dest], mesh, static["rules"])), stepped + deeper
 
 
 def _row_keys(key, row_seeds_b):
@@ -327,6 +327,9 @@ def _place_rows(arrays, mesh, rules):
 # Batches of more rows than this shrink as rows finish: once at most half the rows still run,
 # the loop stops and they continue in a batch of their own, so finished rows stop costing
 # compute (on a CPU a decode step's time grows with its rows). 0 turns shrinking off.
+# Memory: a smaller batch holds a copy of its rows' KV caches until they are put back, so at
+# its peak a shrinking loop holds 1 + 1/2 + 1/4 + ... (under 2x) of the full batch's cache,
+# against 1x without shrinking.
 SHRINK_ABOVE = 8
 
 
@@ -336,13 +339,16 @@ def _run(core, params, args: list, key, n: int, prep: _Prepared, max_new: int, m
     continues its running rows in ever smaller batches until all have finished, and collects
     the first n rows; returns the result and the final state."""
     b = args[-1].shape[0]
-    d = core(params, *args, jnp.int32(max_new), prep.eos, prep.stop_next, prep.stop_matched,
-             key, shrink_below=_shrink_below(b, mesh, shrink_above), **static)
-    rows_stepped = [b * int(d.step)]
-    d = _decode_rest(params, d, max_new, prep, mesh, static, shrink_above, rows_stepped)
+    # Uploaded once for the first loop and every smaller one (the stop tables are vocab x
+    # states); uncommitted, so each program places them where its mesh needs them.
+    tables = jax.device_put((prep.eos, prep.stop_next, prep.stop_matched))
+    d = core(params, *args, jnp.int32(max_new), *tables, key,
+             shrink_below=_shrink_below(b, mesh, shrink_above), **static)
+    first = b * int(d.step)
+    d, rest = _decode_rest(params, d, max_new, tables, mesh, static, shrink_above)
     result = _collect(n, jax.device_get((d.tokens, d.logprobs, d.model_logprobs, d.lengths,
                                          d.reason)))
-    result.rows_stepped = sum(rows_stepped)
+    result.rows_stepped = first + rest
     return result, d
 
 
