@@ -35,10 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
         "aggregation": "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum
         "remat": False,
         # The PPO ratio's old logprobs: "recompute" them with a forward pass over the rollouts,
-        # or take the "sampler"'s own (one forward pass a step less; equal to the recomputed
-        # ones to ~1e-5 in float32, since the sampler reports logprobs of the distribution it
-        # drew from). "sampler" needs rollout.top_p = 1: top-p sampling draws from a truncated
-        # distribution, whose logprobs are not the policy's.
+        # or take the "sampler"'s (one forward pass a step less). The sampler records the
+        # model's logprobs at the sampling temperature before top-k/top-p, which is what the
+        # forward pass computes: equal to ~1e-5 in float32.
         "old_logprobs": "recompute",
         # A regex over param paths (e.g. "embed") that the policy update leaves unchanged.
         "freeze": "",

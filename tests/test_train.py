@@ -247,14 +247,13 @@ def test_other_bad_inputs(tmp_path):
 
 
 def test_sampler_old_logprobs_train_like_recomputed_ones(tmp_path):
-    """rl.old_logprobs="sampler" (top_p = 1) takes the rollouts' own logprobs as the PPO ratio's
-    denominator: the same run as recomputing them with the training forward, to float32
-    rounding (same rollouts, same losses and gradients)."""
+    """rl.old_logprobs="sampler" takes the rollouts' own model logprobs (before top-p) as the
+    PPO ratio's denominator: the same run as recomputing them with the training forward, to
+    float32 rounding (same rollouts, same losses and gradients), with top-p sampling (0.95)."""
     runs = {}
     for mode in ("recompute", "sampler"):
         config = tiny.get_config()
         config.train.update(steps=2, tensorboard=False)
-        config.rollout.top_p = 1.0
         config.rl.old_logprobs = mode
         runs[mode] = train.run(config, str(tmp_path / mode))
     for a, b in zip(runs["recompute"], runs["sampler"]):
@@ -266,9 +265,6 @@ def test_sampler_old_logprobs_train_like_recomputed_ones(tmp_path):
         # updates, plus (for the sampler's logprobs) their rounding difference
         assert a["approx_kl_old"] == pytest.approx(b["approx_kl_old"], rel=1e-2, abs=1e-9)
     config = tiny.get_config()
-    config.rl.old_logprobs = "sampler"  # with the default top_p = 0.95
-    with pytest.raises(InputError, match="needs rollout.top_p=1"):
-        train.run(config, str(tmp_path / "top_p"))
     config.rl.old_logprobs = "both"
     with pytest.raises(InputError, match="'recompute' or 'sampler'"):
         train.run(config, str(tmp_path / "bad"))

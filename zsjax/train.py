@@ -33,28 +33,21 @@ ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
 
 def _pad_batch(trajs, length_multiple: int = 64, width: int = 0):
-    """Right-padded tokens, attention and loss masks; `width` (if larger) overrides the
-    batch's own padded length (every process pads to the global one)."""
+    """Right-padded tokens, attention and loss masks, and the sampler's model logprobs (0 off
+    the policy's tokens); `width` (if larger) overrides the batch's own padded length (every
+    process pads to the global one)."""
     import numpy as np
     width = max(width, _width(trajs, length_multiple))
     b = len(trajs)
     tokens = np.zeros((b, width), np.int32)
     attn = np.zeros((b, width), bool)
     mask = np.zeros((b, width), np.float32)
+    logprobs = np.zeros((b, width), np.float32)
     for i, t in enumerate(trajs):
         n = len(t.token_ids)
         tokens[i, :n], attn[i, :n], mask[i, :n] = t.token_ids, True, t.loss_mask
-    return tokens, attn, mask
-
-
-def _pad_logprobs(trajs, width: int):
-    """[B, width] float32: the sampler's logprobs of each trajectory's tokens, aligned with
-    `_pad_batch`'s tokens (0 on the prompt, the documents and the padding)."""
-    import numpy as np
-    out = np.zeros((len(trajs), width), np.float32)
-    for i, t in enumerate(trajs):
-        out[i, :len(t.token_ids)] = t.logprobs
-    return out
+        logprobs[i, :n] = t.model_logprobs
+    return tokens, attn, mask, logprobs
 
 
 def _width(trajs, length_multiple: int) -> int:
@@ -174,10 +167,6 @@ def _check_batch(config, mesh) -> None:
     if rl.old_logprobs not in ("recompute", "sampler"):
         raise InputError(f"rl.old_logprobs must be 'recompute' or 'sampler'; got "
                          f"{rl.old_logprobs!r}")
-    if rl.old_logprobs == "sampler" and config.rollout.top_p < 1:
-        raise InputError(f"rl.old_logprobs='sampler' needs rollout.top_p=1 (got "
-                         f"{config.rollout.top_p}): top-p sampling draws from a truncated "
-                         "distribution, whose logprobs are not the policy's")
     if mesh is not None:
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
         if (n // rl.mini_batches // rl.micro_batches) % rows:
@@ -407,12 +396,12 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         # --- Old and reference logprobs, values, advantages. ----------------------------------
         t1 = time.perf_counter()
         width = distributed.global_max(_width(trajs, config.data.length_multiple))
-        tokens, attn, mask = map(to_global, _pad_batch(trajs, config.data.length_multiple,
-                                                       width))
+        tokens, attn, mask, sampled_lp = _pad_batch(trajs, config.data.length_multiple, width)
+        tokens, attn, mask = map(to_global, (tokens, attn, mask))
         n = n_global
         micro = n // rl.mini_batches // rl.micro_batches
         if rl.old_logprobs == "sampler":  # the rollouts' own: 0 off the policy's tokens
-            old = to_global(_pad_logprobs(trajs, width))
+            old = to_global(sampled_lp)
         else:
             old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,
                                   temperature=loss_cfg.temperature, mesh=mesh)

@@ -62,6 +62,9 @@ class Trajectory:
     response_ids: list[int] = dataclasses.field(default_factory=list)
     response_mask: list[int] = dataclasses.field(default_factory=list)  # 1 = policy token
     response_logprobs: list[float] = dataclasses.field(default_factory=list)  # 0 where mask 0
+    # The model's own at the sampling temperature, without top-k/top-p (what a training forward
+    # gives); 0 where mask 0.
+    response_model_logprobs: list[float] = dataclasses.field(default_factory=list)
     queries: list[str] = dataclasses.field(default_factory=list)
     documents: list[str] = dataclasses.field(default_factory=list)  # per search, as returned
     noisy: list[bool] = dataclasses.field(default_factory=list)  # per search: the curriculum draw
@@ -91,6 +94,13 @@ class Trajectory:
         """[len(token_ids)] float32: the sampler's logprobs on mask-1 tokens, 0 elsewhere."""
         return np.array([0.0] * len(self.prompt_ids) + self.response_logprobs, np.float32)
 
+    @property
+    def model_logprobs(self) -> np.ndarray:
+        """[len(token_ids)] float32: the model's logprobs at the sampling temperature (no
+        top-k/top-p) on mask-1 tokens, 0 elsewhere."""
+        return np.array([0.0] * len(self.prompt_ids) + self.response_model_logprobs,
+                        np.float32)
+
     def to_record(self) -> dict:
         """A JSON-able summary (for trajectory logs and `zsjax.tools.make_sft_data`)."""
         return {"question": self.question, "golden_answers": list(self.golden_answers),
@@ -99,13 +109,12 @@ class Trajectory:
                              for q, d, n in zip(self.queries, self.documents, self.noisy)],
                 "response": self.response_text}
 
-    def _append(self, ids, mask_value, logprobs=None):
+    def _append(self, ids, mask_value, logprobs=None, model_logprobs=None):
         self.response_ids.extend(int(t) for t in ids)
         self.response_mask.extend([mask_value] * len(ids))
-        if logprobs is None:
-            self.response_logprobs.extend([0.0] * len(ids))
-        else:
-            self.response_logprobs.extend(float(x) for x in logprobs)
+        for out, lps in ((self.response_logprobs, logprobs),
+                         (self.response_model_logprobs, model_logprobs)):
+            out.extend([0.0] * len(ids) if lps is None else (float(x) for x in lps))
 
 
 def prompt_ids(tokenizer, question: str, use_chat_template: bool | None = None) -> list[int]:
@@ -233,11 +242,11 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
         owners: list[int] = []
         invalid: list[int] = []
         still_open: list[int] = []
-        for i, ids, lps, reason in zip(open_idx, result.tokens, result.logprobs,
-                                       result.finish_reasons):
+        for i, ids, lps, mlps, reason in zip(open_idx, result.tokens, result.logprobs,
+                                             result.model_logprobs, result.finish_reasons):
             t = trajs[i]
             t.turns += 1
-            ids, lps = list(ids), list(lps)
+            ids, lps, mlps = list(ids), list(lps), list(mlps)
             text_ids = ids[:-1] if reason == "eos" else ids
             text = tokenizer.decode(text_ids, skip_special_tokens=False)
             action = parse_action(text)
@@ -245,9 +254,9 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
             dropped[i] = reason == "eos" and not done
             if dropped[i]:
                 # The reference decodes with skip_special_tokens and continues: EOS is dropped.
-                ids, lps = text_ids, lps[:-1]
+                ids, lps, mlps = text_ids, lps[:-1], mlps[:-1]
             pending[i] = []
-            t._append(ids, 1, lps)
+            t._append(ids, 1, lps, mlps)
             t.segments.append(Segment("policy", text))
             if done:
                 t.answered = action.kind == "answer"
