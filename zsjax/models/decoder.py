@@ -5,6 +5,10 @@
 The KV cache is an explicit argument and result (a `KVCache` pytree), never a mutable Flax
 collection, so the same module serves training (no cache), prefill and decode. Params carry
 logical axis names (see `zsjax.sharding`); `param_logical_axes` reads them off the module.
+
+Attention, and on a CPU the projections and the tied head, have hand-written backward passes
+(`_attention`, `_matmul`): autodiff's were correct but XLA:CPU ran them slowly (see their
+docstrings). `tests/models/test_parity.py` checks the gradients against PyTorch autograd.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def _attention(q, k, v, mask_bts):
     sum(dout * out) over Dh rather than sum(probs * dprobs) over the S slots (equal, since
     out = probs @ v): on XLA:CPU that [B, KVH, G, T, S] reduction was a tenth of a demo
     fine-tuning step."""
-    return jnp.einsum("bkgts,bkds->btkgd", _attention_probs(q, k, mask_bts), v)
+    return _attention_fwd(q, k, v, mask_bts)[0]
 
 
 def _attention_fwd(q, k, v, mask_bts):
