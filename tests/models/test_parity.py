@@ -121,29 +121,40 @@ def test_gradients_match_torch(hf_model_dir, variant, tmp_path):
                                    err_msg=name)
 
 
-def test_attention_backward_matches_autodiff():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_backward_matches_autodiff(dtype):
     """The attention's hand-written backward pass against autodiff of the textbook softmax
-    attention, with a ragged mask that leaves some query rows no visible key (left padding)."""
+    attention, with a ragged mask that leaves some query rows no visible key (left padding).
+    In bfloat16 both are compared with the float32 reference, under jit with the arrays as
+    arguments (as a training step sees them)."""
     from zsjax.models.decoder import _attention
     rng = np.random.RandomState(0)
     b, t, s, kvh, g, dh = 2, 5, 7, 2, 3, 4
-    q, k, v, d_out = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
-                      [(b, t, kvh, g, dh), (b, kvh, s, dh), (b, kvh, dh, s), (b, t, kvh, g, dh)])
+    inputs = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+              [(b, t, kvh, g, dh), (b, kvh, s, dh), (b, kvh, dh, s), (b, t, kvh, g, dh)]]
     mask = rng.rand(b, t, s) < 0.6
     mask[0, 1] = False  # a row that sees nothing
 
     def reference(q, k, v):
-        scores = jnp.einsum("btkgd,bksd->bkgts", q, k) / np.sqrt(dh)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        return jnp.einsum("bkgts,bkds->btkgd", jax.nn.softmax(scores, -1), v)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores / np.sqrt(dh), jnp.finfo(jnp.float32).min)
+        return jnp.einsum("bkgts,bkds->btkgd", jax.nn.softmax(scores, -1).astype(q.dtype), v)
 
     def ours(q, k, v):
         return _attention(q, k, v, jnp.asarray(mask))
 
-    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
-    for a, r in zip(jax.vjp(ours, q, k, v)[1](d_out), jax.vjp(reference, q, k, v)[1](d_out)):
-        assert float(jnp.abs(r).max()) > 0.1
-        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
+    @jax.jit
+    def out_and_grads(q, k, v, d_out):
+        return [(y, vjp(d_out)) for y, vjp in (jax.vjp(f, q, k, v) for f in (ours, reference))]
+
+    exact = out_and_grads(*inputs)[1]  # float32 autodiff
+    results = out_and_grads(*[x.astype(dtype) for x in inputs])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=0, atol=0.1)
+    for y, grads in results:
+        np.testing.assert_allclose(np.asarray(y, np.float32), exact[0], **tol)
+        for a, r in zip(grads, exact[1]):
+            assert a.dtype == jnp.dtype(dtype) and float(jnp.abs(r).max()) > 0.1
+            np.testing.assert_allclose(np.asarray(a, np.float32), r, **tol)
 
 
 def test_kv_cache_decode_matches_full_forward(hf_model_dir):

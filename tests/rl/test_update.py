@@ -52,7 +52,9 @@ def test_token_logprobs_and_entropy_and_their_gradient(temperature):
     """The hand-written backward pass of the token logprobs and entropies against autodiff of
     the textbook formulas, with independent weights on the two outputs."""
     rng = np.random.default_rng(0)
-    logits = jnp.asarray(rng.normal(size=(3, 9, 40)) * 3, jnp.float32)
+    logits = rng.normal(size=(3, 9, 40)) * 3 + 30  # large logits, and a confident position:
+    logits[0, 2, 5] += 40  # entropy as lse - sum(p z) lost 1e-4 to cancellation here
+    logits = jnp.asarray(logits, jnp.float32)
     tokens = jnp.asarray(rng.integers(0, 40, (3, 9)), jnp.int32)
     w_logp, w_ent = (jnp.asarray(rng.normal(size=(3, 9)), jnp.float32) for _ in range(2))
 

@@ -9,6 +9,7 @@ logical axis names (see `zsjax.sharding`); `param_logical_axes` reads them off t
 Attention, and on a CPU the projections and the tied head, have hand-written backward passes
 (`_attention`, `_matmul`): autodiff's were correct but XLA:CPU ran them slowly (see their
 docstrings). `tests/models/test_parity.py` checks the gradients against PyTorch autograd.
+Custom VJPs support reverse mode only: `jax.jvp` / `jacfwd` through the decoder raise.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: str | None
                    valid=jnp.zeros((batch, capacity), bool), index=jnp.zeros((), jnp.int32))
 
 
+def _on_cpu() -> bool:
+    """Whether the default backend, which the traced program will run on, is a CPU."""
+    return jax.default_backend() == "cpu"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(x, w, w_transposed: bool):
     """x [M, K] @ w [K, N] (w [N, K] when `w_transposed`), with a backward pass written for
@@ -96,7 +102,8 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
     k = len(lc)
     standard = (not lb and not rb and tuple(lc) == tuple(range(lhs.ndim - k, lhs.ndim))
                 and tuple(rc) == tuple(range(k)))
-    if jax.default_backend() != "cpu" or not standard or preferred_element_type is not None:
+    if (not _on_cpu() or not standard or precision is not None
+            or preferred_element_type is not None):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
     out_shape = lhs.shape[:lhs.ndim - k] + rhs.shape[k:]
@@ -106,7 +113,7 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
 
 def _tied_head(x_btd, embedding_vd):
     """x @ embedding.T, the logits of a tied head; on a CPU through `_matmul` (above)."""
-    if jax.default_backend() != "cpu":
+    if not _on_cpu():
         return jnp.einsum("btd,vd->btv", x_btd, embedding_vd)
     b, t, d = x_btd.shape
     return _matmul(x_btd.reshape(b * t, d), embedding_vd, True).reshape(b, t, -1)
@@ -142,7 +149,8 @@ def _attention_bwd(res, d_out):
     q, k, v, mask_bts, probs, out = res
     f32 = jnp.float32
     dv = jnp.einsum("bkgts,btkgd->bkds", probs, d_out)
-    d_probs = jnp.einsum("btkgd,bkds->bkgts", d_out, v, preferred_element_type=f32)
+    # (a bf16 x bf16 -> f32 product that XLA:CPU does not always have a kernel for)
+    d_probs = jnp.einsum("btkgd,bkds->bkgts", d_out, v).astype(f32)
     row = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(f32), out.astype(f32))
     d_scores = probs.astype(f32) * (d_probs - row[..., None])
     d_scores = jnp.where(mask_bts[:, None, None], d_scores, 0.0) * (q.shape[-1] ** -0.5)

@@ -124,7 +124,7 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 def token_logprobs_from_logits(logits_btv, tokens_bt, temperature: float = 1.0):
     """log p(tokens[t] | tokens[<t]) aligned to t ([B, T], 0 at t = 0) and the entropy of the
-    distribution that predicted token t ([B, T])."""
+    distribution that predicted token t ([B, T]). `temperature` is a Python float."""
     picked, entropy = _picked_and_entropy(logits_btv[:, :-1], tokens_bt[:, 1:], temperature)
     pad = jnp.zeros(tokens_bt.shape[:1] + (1,), jnp.float32)
     return (jnp.concatenate([pad, picked], axis=1), jnp.concatenate([pad, entropy], axis=1))
@@ -137,28 +137,27 @@ def _log_normalizer(z):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _picked_and_entropy(logits_btv, next_bt, temperature: float):
-    """log softmax(logits / T)[next] and the entropy, [B, T] each. The backward pass is one
-    elementwise expression over [B, T, V]: autodiff kept log_softmax's [B, T, V] result and
-    scattered the picked token's gradient through a one-hot it built in memory."""
-    z = logits_btv.astype(jnp.float32) / temperature
-    lse = _log_normalizer(z)
-    picked = jnp.take_along_axis(z, next_bt[..., None], axis=-1)[..., 0] - lse[..., 0]
-    entropy = lse[..., 0] - (jnp.exp(z - lse) * z).sum(-1)
-    return picked, entropy
+    """log softmax(logits / T)[next] and the entropy, [B, T] each (T a Python float). The
+    backward pass is one elementwise expression over [B, T, V]: autodiff kept log_softmax's
+    [B, T, V] result and scattered the picked token's gradient through a one-hot it built in
+    memory."""
+    return _picked_and_entropy_fwd(logits_btv, next_bt, temperature)[0]
 
 
 def _picked_and_entropy_fwd(logits_btv, next_bt, temperature):
-    picked, entropy = _picked_and_entropy(logits_btv, next_bt, temperature)
-    return (picked, entropy), (logits_btv, next_bt, entropy)
+    z = logits_btv.astype(jnp.float32) / temperature
+    lse = _log_normalizer(z)
+    picked = jnp.take_along_axis(z, next_bt[..., None], axis=-1)[..., 0] - lse[..., 0]
+    entropy = -(jnp.exp(z - lse) * (z - lse)).sum(-1)
+    return (picked, entropy), (logits_btv, next_bt, lse, entropy)
 
 
 def _picked_and_entropy_bwd(temperature, res, cotangents):
-    logits_btv, next_bt, entropy = res
+    logits_btv, next_bt, lse, entropy = res
     d_picked, d_entropy = cotangents
-    z = logits_btv.astype(jnp.float32) / temperature
-    logp = z - _log_normalizer(z)
+    logp = logits_btv.astype(jnp.float32) / temperature - lse
     p = jnp.exp(logp)
-    one_hot = jnp.arange(z.shape[-1]) == next_bt[..., None]
+    one_hot = jnp.arange(logp.shape[-1]) == next_bt[..., None]
     # d logp[next] / dz = one_hot - p;  d entropy / dz = -p (logp + entropy)
     dz = (d_picked[..., None] * (one_hot - p)
           - d_entropy[..., None] * p * (logp + entropy[..., None]))
