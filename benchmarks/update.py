@@ -4,8 +4,9 @@
 
 Same SmolLM2-135M-Instruct weights (float32), same batch (a prompt and an information block
 masked out of the loss), same loss (PPO-clip + entropy bonus, token mean), global-norm clipping
-and AdamW. PyTorch runs transformers' LlamaForCausalLM in eager mode. MFU counts 6 x params x
-tokens against the matmul rate measured in the same run.
+and AdamW. PyTorch runs transformers' LlamaForCausalLM in eager mode. zsjax computes no
+logits at the prompt's positions, as the trainer does (`--full-logits` computes them). MFU
+counts 6 x params x tokens against the matmul rate measured in the same run.
 """
 
 import argparse
@@ -40,6 +41,9 @@ def main():
     parser.add_argument("--small", action="store_true",
                         help="a random ~6M-param Llama (d256, 4 layers, vocab 8192) instead of "
                              "SmolLM2, like the design prototype's small decoder")
+    parser.add_argument("--full-logits", action="store_true",
+                        help="compute logits at the prompt's positions too (as PyTorch does); "
+                             "by default zsjax skips them like the trainer (logits_from)")
     parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip PyTorch (e.g. JAX on a GPU with a CPU-only torch)")
@@ -82,8 +86,9 @@ def main():
     # zsjax
     tx = U.make_optimizer(1e-6)
     state = U.init_state(params, tx)
+    logits_from = 0 if args.full_logits else U.loss_start(mask)
     step = U.make_policy_step(state, batch, config=config, tx=tx, cfg=cfg, n_micro=args.micro,
-                              remat=args.remat)
+                              remat=args.remat, logits_from=logits_from)
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(state)
@@ -138,7 +143,7 @@ def main():
         "model": "random 6M Llama" if args.small else "SmolLM2-135M-Instruct",
         "params": config.num_params(),
         "batch": f"{b} x {t} tokens ({int(mask.sum())} in the loss)", "micro_batches": args.micro,
-        "remat": args.remat, "matmul_gflop_s": round(ceiling / 1e9, 1),
+        "remat": args.remat, "logits_from": logits_from, "matmul_gflop_s": round(ceiling / 1e9, 1),
         "zsjax_step_s": round(z, 3), "torch_step_s": round(p, 3),
         "zsjax_tokens_s": round(b * t / z, 1), "torch_tokens_s": round(b * t / p, 1),
         "speedup": round(p / z, 2), "zsjax_compile_s": round(first - z, 1),

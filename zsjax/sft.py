@@ -63,12 +63,13 @@ def run(config, workdir: str) -> dict:
     for step in range(start_step, tc.steps):
         position, tokens, attn, mask = next(stream)
         batch = U.sft_batch(tokens, attn, mask)
-        width = tokens.shape[1]
-        if width not in steps_fns:
-            steps_fns[width] = U.jit_step(U.supervised_step, state, batch, mesh=mesh,
-                                          config=model_config, tx=tx, n_micro=tc.micro_batches,
-                                          remat=tc.remat)
-        state, m = U.run_step(steps_fns[width], state, batch)
+        # One compiled step per (padded width, first position whose logits the loss needs).
+        key = (tokens.shape[1], U.loss_start(mask))
+        if key not in steps_fns:
+            steps_fns[key] = U.jit_step(U.supervised_step, state, batch, mesh=mesh,
+                                        config=model_config, tx=tx, n_micro=tc.micro_batches,
+                                        remat=tc.remat, logits_from=key[1])
+        state, m = U.run_step(steps_fns[key], state, batch)
         last = {"step": step + 1, **{k: round(v, 6) for k, v in m.items()}}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(last) + "\n")

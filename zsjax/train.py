@@ -397,6 +397,9 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         t1 = time.perf_counter()
         width = distributed.global_max(_width(trajs, config.data.length_multiple))
         tokens, attn, mask, sampled_lp = _pad_batch(trajs, config.data.length_multiple, width)
+        # Logits are computed from the position before the earliest policy token of any row
+        # in any process (rounded down, so steps with similar prompts share programs).
+        logits_from = -distributed.global_max(-U.loss_start(mask))
         tokens, attn, mask = map(to_global, (tokens, attn, mask))
         n = n_global
         micro = n // rl.mini_batches // rl.micro_batches
@@ -404,9 +407,11 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             old = to_global(sampled_lp)
         else:
             old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,
-                                  temperature=loss_cfg.temperature, mesh=mesh)
+                                  temperature=loss_cfg.temperature, mesh=mesh,
+                                  logits_from=logits_from)
         ref = (U.logprobs_pass(policy_config, ref_params, tokens, attn, micro_batch=micro,
-                               temperature=loss_cfg.temperature, mesh=mesh)
+                               temperature=loss_cfg.temperature, mesh=mesh,
+                               logits_from=logits_from)
                if ref_params is not None else None)
         mask_j = mask
         f1 = to_global(np.asarray(scores["f1"], np.float32))
@@ -440,11 +445,12 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             for j in range(rl.mini_batches):
                 mb = jax.tree.map(lambda x: x[j * mb_rows:(j + 1) * mb_rows], batch)
                 width = mb.tokens.shape[1]
-                if width not in step_fns:
-                    step_fns[width] = U.make_policy_step(
+                if (width, logits_from) not in step_fns:
+                    step_fns[width, logits_from] = U.make_policy_step(
                         state, mb, config=policy_config, tx=tx, cfg=loss_cfg,
-                        n_micro=rl.micro_batches, mesh=mesh, remat=rl.remat)
-                state, m = U.run_step(step_fns[width], state, mb)
+                        n_micro=rl.micro_batches, mesh=mesh, remat=rl.remat,
+                        logits_from=logits_from)
+                state, m = U.run_step(step_fns[width, logits_from], state, mb)
                 if critic_state is not None:
                     if ("critic", width) not in step_fns:
                         step_fns[("critic", width)] = U.jit_step(

@@ -203,6 +203,61 @@ def test_logprobs_pass_matches_full_forward():
     np.testing.assert_allclose(np.asarray(lp)[:, 1:][attn], ref[attn], atol=1e-5)
 
 
+def test_logits_from_skips_only_the_prompt_positions():
+    """With logits_from <= the position before the first loss token, the step is the same
+    (gradients, metrics, old logprobs, the supervised step); one position later it is not."""
+    from zsjax.models.decoder import Decoder
+    params = _params()
+    batch = _batch(params=params)  # loss mask 0 at t < 6
+    grad = jax.jit(functools.partial(U.policy_gradients, config=CONFIG, cfg=CFG),
+                   static_argnames="logits_from")
+    g0, m0 = grad(params, batch, logits_from=0)
+    for k in (3, 5):
+        gk, mk = grad(params, batch, logits_from=k)
+        assert _rel(g0, gk) < 1e-6
+        for name in m0:
+            np.testing.assert_allclose(m0[name], mk[name], rtol=1e-6, atol=1e-9)
+    g6, m6 = grad(params, batch, logits_from=6)  # drops the first loss token's logprob
+    assert abs(float(m6["policy_loss"]) - float(m0["policy_loss"])) > 1e-4
+
+    full = U.logprobs_pass(CONFIG, params, batch.tokens, batch.attention_mask, micro_batch=4)
+    cut = U.logprobs_pass(CONFIG, params, batch.tokens, batch.attention_mask, micro_batch=4,
+                          logits_from=5)
+    np.testing.assert_allclose(np.asarray(cut)[:, 6:], np.asarray(full)[:, 6:], atol=1e-6)
+    assert not np.asarray(cut)[:, :6].any()
+
+    logits = Decoder(CONFIG).apply({"params": params}, batch.tokens, jnp.zeros((B, T), int))[0]
+    part = Decoder(CONFIG).apply({"params": params}, batch.tokens, jnp.zeros((B, T), int),
+                                 logits_positions=(5, T - 1))[0]
+    np.testing.assert_allclose(np.asarray(part), np.asarray(logits)[:, 5:T - 1], atol=1e-5)
+    with pytest.raises(ValueError, match="logits_positions"):
+        Decoder(CONFIG).apply({"params": params}, batch.tokens, jnp.zeros((B, T), int),
+                              logits_positions=(4, T + 1))
+    with pytest.raises(ValueError, match="logits_from"):
+        U.logprobs_pass(CONFIG, params, batch.tokens, batch.attention_mask, micro_batch=4,
+                        logits_from=T - 1)
+
+    tx = U.make_optimizer(1e-3)
+    sft = U.sft_batch(batch.tokens, batch.attention_mask, batch.loss_mask)
+    steps = [jax.jit(functools.partial(U.supervised_step, config=CONFIG, tx=tx, logits_from=k))
+             for k in (0, 5)]
+    (s0, n0), (s5, n5) = (step(U.init_state(params, tx), sft) for step in steps)
+    np.testing.assert_allclose(n0["loss"], n5["loss"], rtol=1e-6)
+    assert _rel(s0.params, s5.params) < 1e-6
+
+
+def test_loss_start_against_a_loop():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        b, t = rng.integers(1, 5), rng.integers(2, 90)
+        mask = rng.random((b, t)) < rng.random()
+        mask[:, : rng.integers(0, t)] = False
+        multiple = int(rng.choice([1, 8, 16]))
+        firsts = [next(i for i in range(t) if row[i]) for row in mask if row.any()]
+        expected = (max(min(firsts) - 1, 0) // multiple * multiple) if firsts else 0
+        assert U.loss_start(mask.astype(np.float32), multiple) == expected
+
+
 def test_critic_learns_returns():
     params = _params()
     batch = _batch()

@@ -271,8 +271,10 @@ class Decoder(nn.Module):
     Without a cache, attention is causal over the T tokens, with `attention_mask` [B, T] hiding
     padding keys. With a cache, the T tokens are written at slots [cache.index, cache.index + T)
     and attend to every valid earlier slot. `last_logits_only` computes logits for the last
-    position only ([B, 1, V]), which is all a prefill needs. `return_hidden` returns the final
-    normed hidden states [B, T, D] instead of logits (for a value head).
+    position only ([B, 1, V]), which is all a prefill needs. `logits_positions` (start, stop),
+    static, computes them for positions [start, stop) only ([B, stop - start, V]): a training
+    step needs none at the prompt's positions. `return_hidden` returns the final normed hidden
+    states [B, T, D] (or those positions') instead of logits (for a value head).
     """
 
     config: ModelConfig
@@ -283,7 +285,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, cache: KVCache | None = None,
                  attention_mask=None, last_logits_only: bool = False,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, logits_positions: tuple[int, int] | None = None):
         c = self.config
         dt = jnp.dtype(c.dtype)
         b, t = tokens_bt.shape
@@ -321,6 +323,12 @@ class Decoder(nn.Module):
 
         if last_logits_only:
             x = x[:, -1:]
+        elif logits_positions is not None:
+            start, stop = logits_positions
+            if not 0 <= start < stop <= t:
+                raise ValueError(f"logits_positions {logits_positions} must satisfy 0 <= start "
+                                 f"< stop <= {t} (the sequence length)")
+            x = x[:, start:stop]
         x = RMSNorm(c.rms_norm_eps, dt, jnp.dtype(c.param_dtype), name="final_norm")(x)
         if return_hidden:
             return x, cache

@@ -17,6 +17,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding
@@ -122,12 +123,37 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
                       opt_state=opt_state)
 
 
-def token_logprobs_from_logits(logits_btv, tokens_bt, temperature: float = 1.0):
+def token_logprobs_from_logits(logits_btv, tokens_bt, temperature: float = 1.0,
+                               logits_from: int = 0):
     """log p(tokens[t] | tokens[<t]) aligned to t ([B, T], 0 at t = 0) and the entropy of the
-    distribution that predicted token t ([B, T]). `temperature` is a Python float."""
-    picked, entropy = _picked_and_entropy(logits_btv[:, :-1], tokens_bt[:, 1:], temperature)
-    pad = jnp.zeros(tokens_bt.shape[:1] + (1,), jnp.float32)
+    distribution that predicted token t ([B, T]). `temperature` is a Python float.
+
+    `logits_btv` holds positions [logits_from, T) or [logits_from, T - 1) of the sequence (the
+    last position predicts nothing); both outputs are 0 at t <= logits_from."""
+    span = tokens_bt.shape[1] - 1 - logits_from
+    if logits_btv.shape[1] not in (span, span + 1):
+        raise ValueError(f"logits cover {logits_btv.shape[1]} positions; from position "
+                         f"{logits_from} of a length-{tokens_bt.shape[1]} sequence expected "
+                         f"{span} or {span + 1}")
+    picked, entropy = _picked_and_entropy(logits_btv[:, :span], tokens_bt[:, logits_from + 1:],
+                                          temperature)
+    pad = jnp.zeros((tokens_bt.shape[0], logits_from + 1), jnp.float32)
     return (jnp.concatenate([pad, picked], axis=1), jnp.concatenate([pad, entropy], axis=1))
+
+
+def _model_logprobs(model, params, tokens_bt, attention_mask_bt, temperature: float = 1.0,
+                    logits_from: int = 0):
+    """`token_logprobs_from_logits` of `model`'s forward pass, which computes logits at
+    positions [logits_from, T - 1) only: a training batch needs none at its prompt's positions,
+    and the lm_head and the loss over the vocabulary are a large part of a small model's step.
+    Nothing about the sequence's other positions changes (attention still sees every token)."""
+    t = tokens_bt.shape[1]
+    if not 0 <= logits_from <= t - 2:
+        raise ValueError(f"logits_from {logits_from} must be in [0, {t - 2}] for sequences of "
+                         f"length {t}")
+    logits, _ = model.apply({"params": params}, tokens_bt, _positions(attention_mask_bt), None,
+                            attention_mask_bt, logits_positions=(logits_from, t - 1))
+    return token_logprobs_from_logits(logits, tokens_bt, temperature, logits_from)
 
 
 def _log_normalizer(z):
@@ -174,6 +200,11 @@ def _positions(mask_bt):
 def policy_terms_from_logits(logits_btv, batch: Batch, cfg: LossConfig):
     """(loss sum, metric sums) of one micro-batch, given its logits. Denominators come apart."""
     logp, entropy = token_logprobs_from_logits(logits_btv, batch.tokens, cfg.temperature)
+    return policy_terms(logp, entropy, batch, cfg)
+
+
+def policy_terms(logp, entropy, batch: Batch, cfg: LossConfig):
+    """`policy_terms_from_logits` given the token logprobs and entropies [B, T]."""
     mask = batch.loss_mask
     per_token, clipped = L.ppo_clip_terms(logp, batch.old_logprobs, batch.advantages,
                                           clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -236,15 +267,20 @@ def _apply(state: TrainState, grads, tx, metrics: dict):
 
 def policy_gradients(params, batch: Batch, *, config: ModelConfig, cfg: LossConfig,
                      n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES,
-                     remat: bool = False):
-    """Gradient of the batch's loss (its global mean under cfg.aggregation) and metrics."""
+                     remat: bool = False, logits_from: int = 0):
+    """Gradient of the batch's loss (its global mean under cfg.aggregation) and metrics.
+
+    `logits_from` (static) skips the logits of positions < logits_from: every row's loss mask
+    must be 0 at t <= logits_from (those tokens' logprobs would be taken as 0). A batch whose
+    prompts fill the first P positions of every row can use any logits_from <= P - 1 and get
+    the same step with less work; see `loss_start`."""
     model = Decoder(config, mesh, sharding.as_rules(rules), remat=remat)
     denom = L.aggregate(batch.loss_mask, batch.loss_mask, cfg.aggregation)[1]
 
     def loss_fn(params, mb: Batch):
-        logits, _ = model.apply({"params": params}, mb.tokens, _positions(mb.attention_mask),
-                                None, mb.attention_mask)
-        return policy_terms_from_logits(logits, mb, cfg)
+        logp, entropy = _model_logprobs(model, params, mb.tokens, mb.attention_mask,
+                                        cfg.temperature, logits_from)
+        return policy_terms(logp, entropy, mb, cfg)
 
     grads, sums = _accumulate(loss_fn, params, batch, n_micro)
     scale = 1.0 / jnp.maximum(denom, 1.0)
@@ -256,11 +292,13 @@ def policy_gradients(params, batch: Batch, *, config: ModelConfig, cfg: LossConf
 
 
 def policy_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg: LossConfig,
-                n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False):
+                n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False,
+                logits_from: int = 0):
     """One optimizer step on the policy; returns (new state, metrics). Unjitted: see
     `make_policy_step` for the sharded, jitted, donated version."""
     grads, metrics = policy_gradients(state.params, batch, config=config, cfg=cfg,
-                                      n_micro=n_micro, mesh=mesh, rules=rules, remat=remat)
+                                      n_micro=n_micro, mesh=mesh, rules=rules, remat=remat,
+                                      logits_from=logits_from)
     return _apply(state, grads, tx, metrics), metrics
 
 
@@ -299,21 +337,33 @@ def jit_step(step_fn, state: TrainState, batch_like: Batch, *, mesh=None,
 
 def make_policy_step(state: TrainState, batch_like: Batch, *, config: ModelConfig, tx,
                      cfg: LossConfig, n_micro: int = 1, mesh=None,
-                     rules=sharding.DEFAULT_RULES, remat: bool = False):
+                     rules=sharding.DEFAULT_RULES, remat: bool = False, logits_from: int = 0):
     """`policy_step`, jitted and sharded (see `jit_step`)."""
     return jit_step(policy_step, state, batch_like, mesh=mesh, rules=rules, config=config, tx=tx,
-                    cfg=cfg, n_micro=n_micro, remat=remat)
+                    cfg=cfg, n_micro=n_micro, remat=remat, logits_from=logits_from)
+
+
+def loss_start(loss_mask_bt, multiple: int = 16) -> int:
+    """A `logits_from` for a batch, from its host-side loss mask [B, T]: the position before
+    its earliest loss token, rounded down to a multiple of `multiple` so that batches with
+    slightly different prompts share a compiled step. 0 when no token is in the loss."""
+    mask = np.asarray(loss_mask_bt) != 0
+    rows = mask.any(axis=1)
+    if not rows.any():
+        return 0
+    first = int(mask[rows].argmax(axis=1).min())
+    return max(first - 1, 0) // multiple * multiple
 
 
 # --- Forward-only passes: old policy, reference policy, critic ------------------------------
 
 def logprobs_pass(config: ModelConfig, params, tokens_bt, attention_mask_bt, *,
                   micro_batch: int, temperature: float = 1.0, mesh=None,
-                  rules=sharding.DEFAULT_RULES):
+                  rules=sharding.DEFAULT_RULES, logits_from: int = 0):
     """log p(tokens[t] | tokens[<t]) [B, T] computed micro-batch by micro-batch (a scan), for
-    the old and the reference policy."""
+    the old and the reference policy; 0 at t <= logits_from (see `policy_gradients`)."""
     return _logprobs_jit(config, params, tokens_bt, attention_mask_bt, micro_batch, temperature,
-                         mesh, sharding.as_rules(rules))
+                         mesh, sharding.as_rules(rules), logits_from)
 
 
 def _scan_micro_batches(fn, micro_batch: int, tokens, mask):
@@ -326,13 +376,13 @@ def _scan_micro_batches(fn, micro_batch: int, tokens, mask):
     return out.reshape(tokens.shape)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def _logprobs_jit(config, params, tokens, mask, micro_batch, temperature, mesh, rules):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+def _logprobs_jit(config, params, tokens, mask, micro_batch, temperature, mesh, rules,
+                  logits_from):
     model = Decoder(config, mesh, rules)
 
     def fn(t, m):
-        logits, _ = model.apply({"params": params}, t, _positions(m), None, m)
-        return token_logprobs_from_logits(logits, t, temperature)[0]
+        return _model_logprobs(model, params, t, m, temperature, logits_from)[0]
 
     return _scan_micro_batches(fn, micro_batch, tokens, mask)
 
@@ -418,16 +468,16 @@ def run_step(step_fn, state, batch: Batch):
 
 def supervised_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx,
                     n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES,
-                    remat: bool = False):
+                    remat: bool = False, logits_from: int = 0):
     """One step of masked next-token cross-entropy: the mean over tokens with loss_mask 1
-    (e.g. the simulator's documents). Uses batch.tokens, attention_mask and loss_mask only."""
+    (e.g. the simulator's documents). Uses batch.tokens, attention_mask and loss_mask only.
+    `logits_from` as in `policy_gradients`."""
     model = Decoder(config, mesh, sharding.as_rules(rules), remat=remat)
     denom = batch.loss_mask.sum()
 
     def loss_fn(params, mb: Batch):
-        logits, _ = model.apply({"params": params}, mb.tokens, _positions(mb.attention_mask),
-                                None, mb.attention_mask)
-        logp, _ = token_logprobs_from_logits(logits, mb.tokens)
+        logp, _ = _model_logprobs(model, params, mb.tokens, mb.attention_mask,
+                                  logits_from=logits_from)
         nll = -(logp * mb.loss_mask).sum()
         return nll, {"loss": nll}
 
