@@ -73,15 +73,19 @@ def test_rope_inverse_frequencies_match_transformers(hf_model_dir):
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["qwen2-bias-tied", "llama-attnbias-untied"])
-def test_gradients_match_torch(hf_model_dir, variant, tmp_path):
+@pytest.mark.parametrize("variant,block", [("qwen2-bias-tied", 64), ("llama-attnbias-untied", 64),
+                                           ("qwen2-bias-tied", 8)])
+def test_gradients_match_torch(hf_model_dir, variant, block, tmp_path, monkeypatch):
     """The gradient of a weighted token log-likelihood plus an entropy term, with right padding,
     against PyTorch autograd on the transformers model: every weight, bias, norm and the (tied or
     untied) head. On a CPU the projections run through a hand-written backward pass
-    (`decoder._matmul`), which this checks."""
+    (`decoder._matmul`), which this checks; with 8-row blocks, so is causal attention by blocks
+    of queries (30 tokens: 8 + 8 + 8 + 6 rows)."""
     import torch
     from safetensors.numpy import load_file
+    from zsjax.models import decoder
     from zsjax.rl.update import token_logprobs_from_logits
+    monkeypatch.setattr(decoder, "CAUSAL_BLOCK", block)
 
     path, model = hf_model_dir(**VARIANTS[variant])
     config, params = load_hf(path)
@@ -119,6 +123,36 @@ def test_gradients_match_torch(hf_model_dir, variant, tmp_path):
         assert np.abs(g).max() > 1e-3, name  # every tensor gets a gradient worth comparing
         np.testing.assert_allclose(ours[name], g, rtol=2e-4, atol=2e-4 * np.abs(g).max(),
                                    err_msg=name)
+
+
+def test_causal_attention_by_blocks_matches_whole():
+    """Causal attention a block of query rows at a time (the last block short) against the
+    whole product, values and gradients, with right padding and a left-padded row whose first
+    query rows see no key (their outputs are unspecified, an average of values that nothing
+    reads, so they get no weight here)."""
+    from zsjax.models.decoder import _attention, _causal_attention
+    rng = np.random.RandomState(1)
+    b, t, kvh, g, dh = 3, 21, 2, 2, 4
+    q, k, v, w = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+                  [(b, t, kvh, g, dh), (b, kvh, t, dh), (b, kvh, dh, t), (b, t, kvh, g, dh)])
+    valid = np.ones((b, t), bool)
+    valid[1, 15:] = False  # right padding
+    valid[2, :4] = False  # left padding
+    mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None] & valid[:, None, :])
+    w = w * jnp.asarray(mask.any(-1))[:, :, None, None, None]
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda *a: (fn(*a, mask) * w).sum(), (0, 1, 2)))
+
+    whole = loss(_attention)(q, k, v)
+    for block in (4, 8, 20):
+        blocked = loss(lambda *a: _causal_attention(*a, block=block))(q, k, v)
+        for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked)):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5)
+    seen = np.asarray(mask.any(-1))
+    out = _causal_attention(q, k, v, mask, block=8)
+    np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(_attention(q, k, v, mask))[seen],
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

