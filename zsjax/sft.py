@@ -64,7 +64,8 @@ def run(config, workdir: str) -> dict:
         position, tokens, attn, mask = next(stream)
         batch = U.sft_batch(tokens, attn, mask)
         # One compiled step per (padded width, first position whose logits the loss needs).
-        key = (tokens.shape[1], U.loss_start(mask))
+        width = tokens.shape[1]
+        key = (width, U.compiled_start(steps_fns, width, U.loss_start(mask)))
         if key not in steps_fns:
             steps_fns[key] = U.jit_step(U.supervised_step, state, batch, mesh=mesh,
                                         config=model_config, tx=tx, n_micro=tc.micro_batches,

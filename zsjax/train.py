@@ -399,7 +399,8 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         tokens, attn, mask, sampled_lp = _pad_batch(trajs, config.data.length_multiple, width)
         # Logits are computed from the position before the earliest policy token of any row
         # in any process (rounded down, so steps with similar prompts share programs).
-        logits_from = -distributed.global_max(-U.loss_start(mask))
+        logits_from = U.compiled_start(step_fns, width,
+                                       -distributed.global_max(-U.loss_start(mask)))
         tokens, attn, mask = map(to_global, (tokens, attn, mask))
         n = n_global
         micro = n // rl.mini_batches // rl.micro_batches

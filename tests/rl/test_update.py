@@ -233,6 +233,9 @@ def test_logits_from_skips_only_the_prompt_positions():
     with pytest.raises(ValueError, match="logits_positions"):
         Decoder(CONFIG).apply({"params": params}, batch.tokens, jnp.zeros((B, T), int),
                               logits_positions=(4, T + 1))
+    with pytest.raises(ValueError, match="not both"):
+        Decoder(CONFIG).apply({"params": params}, batch.tokens, jnp.zeros((B, T), int),
+                              last_logits_only=True, logits_positions=(4, T - 1))
     with pytest.raises(ValueError, match="logits_from"):
         U.logprobs_pass(CONFIG, params, batch.tokens, batch.attention_mask, micro_batch=4,
                         logits_from=T - 1)
@@ -246,7 +249,27 @@ def test_logits_from_skips_only_the_prompt_positions():
     assert _rel(s0.params, s5.params) < 1e-6
 
 
-def test_loss_start_against_a_loop():
+def test_loss_start_and_compiled_start():
+    """Hand-written cases, then random masks against a loop."""
+    def ones_from(t, firsts):
+        m = np.zeros((len(firsts), t), np.float32)
+        for row, first in enumerate(firsts):
+            if first is not None:
+                m[row, first:] = 1
+        return m
+    assert U.loss_start(ones_from(40, [17, 30]), 1) == 16
+    assert U.loss_start(ones_from(40, [17, 30]), 16) == 16
+    assert U.loss_start(ones_from(40, [33, None]), 16) == 32
+    assert U.loss_start(ones_from(40, [1]), 16) == 0
+    assert U.loss_start(ones_from(40, [0]), 1) == 0
+    assert U.loss_start(ones_from(40, [None, None]), 1) == 38  # nothing in the loss: T - 2
+    assert U.loss_start(ones_from(40, [None]), 16) == 32
+    compiled = {(64, 0): None, (64, 32): None, (128, 48): None, ("critic", 64): None}
+    assert U.compiled_start(compiled, 64, 40) == 32
+    assert U.compiled_start(compiled, 64, 31) == 0
+    assert U.compiled_start(compiled, 128, 40) == 40  # (128, 48) starts too late
+    assert U.compiled_start(compiled, 256, 16) == 16
+
     rng = np.random.default_rng(0)
     for _ in range(50):
         b, t = rng.integers(1, 5), rng.integers(2, 90)
@@ -254,7 +277,8 @@ def test_loss_start_against_a_loop():
         mask[:, : rng.integers(0, t)] = False
         multiple = int(rng.choice([1, 8, 16]))
         firsts = [next(i for i in range(t) if row[i]) for row in mask if row.any()]
-        expected = (max(min(firsts) - 1, 0) // multiple * multiple) if firsts else 0
+        first = min(firsts) if firsts else t - 1
+        expected = max(first - 1, 0) // multiple * multiple
         assert U.loss_start(mask.astype(np.float32), multiple) == expected
 
 
@@ -294,6 +318,9 @@ def test_sharded_step_matches_single_device():
     assert _rel(g1, g8) < 1e-5
     for k in m1:
         np.testing.assert_allclose(float(m1[k]), float(m8[k]), rtol=1e-5, atol=1e-6)
+    # no logits at the prompt's positions (loss mask 0 at t < 6), sharded: the same gradient
+    g8p, _ = jax.jit(functools.partial(grad, mesh=mesh, logits_from=5))(sharded_params, batch)
+    assert _rel(g1, g8p) < 1e-5
 
     # a whole step (AdamW), jitted with explicit shardings, vs the single-device step
     tx = U.make_optimizer(1e-3)

@@ -175,7 +175,8 @@ def _causal_attention(q, k, v, mask_bts, block: int):
     on XLA:CPU the smaller [.., block, S] scores stay in cache: at T = 512, 8 rows, the
     forward and backward pass took 207 ms for 64-row blocks against 346 ms whole (4 layers).
     Query rows that see no key (left padding) get an unspecified output, as with
-    `_attention` (an average of values that nothing reads)."""
+    `_attention` (an average of values that nothing reads). The keys' and values' gradients
+    are sums over the blocks, in the inputs' dtype (in bfloat16, one rounding a block)."""
     t = q.shape[1]
     if t <= block:
         return _attention(q, k, v, mask_bts)
@@ -211,6 +212,7 @@ class Attention(nn.Module):
     config: ModelConfig
     mesh: Mesh | None = None
     rules: Any = sharding.DEFAULT_RULES
+    causal: bool = False  # no cache, and the mask is causal: queries may go by blocks
 
     @nn.compact
     def __call__(self, x_btd, cos, sin, mask_bts, kv_cache, cache_index):
@@ -245,7 +247,7 @@ class Attention(nn.Module):
         b, t = q.shape[:2]
         groups = c.n_heads // c.n_kv_heads
         q = q.reshape(b, t, c.n_kv_heads, groups, c.head_dim)
-        if kv_cache is None and _on_cpu():  # causal over these T tokens (see Decoder)
+        if self.causal and kv_cache is None and _on_cpu():
             block = max(CAUSAL_BLOCK, -(-t // 16))
             out = _causal_attention(q, k.astype(dt), v.astype(dt), mask_bts, block)
         else:
@@ -277,13 +279,14 @@ class Block(nn.Module):
     config: ModelConfig
     mesh: Mesh | None = None
     rules: Any = sharding.DEFAULT_RULES
+    causal: bool = False  # (see Attention)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask_bts, kv_cache, cache_index):
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, jnp.dtype(c.dtype),
                                  jnp.dtype(c.param_dtype))
-        h, kv_cache = Attention(c, self.mesh, self.rules, name="attn")(
+        h, kv_cache = Attention(c, self.mesh, self.rules, self.causal, name="attn")(
             norm(name="attn_norm")(x), cos, sin, mask_bts, kv_cache, cache_index)
         x = x + h
         x = x + MLP(c, name="mlp")(norm(name="mlp_norm")(x))
@@ -339,13 +342,16 @@ class Decoder(nn.Module):
         block_cls = nn.remat(Block) if self.remat else Block
         for i in range(c.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_cache = block_cls(c, self.mesh, self.rules, name=f"layers_{i}")(
+            x, layer_cache = block_cls(c, self.mesh, self.rules, cache is None,
+                                       name=f"layers_{i}")(
                 x, cos, sin, mask_bts, layer_cache, index)
             x = sharding.constrain(x, act_names, self.mesh, self.rules)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
 
+        if last_logits_only and logits_positions is not None:
+            raise ValueError("pass last_logits_only or logits_positions, not both")
         if last_logits_only:
             x = x[:, -1:]
         elif logits_positions is not None:

@@ -346,13 +346,21 @@ def make_policy_step(state: TrainState, batch_like: Batch, *, config: ModelConfi
 def loss_start(loss_mask_bt, multiple: int = 16) -> int:
     """A `logits_from` for a batch, from its host-side loss mask [B, T]: the position before
     its earliest loss token, rounded down to a multiple of `multiple` so that batches with
-    slightly different prompts share a compiled step. 0 when no token is in the loss."""
+    slightly different prompts share a compiled step. With no token in the loss, the latest
+    position allowed (T - 2, rounded down), so that a minimum over processes ignores it."""
     mask = np.asarray(loss_mask_bt) != 0
     rows = mask.any(axis=1)
-    if not rows.any():
-        return 0
-    first = int(mask[rows].argmax(axis=1).min())
+    first = int(mask[rows].argmax(axis=1).min()) if rows.any() else mask.shape[1] - 1
     return max(first - 1, 0) // multiple * multiple
+
+
+def compiled_start(compiled, width: int, start: int) -> int:
+    """`start`, or the largest logits_from <= start among the (width, logits_from) keys of
+    `compiled` (a dict of compiled steps) for this width: a step compiled for an earlier start
+    is valid for the batch, so a batch whose prompts are longer reuses it."""
+    return max((key[1] for key in compiled if isinstance(key, tuple) and len(key) == 2
+                and key[0] == width and isinstance(key[1], int) and key[1] <= start),
+               default=start)
 
 
 # --- Forward-only passes: old policy, reference policy, critic ------------------------------
