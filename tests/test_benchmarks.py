@@ -1,6 +1,6 @@
 """The benchmark suite's plumbing (`benchmarks/run.py`): one small benchmark end to end and its
-report files (slow: it runs PyTorch and JAX steps), the rollout benchmark's bound, and the decode
-profiler's attribution of traced op times."""
+report files (slow: it runs PyTorch and JAX steps), the rollout benchmark's bound, the decode
+profiler's attribution of traced op times, and the attention benchmark on a tiny shape."""
 
 import importlib.util
 import json
@@ -101,3 +101,14 @@ def test_weight_stream_times_the_chained_product_numpy_computes():
     assert row["chained_gb_s"] == round(8 * 64 * 512 * 4 / t["chained"] / 1e9, 1)
     with pytest.raises(ValueError, match="--n"):
         bench.measure(rows=2, layers=1, k=16, n=8)
+
+
+def test_attention_benchmark_runs_and_blocks_agree():
+    proc = subprocess.run([sys.executable, "benchmarks/attention.py", "--batch", "2", "--length",
+                           "24", "--kv-heads", "2", "--group", "2", "--head-dim", "8",
+                           "--layers", "1", "--blocks", "8", "32", "--no-reference"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["attention"] for r in rows] == ["whole", "8-row blocks"]  # 32 >= T: skipped
+    assert rows[1]["max_rel_diff"] < 1e-5 and rows[0]["ms"] > 0
