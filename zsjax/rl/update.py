@@ -358,8 +358,8 @@ def compiled_start(compiled, width: int, start: int) -> int:
     """`start`, or the largest logits_from <= start among the (width, logits_from) keys of
     `compiled` (a dict of compiled steps) for this width: a step compiled for an earlier start
     is valid for the batch, so a batch whose prompts are longer reuses it."""
-    return max((key[1] for key in compiled if isinstance(key, tuple) and len(key) == 2
-                and key[0] == width and isinstance(key[1], int) and key[1] <= start),
+    return max((key[1] for key in compiled
+                if isinstance(key, tuple) and key[0] == width and key[1] <= start),
                default=start)
 
 
