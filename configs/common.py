@@ -14,16 +14,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.simulator = ml_collections.ConfigDict({
         "path": "", "dtype": "float32",
         "style": "finetuned",  # finetuned | prompt_only
-        "temperature": 0.8, "max_new_tokens": 600, "top_k_docs": 5})
+        "temperature": 0.8, "max_new_tokens": 600, "top_k_docs": 5,
+        "shrink_above": 8})  # as rollout.shrink_above, for the simulator's generation
     # QA files: .jsonl {question, golden_answers} or ZeroSearch / Search-R1 parquet.
     # eval_paths: comma-separated files for periodic evaluation (train.eval_every).
     # length_multiple: update batches are padded to a multiple of this many tokens (fewer
     # compiled shapes with a larger one, less padding with a smaller one).
     c.data = ml_collections.ConfigDict({"train_path": "", "eval_paths": "", "eval_limit": 0,
                                         "length_multiple": 64})
+    # shrink_above: a decode batch of more rows than this continues its still-running rows in
+    # a smaller batch once half have finished (`zsjax.sampling.generate`); 0: never. It saves
+    # the finished rows' compute at the price of more compiled programs and row copies: worth
+    # it for large models on a CPU, a loss for tiny ones (docs/PERFORMANCE.md).
     c.rollout = ml_collections.ConfigDict({
         "max_turns": 2, "max_response_tokens": 500, "max_prompt_tokens": 4096,
-        "max_obs_tokens": 2048, "temperature": 1.0, "top_p": 0.95, "kv_reuse": True})
+        "max_obs_tokens": 2048, "temperature": 1.0, "top_p": 0.95, "kv_reuse": True,
+        "shrink_above": 8})
     c.curriculum = ml_collections.ConfigDict({"start": 0.0, "end": 0.5, "base": 4.0})
     c.rl = ml_collections.ConfigDict({
         "algorithm": "grpo",  # grpo | ppo | reinforce_pp

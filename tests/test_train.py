@@ -84,6 +84,33 @@ def test_noise_fraction_and_rewards_logged_per_step(tmp_path, monkeypatch, algor
     assert (metrics[-1]["value_loss"] is not None) == (algorithm == "ppo")
 
 
+def test_shrink_above_reaches_the_policy_and_simulator_generation(tmp_path, monkeypatch):
+    """rollout.shrink_above and simulator.shrink_above are passed on to the two generators."""
+    import zsjax.search
+    import zsjax.search.simulator as sim_module
+    seen = {}
+
+    class Spy(ScriptedGenerator):
+        def __init__(self, *args, **kwargs):
+            seen["policy"] = kwargs.get("shrink_above")
+            super().__init__(*args, **kwargs)
+
+    real_generate = sim_module.generate
+
+    def generate(*args, **kwargs):
+        seen["simulator"] = kwargs.get("shrink_above")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", Spy)
+    monkeypatch.setattr(sim_module, "generate", generate)
+    config = tiny.get_config()
+    config.train.steps = 1
+    config.rollout.shrink_above = 0
+    config.simulator.shrink_above = 3
+    train.run(config, str(tmp_path / "run"))
+    assert seen == {"policy": 0, "simulator": 3}
+
+
 def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):
     """`train.run(backend=...)` searches that backend (the claims' "real search engine"): its
     documents reach the trajectories, and no simulator model is loaded (its path is bogus)."""

@@ -297,7 +297,8 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             sim_config, sim_params, sim_tokenizer, style=config.simulator.style,
             temperature=config.simulator.temperature,
             max_new_tokens=config.simulator.max_new_tokens,
-            top_k_docs=config.simulator.top_k_docs, seed=config.seed)
+            top_k_docs=config.simulator.top_k_docs, seed=config.seed,
+            shrink_above=config.simulator.shrink_above)
     else:
         sim_model = backend
     simulator = StepCache(sim_model)
@@ -374,7 +375,8 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         gen_params = (state.params if gen_shardings is None else
                       distributed.to_mesh(state.params, gen_shardings))
         gen = ModelTurnGenerator(policy_config, gen_params, tokenizer, settings,
-                                 kv_reuse=config.rollout.kv_reuse)
+                                 kv_reuse=config.rollout.kv_reuse,
+                                 shrink_above=config.rollout.shrink_above)
         trajs = rollout([q.question for q in qs for _ in range(k)],
                         [q.golden_answers for q in qs for _ in range(k)], tokenizer=tokenizer,
                         generate_fn=gen, backend=simulator, settings=settings,

@@ -335,6 +335,11 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     c.data.length_multiple = 16
     c.simulator.update(temperature=0.5, max_new_tokens=16 * s["docs"], top_k_docs=s["docs"])
     c.rollout.update(temperature=1.0, top_p=1.0, **_rollout(s["docs"]))
+    # Decode batches that never shrink: for this 2-layer model, moving the running rows into
+    # smaller batches cost more (row copies, a compiled program per batch size) than the
+    # finished rows' compute it saved. 25 RL steps: rollouts 25.8 s against 46.0 s.
+    c.rollout.shrink_above = 0
+    c.simulator.shrink_above = 0
     c.curriculum.update(start=0.0, end=0.3, base=4.0)
     c.rl.update(algorithm=algorithm, questions_per_step=s["questions"],
                 rollouts_per_question=s["rollouts"], mini_batches=2, lr=s["rl_lr"],

@@ -11,6 +11,7 @@ import zlib
 from typing import Sequence
 
 from zsjax.sampling import generate
+from zsjax.sampling.sampler import SHRINK_ABOVE
 from zsjax.search.backend import SearchRequest
 
 # Compatibility constant: the prompt ZeroSearch's fine-tuned simulators were trained on. The
@@ -89,7 +90,8 @@ class InProcessSimulator:
 
     def __init__(self, config, params, tokenizer, *, style: str = "finetuned",
                  temperature: float = 0.8, max_new_tokens: int = 600, top_k_docs: int = 5,
-                 use_chat_template: bool | None = None, seed: int = 0):
+                 use_chat_template: bool | None = None, seed: int = 0,
+                 shrink_above: int = SHRINK_ABOVE):
         if style not in PROMPT_STYLES:
             raise ValueError(f"unknown simulator prompt style {style!r}; expected one of "
                              f"{PROMPT_STYLES}")
@@ -100,6 +102,7 @@ class InProcessSimulator:
             use_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = use_chat_template
         self.seed = seed
+        self.shrink_above = shrink_above  # see zsjax.sampling.generate
         self.step = 0
         self.calls = 0  # search calls in this step
         self.generated = 0  # distinct prompts generated (after the per-call cache)
@@ -125,7 +128,8 @@ class InProcessSimulator:
         result = generate(self.config, self.params, [self._encode(p) for p in unique],
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                           tokenizer=self.tokenizer, seed=self.seed * 1_000_003 + self.step,
-                          row_seeds=[zlib.crc32(p.encode()) for p in unique])
+                          row_seeds=[zlib.crc32(p.encode()) for p in unique],
+                          shrink_above=self.shrink_above)
         self.calls += 1
         self.generated += len(unique)
         docs = {p: postprocess_documents(self.tokenizer.decode(ids, skip_special_tokens=True),
