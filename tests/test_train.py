@@ -109,6 +109,9 @@ def test_shrink_above_reaches_the_policy_and_simulator_generation(tmp_path, monk
     config.simulator.shrink_above = 3
     train.run(config, str(tmp_path / "run"))
     assert seen == {"policy": 0, "simulator": 3}
+    config.simulator.shrink_above = -1
+    with pytest.raises(InputError, match="simulator.shrink_above must be >= 0"):
+        train.run(config, str(tmp_path / "bad"))
 
 
 def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):

@@ -164,6 +164,10 @@ def _check_batch(config, mesh) -> None:
         raise InputError(f"{n} trajectories a step (questions_per_step x rollouts_per_question) "
                          f"do not split into rl.mini_batches={rl.mini_batches} mini-batches of "
                          f"rl.micro_batches={rl.micro_batches} equal micro-batches")
+    for group in ("rollout", "simulator"):
+        if config[group].shrink_above < 0:
+            raise InputError(f"{group}.shrink_above must be >= 0 (0: decode batches never "
+                             f"shrink); got {config[group].shrink_above}")
     if rl.old_logprobs not in ("recompute", "sampler"):
         raise InputError(f"rl.old_logprobs must be 'recompute' or 'sampler'; got "
                          f"{rl.old_logprobs!r}")
