@@ -1,11 +1,13 @@
 """Decode throughput: zsjax.sampling.generate vs transformers' generate, side by side, one run.
 
-    python benchmarks/decode.py [--model DIR] [--batches 1 8 32] [--new-tokens 64] [--out FILE]
+    python benchmarks/decode.py [--model DIR] [--batches 1 8 32] [--new-tokens 64]
+                                [--dtype float32|bfloat16] [--out FILE]
 
 Same SmolLM2-135M-Instruct weights, same chat prompts, greedy, EOS disabled so every row makes
-exactly --new-tokens tokens. zsjax's first call (compile + run) is reported apart from the timed
-calls. The same run measures this machine's matmul rate and memory bandwidth and derives the
-roofline bound of a decode step: max(FLOPs / matmul rate, bytes read / bandwidth).
+exactly --new-tokens tokens; --dtype sets both sides' weights and compute (default float32).
+zsjax's first call (compile + run) is reported apart from the timed calls. The same run
+measures this machine's matmul rate and memory bandwidth and derives the roofline bound of a
+decode step: max(FLOPs / matmul rate, bytes read / bandwidth).
 """
 
 import argparse
@@ -36,18 +38,19 @@ def _best(fn, repeats=5) -> float:
     return min(times)
 
 
-def matmul_rate(n=None) -> float:
-    """Float32 matmul FLOP/s of the default device (an n x n x n product)."""
+def matmul_rate(n=None, dtype="float32") -> float:
+    """Matmul FLOP/s of the default device (an n x n x n product; in bfloat16, with a float32
+    result, as the model's CPU products run)."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)  # 2048 underfills a GPU
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: jax.lax.dot(a, a, preferred_element_type=jnp.float32))
     return 2 * n ** 3 / _best(lambda: f(x).block_until_ready())
 
 
-def ceilings(n=None, copy_mb=512):
-    """Matmul FLOP/s and memory bandwidth (read + write): the accelerator's own memory through
-    a jitted copy, or host memory on a CPU."""
-    flops = matmul_rate(n)
+def ceilings(n=None, copy_mb=512, dtype="float32"):
+    """Matmul FLOP/s (in `dtype`) and memory bandwidth (read + write): the accelerator's own
+    memory through a jitted copy, or host memory on a CPU."""
+    flops = matmul_rate(n, dtype)
     if jax.default_backend() != "cpu":
         y = jnp.ones((copy_mb * 2 ** 20 // 4,), jnp.float32)
         g = jax.jit(lambda a: a + 1.0)
@@ -63,6 +66,7 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip transformers (e.g. JAX on a GPU with a CPU-only torch)")
@@ -82,12 +86,14 @@ def main():
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     if device == "cuda":  # JAX runs float32 matmuls on a GPU with TF32; let torch do the same
         torch.backends.cuda.matmul.allow_tf32 = True
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                            dtype=getattr(torch, args.dtype))
     hf = hf.to(device).eval()
     hf.generation_config.eos_token_id = None
-    config, params = load_hf(model_dir)
+    config, params = load_hf(model_dir, dtype=args.dtype)
+    width = jnp.dtype(args.dtype).itemsize
 
-    flops_s, bytes_s = ceilings()
+    flops_s, bytes_s = ceilings(dtype=args.dtype)
     n_params = config.num_params()
     rows = []
     for batch in args.batches:
@@ -122,8 +128,8 @@ def main():
         # Roofline for one decode step: params read once, the KV cache read, 2 flops/param/row.
         prompt_len = max(map(len, prompts))
         kv_bytes = (2 * config.n_layers * batch * config.n_kv_heads * config.head_dim
-                    * (prompt_len + new / 2) * 4)
-        step_bound = max(2 * n_params * batch / flops_s, (n_params * 4 + kv_bytes) / bytes_s)
+                    * (prompt_len + new / 2) * width)
+        step_bound = max(2 * n_params * batch / flops_s, (n_params * width + kv_bytes) / bytes_s)
         bound_tps = batch / step_bound
         z_tps = batch * new / statistics.median(zs)
         h_tps = batch * new / statistics.median(hfs) if hfs else float("nan")
@@ -140,8 +146,7 @@ def main():
                          f"jax {jax.__version__} ({jax.default_backend()}), "
                          f"torch {torch.__version__} ({'skipped' if args.no_reference else device})",
               "matmul_gflop_s": round(flops_s / 1e9, 1),
-              "copy_bandwidth_gb_s": round(bytes_s / 1e9, 1), "model": "SmolLM2-135M-Instruct "
-              "float32", "rows": rows, "command": " ".join(["python"] + sys.argv)}
+              "copy_bandwidth_gb_s": round(bytes_s / 1e9, 1), "model": f"SmolLM2-135M-Instruct {args.dtype}", "rows": rows, "command": " ".join(["python"] + sys.argv)}
     lines = [f"Machine: {report['machine']}; matmul {report['matmul_gflop_s']} GFLOP/s, copy "
              f"bandwidth {report['copy_bandwidth_gb_s']} GB/s (same run).", "",
              "| batch | zsjax tok/s | transformers tok/s | speedup | zsjax compile s | "

@@ -191,6 +191,32 @@ def test_attention_backward_matches_autodiff(dtype):
             np.testing.assert_allclose(np.asarray(a, np.float32), r, **tol)
 
 
+@pytest.mark.parametrize("w_transposed", [False, True])
+def test_bfloat16_products_and_gradients_round_once(w_transposed):
+    """The CPU projections in bfloat16 (`decoder._matmul`, which multiplies with a float32
+    result and rounds once) and both gradient products, against float64: each result is within
+    about one bfloat16 rounding of the exact value, as with float32 accumulation (a product
+    accumulated in bfloat16 over K = 1536 terms misses by many roundings). Under jit, as a
+    step runs them."""
+    from zsjax.models.decoder import _matmul
+    rng = np.random.RandomState(0)
+    m, k, n = 24, 1536, 200
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(n, k) if w_transposed else (k, n)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
+    out, vjp = jax.jit(lambda a, b: jax.vjp(lambda a, b: _matmul(a, b, w_transposed), a, b))(x, w)
+    dx, dw = jax.jit(vjp)(g)
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    w64 = np.asarray(w, np.float64).T if w_transposed else np.asarray(w, np.float64)
+    exact_dw = x64.T @ g64
+    for got, exact in ((out, x64 @ w64), (dx, g64 @ w64.T),
+                       (dw, exact_dw.T if w_transposed else exact_dw)):
+        assert got.dtype == jnp.bfloat16 and got.shape == exact.shape
+        # one rounding to bfloat16 (8 bits) is at most 2**-9 relative; allow 2 roundings
+        np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - exact),
+                                     2 ** -8 * np.abs(exact) + 1e-6 * np.abs(exact).max())
+
+
 def test_kv_cache_decode_matches_full_forward(hf_model_dir):
     """Left-padded ragged prefill, then one token at a time, against transformers' logits."""
     path, model = hf_model_dir(**VARIANTS["qwen2-bias-untied"])
