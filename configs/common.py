@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
     # Generation meshes, over each process's own devices (`devices`: a slice "A:B" of them).
     # Sizes all 0: the training mesh in a one-process run, else all local devices along data.
+    # Some set: the others are 1, but data takes the rest (tensor=4 on 8 devices: data=2).
     # The simulator's all 0 and devices "": it shares the rollout mesh; e.g. devices "4:8"
     # with tensor=-1 puts it on a sub-mesh of its own. Params move between meshes in-program.
     c.rollout_mesh = ml_collections.ConfigDict({"data": 0, "fsdp": 0, "tensor": 0,

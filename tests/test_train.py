@@ -452,6 +452,32 @@ def test_same_config_on_a_mesh(tmp_path, monkeypatch):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+def test_generation_mesh_sizes_left_unset():
+    """The documented generation meshes: sizes left at 0 beside set ones are 1, except data,
+    which takes the rest of the process's devices (or of the `devices` slice)."""
+    import jax
+    if jax.local_device_count() < 8:
+        pytest.skip("needs 8 devices")
+
+    def shape(**sizes):
+        config = tiny.get_config()
+        config.rollout_mesh.update(**sizes)
+        mesh = train._meshes(config, None)[0]
+        return tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")), len(mesh.devices.flat)
+
+    assert shape(tensor=4) == ((2, 1, 4), 8)
+    assert shape(data=2, tensor=4) == ((2, 1, 4), 8)
+    assert shape(tensor=4, devices="0:4") == ((1, 1, 4), 4)
+    assert shape(tensor=-1, devices="4:8") == ((1, 1, 4), 4)
+    assert shape(fsdp=2) == ((4, 2, 1), 8)
+    assert shape(data=2) == ((2, 1, 1), 2)
+    for bad in (dict(data=-2), dict(data=-1, tensor=-1)):
+        with pytest.raises(InputError, match="mesh sizes"):
+            shape(**bad)
+    with pytest.raises(InputError, match="needs 16 devices"):
+        shape(data=4, tensor=4)
+
+
 def test_separate_rollout_and_simulator_meshes(tmp_path):
     """Policy rollouts on a tensor-parallel mesh of devices 0-1, the simulator on devices 2-3,
     the update on an fsdp x tensor mesh: the params move between meshes inside the program, and

@@ -58,7 +58,9 @@ def _meshes(config, mesh):
     """The generation meshes: (policy rollouts, simulator). They are this process's own
     devices, since each process rolls out its own questions. Unset (all sizes 0, no devices),
     the rollout mesh is the training mesh in a one-process run and all of this process's devices
-    along `data` otherwise; the simulator shares the rollout mesh."""
+    along `data` otherwise; the simulator shares the rollout mesh. Sizes left at 0 beside set
+    ones are 1, except `data`, which takes the rest of the devices when no size is -1: so
+    `tensor=4` alone is tensor parallelism over 4 devices, data parallel over the rest."""
     import jax
 
     from zsjax import sharding
@@ -67,12 +69,14 @@ def _meshes(config, mesh):
         sizes = (c.data, c.fsdp, c.tensor)
         if sizes == (0, 0, 0) and not c.devices:
             return default
-        if 0 in sizes and sizes != (0, 0, 0):
-            raise InputError(f"mesh sizes must be >= 1 or -1 (or all 0: the default); got "
+        if any(s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise InputError(f"mesh sizes must be >= 1, 0 (unset) or one -1 (the rest); got "
                              f"data={c.data}, fsdp={c.fsdp}, tensor={c.tensor}")
+        data, fsdp, tensor = sizes
+        fsdp, tensor = fsdp or 1, tensor or 1
+        data = data or (1 if -1 in (fsdp, tensor) else -1)
         try:
-            return sharding.local_mesh(*(sizes if sizes != (0, 0, 0) else (-1, 1, 1)),
-                                       devices=c.devices)
+            return sharding.local_mesh(data, fsdp, tensor, devices=c.devices)
         except ValueError as e:
             raise InputError(str(e)) from None
 
