@@ -91,3 +91,16 @@ def test_thousands_of_rows_in_one_call():
     golds = [[" ".join(rng.choice(words, rng.integers(1, 4))) for _ in range(rng.integers(1, 4))]
              for _ in range(3000)]
     check(preds, golds)
+
+
+def test_long_prediction_against_many_long_golden_answers():
+    """A prediction over 1024 normalised characters against TriviaQA-sized golden lists (up to
+    256 answers of up to 128 characters): more than 64M substring windows for one row, which
+    once made the row chunking shift by -1."""
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    golds = [[" ".join(rng.choice(words, 18)) for _ in range(200)] for _ in range(3)]
+    preds = [" ".join(rng.choice(words, 200)), golds[1][7] + " and " + "word " * 210, None]
+    out = score(preds, golds)
+    assert out["substring"][1] == 1.0
+    check(preds, golds)

@@ -102,8 +102,10 @@ def score(predictions, golden_answers) -> dict[str, np.ndarray]:
     w = _bucket(max([len(x) for x in pw] + [len(x) for gs in gw for x in gs] + [1]))
     c = _bucket(max((len(x) for x in pc), default=1))
     d = _bucket(max((len(x) for gs in gc for x in gs), default=1))
-    # Rows per call, so the [rows, G, C, D] substring windows stay near 64M elements.
-    chunk = min(_bucket(n), max(1, 1 << ((1 << 26) // (g * (c + 1) * d)).bit_length() - 1))
+    # Rows per call, a power of two, so the [rows, G, C, D] substring windows stay near 64M
+    # elements (one row a call when a single row exceeds that).
+    fits = (1 << 26) // (g * (c + 1) * d)
+    chunk = min(_bucket(n), 1 << (fits.bit_length() - 1) if fits else 1)
     out = {"f1": [], "em": [], "substring": []}
     for lo in range(0, n, chunk):
         rows = range(lo, min(n, lo + chunk))
