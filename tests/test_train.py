@@ -274,6 +274,14 @@ def test_other_bad_inputs(tmp_path):
     config.rl.micro_batches = 2  # but micro-batches of 4 rows are not
     with pytest.raises(InputError, match="data x fsdp = 8"):
         train.run(config, str(tmp_path / "e"))
+    config = tiny.get_config()
+    config.rollout.temperature = 0.0  # greedy rollouts: the loss would divide by 0
+    with pytest.raises(InputError, match="rollout.temperature must be > 0"):
+        train.run(config, str(tmp_path / "f"))
+    config = tiny.get_config()
+    config.seed = -1
+    with pytest.raises(InputError, match="seed must be an integer >= 0"):
+        train.run(config, str(tmp_path / "g"))
 
 
 def test_sampler_old_logprobs_train_like_recomputed_ones(tmp_path):

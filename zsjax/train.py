@@ -172,6 +172,11 @@ def _check_batch(config, mesh) -> None:
         if config[group].shrink_above < 0:
             raise InputError(f"{group}.shrink_above must be >= 0 (0: decode batches never "
                              f"shrink); got {config[group].shrink_above}")
+    if config.rollout.temperature <= 0:
+        raise InputError(f"rollout.temperature must be > 0: RL samples its rollouts, and the "
+                         f"loss divides the logits by it; got {config.rollout.temperature}")
+    if not isinstance(config.seed, int) or config.seed < 0:
+        raise InputError(f"seed must be an integer >= 0; got {config.seed!r}")
     if rl.old_logprobs not in ("recompute", "sampler"):
         raise InputError(f"rl.old_logprobs must be 'recompute' or 'sampler'; got "
                          f"{rl.old_logprobs!r}")

@@ -167,6 +167,18 @@ def test_bad_prompts(hf_model_dir):
         generate(config, params, [[1]], max_new_tokens=4, temperature=1.0, top_p=0.0)
 
 
+def test_seeds_beyond_int64(hf_model_dir):
+    """The trainer derives sampling seeds as seed * 1_000_003 + step (and again per turn), which
+    pass 2**63 for seeds above about 9.2M: they are taken modulo 2**63, not an OverflowError."""
+    path, _ = hf_model_dir(family="qwen2", tied=False)
+    config, params = load_hf(path)
+    kw = dict(max_new_tokens=6, temperature=1.0)
+    big = (20240601 * 1_000_003 + 3) * 1_000_003 + 1
+    a = generate(config, params, [[1, 2, 3]] * 2, seed=big, **kw)
+    b = generate(config, params, [[1, 2, 3]] * 2, seed=big % 2 ** 63, **kw)
+    assert a.tokens == b.tokens and len(a.tokens[0]) == 6
+
+
 def test_bucketing_limits_compiles(hf_model_dir):
     path, _ = hf_model_dir(family="qwen2", tied=True)
     config, params = load_hf(path)

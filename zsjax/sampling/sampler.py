@@ -236,6 +236,13 @@ def _decode_rest(params, d: _Decode, max_new: int, tables, mesh, static: dict,
     return _put(d, sub, *_place_rows([dest], mesh, static["rules"])), stepped + deeper
 
 
+def _key(seed: int) -> jax.Array:
+    """jax.random.key(seed) for any Python int: seeds outside int64 (callers derive them as
+    seed * 1_000_003 + step, and so on) are taken modulo 2**63."""
+    seed = int(seed)
+    return jax.random.key(seed if -2 ** 63 <= seed < 2 ** 63 else seed % 2 ** 63)
+
+
 def _row_keys(key, row_seeds_b):
     return jax.vmap(jax.random.fold_in, (None, 0))(key, row_seeds_b)
 
@@ -395,7 +402,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     result, _ = _run(
         _generate_core, params,
         _place_rows([tokens, mask, active, _row_seeds(row_seeds, n, b)], mesh, rules),
-        jax.random.key(seed), n, prep, max_new_tokens, mesh,
+        _key(seed), n, prep, max_new_tokens, mesh,
         dict(config=config, params_s=prep.params_s, gen_len=bucket(max_new_tokens), mesh=mesh,
              rules=sharding.as_rules(rules), has_stop=prep.has_stop), shrink_above)
     return result
@@ -504,7 +511,7 @@ def continue_generate(config: ModelConfig, params, chunks: Sequence[Sequence[int
         _continue_core, params,
         [cache, *_place_rows([tokens, mask, start, active, _row_seeds(row_seeds, n, b)], mesh,
                              rules)],
-        jax.random.key(seed), n, prep, max_new_tokens, mesh,
+        _key(seed), n, prep, max_new_tokens, mesh,
         dict(config=config, params_s=prep.params_s, gen_len=g, mesh=mesh,
              rules=sharding.as_rules(rules), has_stop=prep.has_stop), shrink_above)
     lengths, steps = jax.device_get((d.lengths, d.step))
