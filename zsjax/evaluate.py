@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from zsjax.data.qa import QARow, dataset_name, load_qa
+from zsjax.data.qa import QARow, dataset_names, load_qa
 from zsjax.rl import rewards
 from zsjax.search import ModelTurnGenerator, RolloutSettings, SearchBackend, rollout
 from zsjax.generate import check_vocab
@@ -203,12 +203,10 @@ def load_policy(path: str, *, dtype: str = "float32", step: int | None = None, m
 
 def read_datasets(paths: Sequence[str], limit: int = 0) -> dict[str, list[QARow]]:
     """QA files or tfds specs -> {name: rows} (the first `limit` rows when limit > 0); a file is
-    named by its file name without the extension (`zsjax.data.qa.dataset_name`)."""
+    named by its file name without the extension, with its folder where two files share that
+    (`zsjax.data.qa.dataset_names`)."""
     datasets = {}
-    for path in paths:
-        name = dataset_name(path)
-        if name in datasets:
-            raise ValueError(f"two QA files are both named {name!r}; rename one")
+    for path, name in zip(paths, dataset_names(paths)):
         rows = load_qa(path)
         datasets[name] = rows[:limit] if limit > 0 else rows
     return datasets

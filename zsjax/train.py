@@ -568,13 +568,18 @@ def _load_rows(spec: str):
 def _eval_sets(config) -> dict:
     from zsjax.data import qa
     """{dataset name: rows} of config.data.eval_paths (comma-separated files or tfds specs),
-    the first data.eval_limit rows of each."""
+    the first data.eval_limit rows of each; named as `zsjax.data.qa.dataset_names` does."""
     spec = config.data.get("eval_paths", "")
     limit = config.data.get("eval_limit", 0)
+    paths = [p.strip() for p in spec.split(",") if p.strip()]
+    try:
+        names = qa.dataset_names(paths)
+    except ValueError as e:
+        raise InputError(f"data.eval_paths: {e}") from None
     out = {}
-    for path in [p.strip() for p in spec.split(",") if p.strip()]:
+    for path, name in zip(paths, names):
         rows = _load_rows(path)
-        out[qa.dataset_name(path)] = rows[:limit] if limit else rows
+        out[name] = rows[:limit] if limit else rows
     return out
 
 

@@ -50,3 +50,23 @@ def test_question_stream_resumes_and_splits_over_processes():
     halves = [QuestionStream(rows, 4, seed=1, process_index=i, process_count=2) for i in (0, 1)]
     first = [h.next() for h in halves]
     assert first[0] + first[1] == seen[0]  # contiguous blocks, in process order
+
+
+def test_dataset_names_tell_same_named_files_apart(tmp_path):
+    """Eval sets laid out as nq/test.jsonl, bamboogle/test.jsonl: both evaluated, named by
+    folder (the trainer once kept only the last one, under the name `test`)."""
+    from zsjax.data.qa import dataset_names
+    from zsjax.evaluate import read_datasets
+    paths = []
+    for folder, n in (("nq", 3), ("bamboogle", 2)):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "test.jsonl"
+        path.write_text("".join(json.dumps({"question": f"{folder} {i}?", "golden_answers":
+                                            ["x"]}) + "\n" for i in range(n)))
+        paths.append(str(path))
+    assert dataset_names(paths + ["/d/hotpotqa.dev.jsonl", "tfds:zsjax_qa/nq@1.0.0"]) == [
+        "nq.test", "bamboogle.test", "hotpotqa.dev", "zsjax_qa_nq"]
+    assert {k: len(v) for k, v in read_datasets(paths).items()} == {"nq.test": 3,
+                                                                  "bamboogle.test": 2}
+    with pytest.raises(ValueError, match="would both be named 'nq.test'"):
+        dataset_names([paths[0], paths[0]])

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -104,6 +105,23 @@ def dataset_name(spec: str) -> str:
     for ext in (".jsonl", ".json", ".parquet"):
         name = name.removesuffix(ext)
     return name
+
+
+def dataset_names(specs: Sequence[str]) -> list[str]:
+    """`dataset_name` of each spec; files that share a name are told apart by their folder
+    (`nq/test.jsonl` and `bamboogle/test.jsonl`: `nq.test` and `bamboogle.test`). The same
+    file twice is an error."""
+    base = [dataset_name(s) for s in specs]
+    names = list(base)
+    for i, s in enumerate(specs):
+        folder = os.path.basename(os.path.dirname(os.path.abspath(s)))
+        if base.count(base[i]) > 1 and not s.startswith("tfds:") and folder:
+            names[i] = f"{folder}.{base[i]}"
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ValueError(f"{specs[names.index(name)]!r} and {specs[i]!r} would both be "
+                             f"named {name!r}; rename one or list it once")
+    return names
 
 
 class QuestionStream:
