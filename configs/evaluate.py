@@ -28,7 +28,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "kind": "simulator",  # simulator | simulator_url | retriever_url
         "simulator_path": "",  # kind=simulator: a Hugging Face folder, run in-process
         "dtype": "float32",
-        "style": "",  # "" = finetuned, or prompt_only when the simulator has a chat template
+        # The simulator's prompt, as in training (config.simulator.style): "finetuned" for
+        # a fine-tuned simulator, "prompt_only" for an instruct model used as one (SmolLM2).
+        "style": "finetuned",
         "temperature": 0.0,  # greedy documents: a deterministic evaluation
         "max_new_tokens": 600, "top_k_docs": 5,
         "url": "",  # kind=simulator_url / retriever_url

@@ -236,6 +236,24 @@ def test_run_end_to_end_from_a_checkpoint(trained, fixture, tmp_path, capsys):
         assert name in out
 
 
+def test_simulator_prompt_defaults_to_training_s_even_with_a_chat_template(fixture, tmp_path):
+    """A fine-tuned simulator keeps its base model's chat template (Qwen2.5-Instruct): the
+    evaluation must still prompt it as training does (`finetuned`), not switch to the
+    prompt-only one-shot prompt because a template exists."""
+    import shutil
+    sim = str(tmp_path / "sim")
+    shutil.copytree(fixture["simulator"], sim)
+    cfg_path = os.path.join(sim, "tokenizer_config.json")
+    tok_cfg = json.load(open(cfg_path))
+    tok_cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    json.dump(tok_cfg, open(cfg_path, "w"))
+    b = _config(fixture["policy"], sim, "x.jsonl").backend
+    backend = E._make_backend(b, ("", "float32", None, None, None), 0, None)
+    assert backend.tokenizer.chat_template and backend.style == "finetuned"
+    b.style = "prompt_only"
+    assert E._make_backend(b, ("", "float32", None, None, None), 0, None).style == "prompt_only"
+
+
 def test_help_and_one_line_errors(tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "zsjax.evaluate", "--help"],
                            capture_output=True, text=True, timeout=300)

@@ -256,9 +256,7 @@ def _make_backend(b, policy, seed: int, mesh):
         check_vocab(tokenizer, read_hf_config(b.simulator_path), f"simulator "
                      f"{b.simulator_path}")
         config, params = load_hf(b.simulator_path, dtype=b.dtype, mesh=mesh)
-    style = b.style or ("prompt_only" if getattr(tokenizer, "chat_template", None)
-                        else "finetuned")
-    return InProcessSimulator(config, params, tokenizer, style=style, temperature=b.temperature,
+    return InProcessSimulator(config, params, tokenizer, style=b.style or "finetuned", temperature=b.temperature,
                               max_new_tokens=b.max_new_tokens, top_k_docs=b.top_k_docs,
                               seed=seed)
 

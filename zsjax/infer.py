@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-response-tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.0, help="policy; 0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--simulator-style", choices=("finetuned", "prompt_only"), default=None,
-                   help="simulator prompt (default: finetuned, or prompt_only for an instruct "
-                        "model used as --simulator)")
+    p.add_argument("--simulator-style", choices=("finetuned", "prompt_only"),
+                   default="finetuned",
+                   help="simulator prompt: finetuned (a fine-tuned simulator, as training's "
+                        "default), or prompt_only for an instruct model used as --simulator")
     p.add_argument("--simulator-temperature", type=float, default=0.8)
     p.add_argument("--simulator-max-new-tokens", type=int, default=600)
     p.add_argument("--topk", type=int, default=3, help="documents per retriever query")
@@ -53,7 +54,7 @@ def make_backend(args, policy_dir, policy_model):
     from zsjax.search.simulator import InProcessSimulator
     if args.retriever_url:
         return RetrieverBackend(args.retriever_url, topk=args.topk)
-    style = args.simulator_style or "finetuned"
+    style = args.simulator_style
     if args.simulator_url:
         return OpenAISimulatorBackend(args.simulator_url, style=style,
                                       temperature=args.simulator_temperature,
@@ -65,8 +66,6 @@ def make_backend(args, policy_dir, policy_model):
     else:
         config, params = load_hf(args.simulator, dtype=args.dtype)
         tokenizer = load_tokenizer(args.simulator)
-    if args.simulator_style is None and getattr(tokenizer, "chat_template", None):
-        style = "prompt_only"
     return InProcessSimulator(config, params, tokenizer, style=style,
                               temperature=args.simulator_temperature,
                               max_new_tokens=args.simulator_max_new_tokens, seed=args.seed)
