@@ -6,6 +6,7 @@ sharding of the abstract state it is given, so a run resumes onto its own mesh.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -71,3 +72,19 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Drops the records of a JSONL log whose "step" is after `last_step`: written after the
+    checkpoint a run resumes from, they would be written again. A line cut by a crash ends it."""
+    if not os.path.exists(path):
+        return
+    tmp = path + ".tmp"
+    with open(path) as src, open(tmp, "w") as dst:
+        for line in src:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    dst.write(line)
+            except (ValueError, KeyError):
+                break  # a line cut by a crash ends the file
+    os.replace(tmp, path)

@@ -20,7 +20,7 @@ def run(config, workdir: str) -> dict:
     import jax
 
     from zsjax import sharding
-    from zsjax.checkpointing import Checkpointer
+    from zsjax.checkpointing import Checkpointer, truncate_jsonl
     from zsjax.data import sft_data
     from zsjax.generate import load_tokenizer
     from zsjax.models import load_hf, save_hf
@@ -47,18 +47,20 @@ def run(config, workdir: str) -> dict:
                           grad_clip=tc.grad_clip)
     state = U.init_state(params, tx)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-    position = 0
+    start_step, position = 0, 0
     if config.resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
-        position = meta["data_position"]
-        print(f"[sft] resumed from step {int(state.step)}", file=sys.stderr)
+        # The loop's step, not the optimizer's count, which skipped non-finite updates leave
+        # behind.
+        start_step, position = meta["step"], meta["data_position"]
+        print(f"[sft] resumed from step {start_step}", file=sys.stderr)
 
     steps_fns = {}
     stream = sft_data.batches(examples, tc.batch_size, seed=tc.seed, start=position,
                                 length_multiple=config.data.length_multiple)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    truncate_jsonl(metrics_path, start_step)  # steps after the checkpoint are run again
     last = {}
-    start_step = int(state.step)
     t0 = time.time()
     for step in range(start_step, tc.steps):
         position, tokens, attn, mask = next(stream)

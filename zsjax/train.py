@@ -187,21 +187,6 @@ def _check_batch(config, mesh) -> None:
                              f"do not split over the mesh's data x fsdp = {rows} devices")
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Drops records of steps after `last_step` (written after the checkpoint we resume from)."""
-    if not os.path.exists(path):
-        return
-    tmp = path + ".tmp"
-    with open(path) as src, open(tmp, "w") as dst:
-        for line in src:
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    dst.write(line)
-            except (ValueError, KeyError):
-                break  # a line cut by a crash ends the file
-    os.replace(tmp, path)
-
-
 class _NaNGuard:
     """Counts consecutive steps whose every update was skipped as non-finite."""
 
@@ -236,7 +221,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     from tqdm import tqdm
 
     from zsjax import distributed, sharding
-    from zsjax.checkpointing import Checkpointer
+    from zsjax.checkpointing import Checkpointer, truncate_jsonl
     from zsjax.data.qa import QuestionStream, read_qa
     from zsjax.generate import load_tokenizer
     from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
@@ -344,7 +329,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     traj_file = ("trajectories.jsonl" if lead else
                  f"trajectories.process{jax.process_index()}.jsonl")
     for name in (("metrics.jsonl", "eval.jsonl") if lead else ()) + (traj_file,):
-        _truncate_jsonl(os.path.join(workdir, name), start)
+        truncate_jsonl(os.path.join(workdir, name), start)
     k = rl.rollouts_per_question
     n_global = rl.questions_per_step * k
     # Each process rolls out the questions whose trajectories its devices hold in the update.

@@ -152,6 +152,14 @@ def test_tiny_simulator_memorises_its_documents_and_resumes(smollm2_dir, tmp_pat
     sft.run(config, workdir)
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == list(range(1, 71))
+    # killed after step 70's metrics, before its checkpoint: the rerun resumes at step 60 and
+    # logs steps 61-70 once, with the same losses (the same data, from the same state)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "70"))
+    sft.run(config, workdir)
+    again = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in again] == list(range(1, 71))
+    assert [x["loss"] for x in again[60:]] == pytest.approx([x["loss"] for x in lines[60:]],
+                                                            rel=1e-4)
 
 
 def test_sft_cli_help():
