@@ -53,6 +53,7 @@ def test_tiny_run_logs_metrics_resumes_and_exports(tmp_path):
     for rec in _lines(os.path.join(workdir, "metrics.jsonl")):
         assert required <= set(rec)
         assert np.isfinite(rec["entropy"]) and rec["tokens_per_s"] > 0
+        assert np.isfinite(rec["kl"])  # kl_coef > 0: measured against the reference
     assert os.path.exists(os.path.join(workdir, "policy_hf", "config.json"))
     config.train.steps = 3  # a rerun resumes from the step-2 checkpoint
     history = train.run(config, workdir)
@@ -123,6 +124,7 @@ def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):
     config = tiny.get_config()
     config.train.steps = 1
     config.simulator.path = str(tmp_path / "no_such_simulator")
+    config.rl.kl_coef = 0.0  # GRPO without a reference model: no KL is measured
     seen = []
 
     def engine(request):
@@ -134,6 +136,7 @@ def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):
     assert seen and len(trajs) == config.rl.questions_per_step * config.rl.rollouts_per_question
     for t in trajs:
         assert t["searches"] and "engine result for" in json.dumps(t)
+    assert _lines(os.path.join(workdir, "metrics.jsonl"))[0]["kl"] is None  # not 0.0
 
 
 def test_unknown_algorithm(tmp_path):

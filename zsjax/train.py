@@ -470,8 +470,12 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         seconds = time.perf_counter() - t0
         finite = [m for m in update_metrics if not m["nonfinite"]] or update_metrics
 
-        def mean(key, ms=finite):  # None (JSON null) when every update was non-finite
-            value = float(np.mean([m.get(key, 0.0) for m in ms]))
+        def mean(key, ms=finite):
+            """None (JSON null) when every update was non-finite, or none measured it (kl
+            without a reference model)."""
+            if not all(key in m for m in ms):
+                return None
+            value = float(np.mean([m[key] for m in ms]))
             return value if np.isfinite(value) else None
 
         searches = stats[:, 7].sum()
@@ -520,7 +524,8 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         if not bar.disable and tc.log_every and (step + 1) % tc.log_every == 0:
             bar.write(f"[train] step {step + 1}/{tc.steps} reward {record['reward_mean']:.3f} "
                       f"noise_p {p:.3f} searches {record['searches_mean']:.2f} "
-                      f"kl {record['kl'] or 0.0:.4f} {seconds:.1f}s", file=sys.stderr)
+                      f"kl {'-' if record['kl'] is None else format(record['kl'], '.4f')} "
+                      f"{seconds:.1f}s", file=sys.stderr)
         if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.steps:
             ckpt.save(step + 1, (state, critic_state), {
                 "step": step + 1, "data_position": stream.position,
