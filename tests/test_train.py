@@ -429,6 +429,48 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kill_after_lines, un
     assert [r["entropy"] for r in got_rec] == [r["entropy"] for r in ref_rec]
 
 
+def test_sigterm_checkpoints_the_step_then_resume_is_bitwise_identical(tmp_path,
+                                                                        uninterrupted_run):
+    """SIGTERM (a preemption notice) during step 2: the run finishes that step, checkpoints it
+    (though checkpoint_every is larger), exits with status 143 and a one-line message; the same
+    command then resumes from it to the uninterrupted run's exact params and rewards."""
+    import signal
+    import subprocess
+    import time
+
+    import jax
+
+    from zsjax.models import load_hf
+    work = tmp_path / "preempted"
+    cmd = _train_cmd(work, _KILL_STEPS)[:-1] + ["--config.train.checkpoint_every=100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-2000:]
+    done = len(_lines(metrics))
+    assert 1 <= done < _KILL_STEPS
+    assert f"stopped: SIGTERM: checkpointed step {done} of {_KILL_STEPS}" in err
+    assert sorted(os.listdir(work / "checkpoints")) == [str(done)]
+    assert not (work / "policy_hf").exists()
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from step {done}" in resumed.stderr
+    _, want = load_hf(str(uninterrupted_run / "policy_hf"))
+    _, got = load_hf(str(work / "policy_hf"))
+    equal = jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), want, got)
+    assert all(jax.tree.leaves(equal))
+    ref_rec, got_rec = _lines(uninterrupted_run / "metrics.jsonl"), _lines(metrics)
+    assert [r["step"] for r in got_rec] == list(range(1, _KILL_STEPS + 1))
+    assert [r["reward_mean"] for r in got_rec] == [r["reward_mean"] for r in ref_rec]
+
+
 @pytest.mark.slow
 def test_smollm2_recipe_runs_on_real_weights(tmp_path, smollm2_dir):
     """configs/smollm2.py end to end on the real SmolLM2 weights (2 short steps), then a

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -88,3 +90,37 @@ def truncate_jsonl(path: str, last_step: int) -> None:
             except (ValueError, KeyError):
                 break  # a line cut by a crash ends the file
     os.replace(tmp, path)
+
+
+class StopOnSignal:
+    """While entered, SIGTERM (a preemption notice, `scancel`, `kill`) is recorded rather than
+    fatal, for a training loop to checkpoint its current step and stop (`requested`). A second
+    SIGTERM ends the process at once. Installed only from the main thread (signal handlers
+    cannot be set elsewhere); from another thread this does nothing."""
+
+    def __init__(self):
+        self.received, self._previous = False, None
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            raise SystemExit(128 + signum)
+        self.received = True
+
+    def requested(self) -> bool:
+        """Whether any process of the run received SIGTERM. A collective in a multi-process
+        run: every process calls it at the same point of each step."""
+        if jax.process_count() == 1:
+            return self.received
+        import numpy as np
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.received]))))

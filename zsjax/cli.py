@@ -21,6 +21,12 @@ class InputError(ValueError):
     The config programs print its message as one line and exit with status 2."""
 
 
+class Stopped(RuntimeError):
+    """A run stopped early on request (SIGTERM) after checkpointing its last finished step.
+    The config programs print its message as one line and exit with status 143 (128 + 15, as
+    if SIGTERM had ended them), so that schedulers see an unfinished run."""
+
+
 def run_config_program(run: Callable[[object, str], object], *,
                        multiprocess: bool = False) -> None:
     """Parses --config (locked: misspelt keys are errors) and --workdir, then calls
@@ -57,6 +63,9 @@ def run_config_program(run: Callable[[object, str], object], *,
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Stopped as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(143)
 
     try:
         app.run(main)

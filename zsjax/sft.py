@@ -4,7 +4,8 @@
         --config.data.path=pairs.jsonl [--config.train.steps=N ...]
 
 Writes DIR/metrics.jsonl, orbax checkpoints in DIR/checkpoints (resumed automatically), and the
-fine-tuned model as a Hugging Face folder in DIR/simulator_hf (or config.export_dir).
+fine-tuned model as a Hugging Face folder in DIR/simulator_hf (or config.export_dir). SIGTERM
+ends the run after the step in progress, with a checkpoint of it and exit status 143.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def run(config, workdir: str) -> dict:
     import jax
 
     from zsjax import sharding
-    from zsjax.checkpointing import Checkpointer, truncate_jsonl
+    from zsjax.checkpointing import Checkpointer, StopOnSignal, truncate_jsonl
+    from zsjax.cli import Stopped
     from zsjax.data import sft_data
     from zsjax.generate import load_tokenizer
     from zsjax.models import load_hf, save_hf
@@ -62,27 +64,36 @@ def run(config, workdir: str) -> dict:
     truncate_jsonl(metrics_path, start_step)  # steps after the checkpoint are run again
     last = {}
     t0 = time.time()
-    for step in range(start_step, tc.steps):
-        position, tokens, attn, mask = next(stream)
-        batch = U.sft_batch(tokens, attn, mask)
-        # One compiled step per (padded width, first position whose logits the loss needs).
-        width = tokens.shape[1]
-        key = (width, U.compiled_start(steps_fns, width, U.loss_start(mask)))
-        if key not in steps_fns:
-            steps_fns[key] = U.jit_step(U.supervised_step, state, batch, mesh=mesh,
-                                        config=model_config, tx=tx, n_micro=tc.micro_batches,
-                                        remat=tc.remat, logits_from=key[1])
-        state, m = U.run_step(steps_fns[key], state, batch)
-        last = {"step": step + 1, **{k: round(v, 6) for k, v in m.items()}}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(last) + "\n")
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-            print(f"[sft] step {step + 1}/{tc.steps} loss {m['loss']:.4f} grad_norm "
-                  f"{m['grad_norm']:.3f} {m['tokens_per_s']:.0f} tok/s "
-                  f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-        if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
-            ckpt.save(step + 1, state, {"data_position": position, "step": step + 1})
+    stopped_at = None
+    with StopOnSignal() as stop:
+        for step in range(start_step, tc.steps):
+            position, tokens, attn, mask = next(stream)
+            batch = U.sft_batch(tokens, attn, mask)
+            # One compiled step per (padded width, first position whose logits the loss needs).
+            width = tokens.shape[1]
+            key = (width, U.compiled_start(steps_fns, width, U.loss_start(mask)))
+            if key not in steps_fns:
+                steps_fns[key] = U.jit_step(U.supervised_step, state, batch, mesh=mesh,
+                                            config=model_config, tx=tx, n_micro=tc.micro_batches,
+                                            remat=tc.remat, logits_from=key[1])
+            state, m = U.run_step(steps_fns[key], state, batch)
+            last = {"step": step + 1, **{k: round(v, 6) for k, v in m.items()}}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                print(f"[sft] step {step + 1}/{tc.steps} loss {m['loss']:.4f} grad_norm "
+                      f"{m['grad_norm']:.3f} {m['tokens_per_s']:.0f} tok/s "
+                      f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+            stopping = step + 1 < tc.steps and stop.requested()  # SIGTERM: see zsjax.train
+            if stopping or (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
+                ckpt.save(step + 1, state, {"data_position": position, "step": step + 1})
+            if stopping:
+                stopped_at = step + 1
+                break
     ckpt.close()
+    if stopped_at is not None:
+        raise Stopped(f"SIGTERM: checkpointed step {stopped_at} of {tc.steps} in {workdir}; "
+                      f"the same command resumes from it")
     export = config.export_dir or os.path.join(workdir, "simulator_hf")
     save_hf(model_config, jax.device_get(state.params), export,
             tokenizer_dir=config.model.path)

@@ -12,7 +12,8 @@ training mesh over all of them; process 0 writes the metrics.
 The workdir gets metrics.jsonl (one JSON object per step), trajectories.jsonl (one record per
 trajectory), eval.jsonl (periodic evaluations), TensorBoard event files in tb/, orbax checkpoints
 in checkpoints/ (a rerun with `resume` continues from the latest, bit for bit on CPU), and the
-final policy as a Hugging Face folder in policy_hf/.
+final policy as a Hugging Face folder in policy_hf/. SIGTERM (a preemption notice, `scancel`)
+ends the run after the step in progress, with a checkpoint of it and exit status 143.
 
 Everything a step draws at random is a function of (seed, step): the questions (the stream's
 position), the useful/noisy draws, the policy's and the simulator's sampling. That is what makes
@@ -27,7 +28,7 @@ import os
 import sys
 import time
 
-from zsjax.cli import InputError
+from zsjax.cli import InputError, Stopped
 
 ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
@@ -221,7 +222,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     from tqdm import tqdm
 
     from zsjax import distributed, sharding
-    from zsjax.checkpointing import Checkpointer, truncate_jsonl
+    from zsjax.checkpointing import Checkpointer, StopOnSignal, truncate_jsonl
     from zsjax.data.qa import QuestionStream, read_qa
     from zsjax.generate import load_tokenizer
     from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
@@ -362,183 +363,194 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     step_fns: dict = {}
     history: list[dict] = []
     guard = _NaNGuard(tc.max_nonfinite_steps)
+    stopped_at = None
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=not (lead and tc.progress), file=sys.stderr)
-    for step in range(start, tc.steps):
-        t0 = time.perf_counter()
-        qs = stream.next()
-        p = noise_probability(step, tc.steps, config.curriculum.start, config.curriculum.end,
-                              config.curriculum.base)
-        simulator.new_step(step)
-        gen_params = (state.params if gen_shardings is None else
-                      distributed.to_mesh(state.params, gen_shardings))
-        gen = ModelTurnGenerator(policy_config, gen_params, tokenizer, settings,
-                                 kv_reuse=config.rollout.kv_reuse,
-                                 shrink_above=config.rollout.shrink_above)
-        trajs = rollout([q.question for q in qs for _ in range(k)],
-                        [q.golden_answers for q in qs for _ in range(k)], tokenizer=tokenizer,
-                        generate_fn=gen, backend=simulator, settings=settings,
-                        noise_probability=p,
-                        noise_rng=functools.partial(draw_rng, config.seed, step),
-                        seed=config.seed * 1_000_003 + step,
-                        trajectory_ids=range(my_rows.start, my_rows.stop))
-        del gen, gen_params  # the rollout copy and its KV caches are not needed past here
-        t_rollout = time.perf_counter() - t0
-        scores = R.score([t.answer for t in trajs], [t.golden_answers for t in trajs])
-        # Per-trajectory statistics of every process, for the metrics.
-        stats = distributed.gather(np.array(
-            [[f1, em, sub, len(t.response_ids), t.num_searches, t.answer is not None,
-              sum(t.noisy), len(t.noisy), len(t.token_ids)]
-             for t, f1, em, sub in zip(trajs, scores["f1"], scores["em"],
-                                       scores["substring"])], np.float64))
-        cache_hits = int(distributed.gather(np.array([simulator.hits])).sum())
+    with StopOnSignal() as stop:
+        for step in range(start, tc.steps):
+            t0 = time.perf_counter()
+            qs = stream.next()
+            p = noise_probability(step, tc.steps, config.curriculum.start, config.curriculum.end,
+                                  config.curriculum.base)
+            simulator.new_step(step)
+            gen_params = (state.params if gen_shardings is None else
+                          distributed.to_mesh(state.params, gen_shardings))
+            gen = ModelTurnGenerator(policy_config, gen_params, tokenizer, settings,
+                                     kv_reuse=config.rollout.kv_reuse,
+                                     shrink_above=config.rollout.shrink_above)
+            trajs = rollout([q.question for q in qs for _ in range(k)],
+                            [q.golden_answers for q in qs for _ in range(k)], tokenizer=tokenizer,
+                            generate_fn=gen, backend=simulator, settings=settings,
+                            noise_probability=p,
+                            noise_rng=functools.partial(draw_rng, config.seed, step),
+                            seed=config.seed * 1_000_003 + step,
+                            trajectory_ids=range(my_rows.start, my_rows.stop))
+            del gen, gen_params  # the rollout copy and its KV caches are not needed past here
+            t_rollout = time.perf_counter() - t0
+            scores = R.score([t.answer for t in trajs], [t.golden_answers for t in trajs])
+            # Per-trajectory statistics of every process, for the metrics.
+            stats = distributed.gather(np.array(
+                [[f1, em, sub, len(t.response_ids), t.num_searches, t.answer is not None,
+                  sum(t.noisy), len(t.noisy), len(t.token_ids)]
+                 for t, f1, em, sub in zip(trajs, scores["f1"], scores["em"],
+                                           scores["substring"])], np.float64))
+            cache_hits = int(distributed.gather(np.array([simulator.hits])).sum())
 
-        # --- Old and reference logprobs, values, advantages. ----------------------------------
-        t1 = time.perf_counter()
-        width = distributed.global_max(_width(trajs, config.data.length_multiple))
-        tokens, attn, mask, sampled_lp = _pad_batch(trajs, config.data.length_multiple, width)
-        # Logits are computed from the position before the earliest policy token of any row
-        # in any process (rounded down, so steps with similar prompts share programs).
-        logits_from = U.compiled_start(step_fns, width,
-                                       -distributed.global_max(-U.loss_start(mask)))
-        tokens, attn, mask = map(to_global, (tokens, attn, mask))
-        n = n_global
-        micro = n // rl.mini_batches // rl.micro_batches
-        if rl.old_logprobs == "sampler":  # the rollouts' own: 0 off the policy's tokens
-            old = to_global(sampled_lp)
-        else:
-            old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,
-                                  temperature=loss_cfg.temperature, mesh=mesh,
-                                  logits_from=logits_from)
-        ref = (U.logprobs_pass(policy_config, ref_params, tokens, attn, micro_batch=micro,
-                               temperature=loss_cfg.temperature, mesh=mesh,
-                               logits_from=logits_from)
-               if ref_params is not None else None)
-        mask_j = mask
-        f1 = to_global(np.asarray(scores["f1"], np.float32))
-        old_values = returns = None
-        if rl.algorithm == "grpo":
-            adv = A.group_normalized(f1.reshape(-1, k), eps=rl.std_eps)
-            adv = adv.reshape(-1)[:, None] * mask_j
-        elif rl.algorithm == "ppo":
-            # KL to the reference in the reward, GAE (skipping document tokens), whitened.
-            old_values = U.values_pass(policy_config, critic_state.params, tokens, attn,
-                                       micro_batch=micro, mesh=mesh) * mask_j
-            kl = L.kl_estimate(old, ref, "k1") * mask_j
-            token_rewards = A.place_on_last_token(f1, mask_j) - rl.kl_coef * kl
-            adv, returns = A.gae(token_rewards, old_values, mask_j, gamma=rl.gamma, lam=rl.lam)
-            adv = A.masked_whiten(adv, mask_j)
-        else:
-            kl = L.kl_estimate(old, ref, "k1") * mask_j
-            adv = A.reinforce_plus_plus(A.place_on_last_token(f1, mask_j), kl, mask_j,
-                                        kl_coef=rl.kl_coef)
-        batch = U.Batch(tokens=tokens, attention_mask=attn, loss_mask=mask_j, old_logprobs=old,
-                        advantages=adv, ref_logprobs=ref, old_values=old_values,
-                        returns=returns)
-        jax.block_until_ready(batch)
-        t_logprobs = time.perf_counter() - t1
+            # --- Old and reference logprobs, values, advantages. ----------------------------------
+            t1 = time.perf_counter()
+            width = distributed.global_max(_width(trajs, config.data.length_multiple))
+            tokens, attn, mask, sampled_lp = _pad_batch(trajs, config.data.length_multiple, width)
+            # Logits are computed from the position before the earliest policy token of any row
+            # in any process (rounded down, so steps with similar prompts share programs).
+            logits_from = U.compiled_start(step_fns, width,
+                                           -distributed.global_max(-U.loss_start(mask)))
+            tokens, attn, mask = map(to_global, (tokens, attn, mask))
+            n = n_global
+            micro = n // rl.mini_batches // rl.micro_batches
+            if rl.old_logprobs == "sampler":  # the rollouts' own: 0 off the policy's tokens
+                old = to_global(sampled_lp)
+            else:
+                old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,
+                                      temperature=loss_cfg.temperature, mesh=mesh,
+                                      logits_from=logits_from)
+            ref = (U.logprobs_pass(policy_config, ref_params, tokens, attn, micro_batch=micro,
+                                   temperature=loss_cfg.temperature, mesh=mesh,
+                                   logits_from=logits_from)
+                   if ref_params is not None else None)
+            mask_j = mask
+            f1 = to_global(np.asarray(scores["f1"], np.float32))
+            old_values = returns = None
+            if rl.algorithm == "grpo":
+                adv = A.group_normalized(f1.reshape(-1, k), eps=rl.std_eps)
+                adv = adv.reshape(-1)[:, None] * mask_j
+            elif rl.algorithm == "ppo":
+                # KL to the reference in the reward, GAE (skipping document tokens), whitened.
+                old_values = U.values_pass(policy_config, critic_state.params, tokens, attn,
+                                           micro_batch=micro, mesh=mesh) * mask_j
+                kl = L.kl_estimate(old, ref, "k1") * mask_j
+                token_rewards = A.place_on_last_token(f1, mask_j) - rl.kl_coef * kl
+                adv, returns = A.gae(token_rewards, old_values, mask_j, gamma=rl.gamma, lam=rl.lam)
+                adv = A.masked_whiten(adv, mask_j)
+            else:
+                kl = L.kl_estimate(old, ref, "k1") * mask_j
+                adv = A.reinforce_plus_plus(A.place_on_last_token(f1, mask_j), kl, mask_j,
+                                            kl_coef=rl.kl_coef)
+            batch = U.Batch(tokens=tokens, attention_mask=attn, loss_mask=mask_j, old_logprobs=old,
+                            advantages=adv, ref_logprobs=ref, old_values=old_values,
+                            returns=returns)
+            jax.block_until_ready(batch)
+            t_logprobs = time.perf_counter() - t1
 
-        # --- Updates: epochs x mini-batches optimizer steps (policy, and critic for PPO). ----
-        t2 = time.perf_counter()
-        mb_rows = n // rl.mini_batches
-        update_metrics = []
-        for _ in range(rl.epochs):
-            for j in range(rl.mini_batches):
-                mb = jax.tree.map(lambda x: x[j * mb_rows:(j + 1) * mb_rows], batch)
-                width = mb.tokens.shape[1]
-                if (width, logits_from) not in step_fns:
-                    step_fns[width, logits_from] = U.make_policy_step(
-                        state, mb, config=policy_config, tx=tx, cfg=loss_cfg,
-                        n_micro=rl.micro_batches, mesh=mesh, remat=rl.remat,
-                        logits_from=logits_from)
-                state, m = U.run_step(step_fns[width, logits_from], state, mb)
-                if critic_state is not None:
-                    if ("critic", width) not in step_fns:
-                        step_fns[("critic", width)] = U.jit_step(
-                            U.critic_step, critic_state, mb, mesh=mesh, config=policy_config,
-                            tx=critic_tx, cfg=loss_cfg, n_micro=rl.micro_batches,
-                            remat=rl.remat)
-                    critic_state, cm = U.run_step(step_fns[("critic", width)], critic_state,
-                                                  mb)
-                    m["nonfinite"] = max(m["nonfinite"], cm.pop("nonfinite"))
-                    m.update(cm)
-                update_metrics.append(m)
-        t_update = time.perf_counter() - t2
-        skipped = int(sum(m["nonfinite"] for m in update_metrics))
-        guard.observe(skipped, len(update_metrics), step + 1)
+            # --- Updates: epochs x mini-batches optimizer steps (policy, and critic for PPO). ----
+            t2 = time.perf_counter()
+            mb_rows = n // rl.mini_batches
+            update_metrics = []
+            for _ in range(rl.epochs):
+                for j in range(rl.mini_batches):
+                    mb = jax.tree.map(lambda x: x[j * mb_rows:(j + 1) * mb_rows], batch)
+                    width = mb.tokens.shape[1]
+                    if (width, logits_from) not in step_fns:
+                        step_fns[width, logits_from] = U.make_policy_step(
+                            state, mb, config=policy_config, tx=tx, cfg=loss_cfg,
+                            n_micro=rl.micro_batches, mesh=mesh, remat=rl.remat,
+                            logits_from=logits_from)
+                    state, m = U.run_step(step_fns[width, logits_from], state, mb)
+                    if critic_state is not None:
+                        if ("critic", width) not in step_fns:
+                            step_fns[("critic", width)] = U.jit_step(
+                                U.critic_step, critic_state, mb, mesh=mesh, config=policy_config,
+                                tx=critic_tx, cfg=loss_cfg, n_micro=rl.micro_batches,
+                                remat=rl.remat)
+                        critic_state, cm = U.run_step(step_fns[("critic", width)], critic_state,
+                                                      mb)
+                        m["nonfinite"] = max(m["nonfinite"], cm.pop("nonfinite"))
+                        m.update(cm)
+                    update_metrics.append(m)
+            t_update = time.perf_counter() - t2
+            skipped = int(sum(m["nonfinite"] for m in update_metrics))
+            guard.observe(skipped, len(update_metrics), step + 1)
 
-        seconds = time.perf_counter() - t0
-        finite = [m for m in update_metrics if not m["nonfinite"]] or update_metrics
+            seconds = time.perf_counter() - t0
+            finite = [m for m in update_metrics if not m["nonfinite"]] or update_metrics
 
-        def mean(key, ms=finite):
-            """None (JSON null) when every update was non-finite, or none measured it (kl
-            without a reference model)."""
-            if not all(key in m for m in ms):
-                return None
-            value = float(np.mean([m[key] for m in ms]))
-            return value if np.isfinite(value) else None
+            def mean(key, ms=finite):
+                """None (JSON null) when every update was non-finite, or none measured it (kl
+                without a reference model)."""
+                if not all(key in m for m in ms):
+                    return None
+                value = float(np.mean([m[key] for m in ms]))
+                return value if np.isfinite(value) else None
 
-        searches = stats[:, 7].sum()
-        record = {
-            "step": step + 1, "reward_mean": float(stats[:, 0].mean()),
-            "reward_std": float(stats[:, 0].std()),
-            "f1_mean": float(stats[:, 0].mean()), "em_mean": float(stats[:, 1].mean()),
-            "substring_mean": float(stats[:, 2].mean()), "noise_prob": p,
-            "noisy_fraction": float(stats[:, 6].sum() / searches) if searches else None,
-            "kl": mean("kl"), "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
-            "clip_fraction": mean("clip_fraction"), "grad_norm": mean("grad_norm"),
-            "approx_kl_old": mean("approx_kl_old"),
-            "value_loss": mean("value_loss") if critic_state is not None else None,
-            "skipped_updates": skipped,
-            "response_tokens_mean": float(stats[:, 3].mean()),
-            "searches_mean": float(stats[:, 4].mean()),
-            "valid_answer_rate": float(stats[:, 5].mean()),
-            "cache_hits": cache_hits,
-            "tokens_per_s": float(stats[:, 8].sum() * rl.epochs / seconds),
-            "time_rollout_s": t_rollout - simulator.seconds,
-            "time_simulator_s": simulator.seconds, "time_logprobs_s": t_logprobs,
-            "time_update_s": t_update, "step_s": seconds}
-        if eval_sets and tc.eval_every and ((step + 1) % tc.eval_every == 0
-                                            or step + 1 == tc.steps):
-            t3 = time.perf_counter()
-            eval_params = (state.params if gen_shardings is None else
-                           distributed.to_mesh(state.params, gen_shardings))
-            record.update(_evaluate(config, policy_config, eval_params, tokenizer, eval_sets,
-                                    sim_model, settings, step + 1, workdir if lead else None))
-            record["time_eval_s"] = time.perf_counter() - t3
-        history.append(record)
-        if lead:
-            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "step" and np.isfinite(value):
-                        writer.add_scalar(key, value, step + 1)
-                writer.flush()
-        with open(os.path.join(workdir, traj_file), "a") as f:
-            for t in trajs:
-                f.write(json.dumps({"step": step + 1, **t.to_record()}) + "\n")
-        bar.update(1)
-        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", noise=f"{p:.2f}",
-                        searches=f"{record['searches_mean']:.2f}", step_s=f"{seconds:.1f}")
-        if not bar.disable and tc.log_every and (step + 1) % tc.log_every == 0:
-            bar.write(f"[train] step {step + 1}/{tc.steps} reward {record['reward_mean']:.3f} "
-                      f"noise_p {p:.3f} searches {record['searches_mean']:.2f} "
-                      f"kl {'-' if record['kl'] is None else format(record['kl'], '.4f')} "
-                      f"{seconds:.1f}s", file=sys.stderr)
-        if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.steps:
-            ckpt.save(step + 1, (state, critic_state), {
-                "step": step + 1, "data_position": stream.position,
-                "rng": {"seed": config.seed, "scheme": "every draw is keyed by (seed, step)"},
-                "curriculum": {"noise_prob": p, "start": config.curriculum.start,
-                               "end": config.curriculum.end, "base": config.curriculum.base,
-                               "total_steps": tc.steps},
-                "policy_config": to_hf_dict(policy_config),
-                "tokenizer_dir": os.path.abspath(paths["policy"])})
+            searches = stats[:, 7].sum()
+            record = {
+                "step": step + 1, "reward_mean": float(stats[:, 0].mean()),
+                "reward_std": float(stats[:, 0].std()),
+                "f1_mean": float(stats[:, 0].mean()), "em_mean": float(stats[:, 1].mean()),
+                "substring_mean": float(stats[:, 2].mean()), "noise_prob": p,
+                "noisy_fraction": float(stats[:, 6].sum() / searches) if searches else None,
+                "kl": mean("kl"), "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
+                "clip_fraction": mean("clip_fraction"), "grad_norm": mean("grad_norm"),
+                "approx_kl_old": mean("approx_kl_old"),
+                "value_loss": mean("value_loss") if critic_state is not None else None,
+                "skipped_updates": skipped,
+                "response_tokens_mean": float(stats[:, 3].mean()),
+                "searches_mean": float(stats[:, 4].mean()),
+                "valid_answer_rate": float(stats[:, 5].mean()),
+                "cache_hits": cache_hits,
+                "tokens_per_s": float(stats[:, 8].sum() * rl.epochs / seconds),
+                "time_rollout_s": t_rollout - simulator.seconds,
+                "time_simulator_s": simulator.seconds, "time_logprobs_s": t_logprobs,
+                "time_update_s": t_update, "step_s": seconds}
+            if eval_sets and tc.eval_every and ((step + 1) % tc.eval_every == 0
+                                                or step + 1 == tc.steps):
+                t3 = time.perf_counter()
+                eval_params = (state.params if gen_shardings is None else
+                               distributed.to_mesh(state.params, gen_shardings))
+                record.update(_evaluate(config, policy_config, eval_params, tokenizer, eval_sets,
+                                        sim_model, settings, step + 1, workdir if lead else None))
+                record["time_eval_s"] = time.perf_counter() - t3
+            history.append(record)
+            if lead:
+                with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for key, value in record.items():
+                        if isinstance(value, (int, float)) and key != "step" and np.isfinite(value):
+                            writer.add_scalar(key, value, step + 1)
+                    writer.flush()
+            with open(os.path.join(workdir, traj_file), "a") as f:
+                for t in trajs:
+                    f.write(json.dumps({"step": step + 1, **t.to_record()}) + "\n")
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", noise=f"{p:.2f}",
+                            searches=f"{record['searches_mean']:.2f}", step_s=f"{seconds:.1f}")
+            if not bar.disable and tc.log_every and (step + 1) % tc.log_every == 0:
+                bar.write(f"[train] step {step + 1}/{tc.steps} reward {record['reward_mean']:.3f} "
+                          f"noise_p {p:.3f} searches {record['searches_mean']:.2f} "
+                          f"kl {'-' if record['kl'] is None else format(record['kl'], '.4f')} "
+                          f"{seconds:.1f}s", file=sys.stderr)
+            # SIGTERM (preemption): checkpoint this step and stop; a rerun resumes from it.
+            stopping = step + 1 < tc.steps and stop.requested()
+            if (stopping or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0)
+                    or step + 1 == tc.steps):
+                ckpt.save(step + 1, (state, critic_state), {
+                    "step": step + 1, "data_position": stream.position,
+                    "rng": {"seed": config.seed, "scheme": "every draw is keyed by (seed, step)"},
+                    "curriculum": {"noise_prob": p, "start": config.curriculum.start,
+                                   "end": config.curriculum.end, "base": config.curriculum.base,
+                                   "total_steps": tc.steps},
+                    "policy_config": to_hf_dict(policy_config),
+                    "tokenizer_dir": os.path.abspath(paths["policy"])})
+            if stopping:
+                stopped_at = step + 1
+                break
     bar.close()
-    ckpt.close()
+    ckpt.close()  # waits for the last save
     if writer is not None:
         writer.close()
+    if stopped_at is not None:
+        raise Stopped(f"SIGTERM: checkpointed step {stopped_at} of {tc.steps} in {workdir}; "
+                      f"the same command resumes from it")
     final_params = distributed.fetch_to_lead(state.params)  # every process takes part
     if lead:
         save_hf(policy_config, final_params, os.path.join(workdir, "policy_hf"),

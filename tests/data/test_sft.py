@@ -162,6 +162,44 @@ def test_tiny_simulator_memorises_its_documents_and_resumes(smollm2_dir, tmp_pat
                                                             rel=1e-4)
 
 
+def test_sigterm_checkpoints_the_step_and_stops(smollm2_dir, tmp_path, monkeypatch):
+    """SIGTERM during step 3 (sent by the step itself): sft finishes the step, checkpoints it
+    (checkpoint_every is 50), restores the previous SIGTERM handler and raises Stopped; a rerun
+    resumes from step 3."""
+    import signal
+
+    from configs import sft_simulator
+    from zsjax import sft
+    from zsjax.cli import Stopped
+    from zsjax.rl import update as U
+
+    config = sft_simulator.get_config(_tiny_simulator(smollm2_dir, tmp_path / "tiny"))
+    config.data.path = _write(tmp_path / "pairs.jsonl", ROWS)
+    config.data.use_chat_template = "no"
+    config.train.update(steps=6, batch_size=2, checkpoint_every=50, log_every=50)
+    config.mesh.update(data=1)
+    calls, real = [], U.run_step
+
+    def run_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(U, "run_step", run_step)
+    before = signal.getsignal(signal.SIGTERM)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Stopped, match="checkpointed step 3 of 6"):
+        sft.run(config, workdir)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
+    assert not os.path.exists(os.path.join(workdir, "simulator_hf"))
+    calls.append(1)  # no more signals
+    sft.run(config, workdir)
+    steps = [json.loads(x)["step"] for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == list(range(1, 7)) and len(calls) == 3 + 1 + 3
+
+
 def test_sft_cli_help():
     import subprocess
     import sys

@@ -483,5 +483,10 @@ def main(argv=None) -> int:
     p.add_argument("--algorithm", default="grpo", choices=("grpo", "ppo", "reinforce_pp"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    run(args.workdir, quick=args.quick, algorithm=args.algorithm, seed=args.seed)
+    from zsjax.cli import Stopped
+    try:
+        run(args.workdir, quick=args.quick, algorithm=args.algorithm, seed=args.seed)
+    except Stopped as e:  # SIGTERM in a fine-tune or RL: the same command continues
+        print(f"stopped: {e}", file=sys.stderr)
+        return 143
     return 0
