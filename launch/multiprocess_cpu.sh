@@ -6,7 +6,8 @@
 #       --workdir runs/mp --config.mesh.data=4
 #
 # Arguments go to every process's `python -m zsjax.train`. Each process's output is prefixed
-# with [pI]. If any process fails, the others are stopped; the exit code is the first failure's.
+# with [pI]. If any process fails, the others are stopped; the exit code is the first failure's
+# (143, a process stopped by SIGTERM after its checkpoint, lets the others finish theirs).
 # PORT picks the coordinator port (default: a free one); TIMEOUT bounds the start-up (seconds).
 # Needs bash 5.1 or later (`wait -n -p`).
 set -euo pipefail
@@ -41,7 +42,9 @@ while ((${#running[@]})); do
   left=()
   for pid in "${running[@]}"; do [[ "$pid" != "$done_pid" ]] && left+=("$pid"); done
   running=("${left[@]}")
-  if ((code != 0)); then
+  if ((code == 143)); then  # stopped by SIGTERM after a checkpoint: the others stop too
+    rc=143
+  elif ((code != 0)); then
     echo "[zsjax] process $done_pid exited with status $code; stopping the others" >&2
     rc=$code
     break

@@ -122,6 +122,44 @@ def test_a_training_mesh_short_of_the_devices_is_an_input_error(tmp_path):
     assert "the training mesh must span all 4 devices" in out.stdout
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path):
+    """SIGTERM to process 1 only (a preempted host): both processes agree to stop after the
+    same step, checkpoint it together and exit 143 (the launcher too); the same command then
+    resumes from that step and finishes."""
+    args = [a for a in ARGS if not a.startswith("--config.train.steps")] + [
+        "--config.train.steps=8", "--config.train.checkpoint_every=100"]
+    cmd = ["bash", "launch/multiprocess_cpu.sh", *args, "--workdir", str(tmp_path)]
+    env = dict(_env(), NPROC="2", DEVICES="2", TIMEOUT="120")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.1)
+        subprocess.run(["pkill", "-TERM", "-f", "--", f"--workdir {tmp_path} .*--process_id 1"])
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 143, out[-3000:]
+    done = len(metrics.read_text().splitlines())
+    assert 1 <= done < 8
+    for p in (0, 1):
+        assert f"[p{p}] stopped: SIGTERM: checkpointed step {done} of 8" in out
+    assert os.listdir(tmp_path / "checkpoints") == [str(done)]
+    again = _run(cmd, env)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"[p1] [train] resumed from step {done}" in again.stdout
+    assert [json.loads(x)["step"] for x in open(metrics)] == list(range(1, 9))
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

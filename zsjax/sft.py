@@ -90,6 +90,7 @@ def run(config, workdir: str) -> dict:
             if stopping:
                 stopped_at = step + 1
                 break
+        ckpt.wait()  # the last save, with SIGTERM still caught
     ckpt.close()
     if stopped_at is not None:
         raise Stopped(f"SIGTERM: checkpointed step {stopped_at} of {tc.steps} in {workdir}; "

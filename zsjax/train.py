@@ -544,6 +544,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             if stopping:
                 stopped_at = step + 1
                 break
+        ckpt.wait()  # the last save, with SIGTERM still caught
     bar.close()
     ckpt.close()  # waits for the last save
     if writer is not None:
