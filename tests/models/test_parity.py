@@ -276,13 +276,21 @@ def test_sharded_checkpoint_and_sharded_export(hf_model_dir, tmp_path):
     tokens = _tokens(2, 30)
     np.testing.assert_allclose(np.asarray(forward(config, params, tokens)),
                                torch_logits(model, tokens), atol=1e-4, rtol=0)
+    # exported over an earlier single-file export of other params (a fine-tune written back
+    # into its base model's folder): the stale model.safetensors must go, or transformers,
+    # which reads it before the index, would load the old params
+    save_hf(config, jax.tree.map(lambda x: 1.5 * x, params), str(tmp_path))
     save_hf(config, params, str(tmp_path), max_shard_bytes=60_000)
     index = json.load(open(tmp_path / "model.safetensors.index.json"))
     assert len(set(index["weight_map"].values())) > 2
+    weights = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert weights == sorted(set(index["weight_map"].values()))
     import transformers
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="float32")
     np.testing.assert_allclose(torch_logits(reloaded.eval(), tokens), torch_logits(model, tokens),
                                atol=1e-6, rtol=0)
+    save_hf(config, params, str(tmp_path))  # and back to one file: the shards and index go
+    assert sorted(f for f in os.listdir(tmp_path) if "safetensors" in f) == ["model.safetensors"]
 
 
 def test_legacy_config_style(hf_model_dir, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -167,10 +168,13 @@ def save_hf(config: ModelConfig, params: dict, path: str, *, dtype: str | None =
         total = sum(int(np.prod(e[1])) * out_dtype.itemsize for e in entries)
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    else:
-        stale = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(stale):
-            os.remove(stale)
+    # Weight files of an earlier export into this folder would be read instead of, or with,
+    # the new ones (transformers reads model.safetensors before an index).
+    for name in os.listdir(path):
+        stale = (name == "model.safetensors.index.json" and len(shards) == 1) or (
+            name not in names and re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name))
+        if stale:
+            os.remove(os.path.join(path, name))
 
     hf = to_hf_dict(config)
     hf["dtype"] = str(out_dtype) if out_dtype != np.dtype("bfloat16") else "bfloat16"
