@@ -34,6 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "temperature": 0.0,  # greedy documents: a deterministic evaluation
         "max_new_tokens": 600, "top_k_docs": 5,
         "url": "",  # kind=simulator_url / retriever_url
+        "model": "",  # kind=simulator_url: served model name ("" = the first at /v1/models)
         "topk": 3,  # documents per retriever query
     })
     # The reference's evaluation lengths (DESIGN.md section 1); decoding is always greedy.

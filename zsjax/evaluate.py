@@ -242,7 +242,8 @@ def _make_backend(b, policy, seed: int, mesh):
     if b.kind == "retriever_url":
         return RetrieverBackend(b.url, topk=b.topk)
     if b.kind == "simulator_url":
-        return OpenAISimulatorBackend(b.url, style=b.style or "finetuned",
+        return OpenAISimulatorBackend(b.url, model=b.get("model") or None,
+                                      style=b.style or "finetuned",
                                       temperature=b.temperature, max_new_tokens=b.max_new_tokens,
                                       top_k_docs=b.top_k_docs)
     path, dtype, *model = policy

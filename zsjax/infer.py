@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default="finetuned",
                    help="simulator prompt: finetuned (a fine-tuned simulator, as training's "
                         "default), or prompt_only for an instruct model used as --simulator")
+    p.add_argument("--simulator-model", default=None,
+                   help="--simulator-url: the served model's name (default: the first the "
+                        "server lists at /v1/models)")
     p.add_argument("--simulator-temperature", type=float, default=0.8)
     p.add_argument("--simulator-max-new-tokens", type=int, default=600)
     p.add_argument("--topk", type=int, default=3, help="documents per retriever query")
@@ -56,7 +59,8 @@ def make_backend(args, policy_dir, policy_model):
         return RetrieverBackend(args.retriever_url, topk=args.topk)
     style = args.simulator_style
     if args.simulator_url:
-        return OpenAISimulatorBackend(args.simulator_url, style=style,
+        return OpenAISimulatorBackend(args.simulator_url, model=args.simulator_model,
+                                      style=style,
                                       temperature=args.simulator_temperature,
                                       max_new_tokens=args.simulator_max_new_tokens)
     from zsjax.generate import load_tokenizer

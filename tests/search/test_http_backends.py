@@ -16,7 +16,9 @@ from zsjax.search.http_backends import (OpenAISimulatorBackend, RetrieverBackend
 class _Server:
     """A scripted JSON server: `handler(path, body) -> (status, reply)`; logs requests."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, models=None):
+        """`models`: ids listed at GET /v1/models (None: GET is not served). A handler's status
+        "cut" sends a 200 reply whose body stops short of its Content-Length."""
         self.log, outer = [], self
 
         class H(BaseHTTPRequestHandler):
@@ -25,8 +27,18 @@ class _Server:
                 outer.log.append((self.path, body))
                 status, reply = handler(self.path, body)
                 data = json.dumps(reply).encode()
-                self.send_response(status)
+                self.send_response(200 if status == "cut" else status)
                 self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data) + 100 * (status == "cut")))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if models is None or self.path != "/v1/models":
+                    self.send_error(404)
+                    return
+                data = json.dumps({"data": [{"id": m} for m in models]}).encode()
+                self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -95,6 +107,36 @@ def test_openai_backend_retries_server_errors_then_succeeds():
     with _Server(handler) as srv:
         backend = OpenAISimulatorBackend(srv.url + "/v1", retries=3, backoff=0.01, timeout=5)
         assert backend.search(REQS[:1]) == ["Doc 1: ok"] and calls[0] == 3
+
+
+def test_openai_backend_names_the_served_model():
+    """vLLM rejects a model name it does not serve: the backend names the first model the
+    server lists, the one it is given, or none when the server lists none."""
+    reply = lambda path, body: (200, _chat_reply("Doc 1: ok"))  # noqa: E731
+    with _Server(reply, models=["/models/Simulator-14B", "other"]) as srv:
+        OpenAISimulatorBackend(srv.url, timeout=5).search(REQS[:1])
+        OpenAISimulatorBackend(srv.url, model="other", timeout=5).search(REQS[:1])
+        assert [b["model"] for _, b in srv.log] == ["/models/Simulator-14B", "other"]
+    with _Server(reply) as srv:  # no /v1/models (llama.cpp's older servers)
+        OpenAISimulatorBackend(srv.url, timeout=5).search(REQS[:1])
+        assert "model" not in srv.log[0][1]
+
+
+def test_openai_backend_retries_a_cut_reply():
+    """A reply whose body stops short of its Content-Length (a dying server, a proxy) is
+    retried like a connection error, not raised as http.client.IncompleteRead."""
+    calls = [0]
+
+    def handler(path, body):
+        calls[0] += 1
+        return ("cut" if calls[0] == 1 else 200), _chat_reply("Doc 1: ok")
+
+    with _Server(handler) as srv:
+        backend = OpenAISimulatorBackend(srv.url, retries=2, backoff=0.01, timeout=5)
+        assert backend.search(REQS[:1]) == ["Doc 1: ok"] and calls[0] == 2
+    with _Server(lambda path, body: ("cut", _chat_reply("x"))) as srv:
+        with pytest.raises(SearchBackendError, match="IncompleteRead"):
+            OpenAISimulatorBackend(srv.url, retries=1, backoff=0.01, timeout=5).search(REQS[:1])
 
 
 def test_openai_backend_client_error_fails_at_once():

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -44,10 +45,11 @@ def _post_json(url: str, payload: dict, *, timeout: float, retries: int, backoff
                 raise SearchBackendError(f"{what} at {url} rejected the request: HTTP {e.code}: "
                                          f"{body}") from None
             last = f"HTTP {e.code}: {body}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError,
+                http.client.HTTPException) as e:  # (HTTPException: a cut or garbled reply)
             reason = getattr(e, "reason", e)
             last = f"{type(reason).__name__}: {reason}"
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SearchBackendError(f"{what} at {url} returned invalid JSON: {e}") from None
     raise SearchBackendError(f"{what} at {url} failed after {retries + 1} attempts (last error: "
                              f"{last}); is the server running and reachable?")
@@ -62,10 +64,22 @@ def _chat_url(url: str) -> str:
     return url + "/v1/chat/completions"
 
 
-class OpenAISimulatorBackend:
-    """The simulator as an OpenAI-compatible chat-completions server."""
+def _served_model(chat_url: str, timeout: float) -> str | None:
+    """The first model id the server lists at GET .../v1/models, or None when it lists none."""
+    url = chat_url.removesuffix("/chat/completions") + "/models"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())["data"][0]["id"]
+    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError):
+        return None
 
-    def __init__(self, url: str, *, model: str = "default", style: str = "finetuned",
+
+class OpenAISimulatorBackend:
+    """The simulator as an OpenAI-compatible chat-completions server. `model`: the served
+    model's name; by default the first one the server lists (vLLM rejects names it does not
+    serve), or none at all when it lists none (sglang and llama.cpp ignore it)."""
+
+    def __init__(self, url: str, *, model: str | None = None, style: str = "finetuned",
                  temperature: float = 0.8, max_new_tokens: int = 600, top_k_docs: int = 5,
                  concurrency: int = 16, timeout: float = 60.0, retries: int = 3,
                  backoff: float = 0.5):
@@ -77,11 +91,12 @@ class OpenAISimulatorBackend:
         self.retries, self.backoff = retries, backoff
 
     def _one(self, prompt: str) -> str:
-        reply = _post_json(self.url, {
-            "model": self.model, "messages": [{"role": "user", "content": prompt}],
-            "temperature": self.temperature, "max_tokens": self.max_new_tokens},
-            timeout=self.timeout, retries=self.retries, backoff=self.backoff,
-            what="simulator server")
+        payload = {"messages": [{"role": "user", "content": prompt}],
+                   "temperature": self.temperature, "max_tokens": self.max_new_tokens}
+        if self.model:
+            payload["model"] = self.model
+        reply = _post_json(self.url, payload, timeout=self.timeout, retries=self.retries,
+                           backoff=self.backoff, what="simulator server")
         try:
             text = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -94,6 +109,8 @@ class OpenAISimulatorBackend:
         unique = list(dict.fromkeys(prompts))
         if not unique:
             return []
+        if self.model is None:
+            self.model = _served_model(self.url, self.timeout) or ""
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(unique))) as pool:
             docs = dict(zip(unique, pool.map(self._one, unique)))
         return [docs[p] for p in prompts]
