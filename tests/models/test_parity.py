@@ -265,6 +265,14 @@ def test_round_trip_through_save_hf(hf_model_dir, tmp_path):
         config2, params2 = load_hf(str(out))
         assert config2 == config
         jax.tree.map(np.testing.assert_array_equal, params2, params)
+        # a transformers-4 reader sees only the older keys (rope_theta, rope_scaling with
+        # `type`, torch_dtype): they alone must describe the same model
+        from zsjax.models.config import from_hf_dict
+        legacy = json.load(open(out / "config.json"))
+        del legacy["rope_parameters"], legacy["dtype"]
+        assert from_hf_dict(legacy) == config
+        assert legacy["torch_dtype"] == "float32" and legacy["rope_theta"] == config.rope_theta
+        assert ("rope_scaling" in legacy) == (config.rope_scaling is not None)
 
 
 def test_sharded_checkpoint_and_sharded_export(hf_model_dir, tmp_path):

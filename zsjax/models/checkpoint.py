@@ -177,7 +177,8 @@ def save_hf(config: ModelConfig, params: dict, path: str, *, dtype: str | None =
             os.remove(os.path.join(path, name))
 
     hf = to_hf_dict(config)
-    hf["dtype"] = str(out_dtype) if out_dtype != np.dtype("bfloat16") else "bfloat16"
+    hf["dtype"] = hf["torch_dtype"] = (str(out_dtype) if out_dtype != np.dtype("bfloat16")
+                                       else "bfloat16")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     if tokenizer_dir is not None:

@@ -194,7 +194,9 @@ def from_hf_dict(hf: dict[str, Any], *, dtype: str = "float32", source: str = "c
 
 
 def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
-    """The inverse of from_hf_dict, in the transformers 5 style (`rope_parameters`)."""
+    """The inverse of from_hf_dict, in the transformers 5 style (`rope_parameters`), with the
+    older keys beside it (`rope_theta`, `rope_scaling`, `torch_dtype`) for readers built on
+    transformers 4, which would otherwise take the default theta of 10000 without a word."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         rope.update({k: v for k, v in dataclasses.asdict(config.rope_scaling).items()
@@ -220,7 +222,12 @@ def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "pad_token_id": config.pad_token_id,
         "dtype": config.param_dtype,
+        "rope_theta": config.rope_theta,
+        "torch_dtype": config.param_dtype,
     }
+    if config.rope_scaling is not None:
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        hf["rope_scaling"] = {**scaling, "type": scaling["rope_type"]}
     if config.family == "llama":
         if config.qkv_bias != config.o_bias:
             raise ConfigError("Llama checkpoints have one attention_bias flag for q/k/v/o; "
