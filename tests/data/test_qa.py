@@ -41,6 +41,23 @@ def test_unreadable_rows_name_the_columns(tmp_path):
         read_qa(str(tmp_path / "missing.jsonl"))
 
 
+def test_json_lists_and_malformed_lines_name_the_file_and_line(tmp_path):
+    rows = [{"question": "Who?", "golden_answers": ["x"]}, {"question": "Where?",
+                                                             "golden_answers": ["y", "z"]}]
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=2))  # a list over many lines
+    assert read_qa(str(tmp_path / "a.json")) == [QARow("Who?", ("x",)),
+                                                 QARow("Where?", ("y", "z"))]
+    (tmp_path / "b.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"b.jsonl:2: not valid JSON"):
+        read_qa(str(tmp_path / "b.jsonl"))
+    (tmp_path / "c.jsonl").write_text(json.dumps(rows) + "\n")  # a JSON list in a .jsonl
+    with pytest.raises(ValueError, match=r"c.jsonl: row 0 is a list, not an object"):
+        read_qa(str(tmp_path / "c.jsonl"))
+    (tmp_path / "d.json").write_text(json.dumps(rows[0]))
+    with pytest.raises(ValueError, match=r"d.json: a .json QA file holds a list of rows"):
+        read_qa(str(tmp_path / "d.json"))
+
+
 def test_question_stream_resumes_and_splits_over_processes():
     rows = [QARow(f"q{i}", ("a",)) for i in range(10)]
     s = QuestionStream(rows, 4, seed=1)

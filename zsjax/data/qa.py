@@ -60,20 +60,39 @@ def _answers_of(row: dict) -> list[str] | None:
 
 
 def read_qa(path: str) -> list[QARow]:
-    """Reads a `.jsonl` (`{question, golden_answers}`) or `.parquet` (ZeroSearch: prompt +
-    reward_model.ground_truth.target; veRL: ground_truth as a string) QA file."""
+    """Reads a `.jsonl` (`{question, golden_answers}` a line), `.json` (a list of such rows) or
+    `.parquet` (ZeroSearch: prompt + reward_model.ground_truth.target; veRL: ground_truth as a
+    string) QA file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"QA file {path} does not exist")
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
         rows = pq.read_table(path).to_pylist()
-    elif path.endswith((".jsonl", ".json")):
+    elif path.endswith(".json"):
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e}); a .json QA file holds a list "
+                                 f"of rows, a .jsonl file one row a line") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json QA file holds a list of rows; got a "
+                             f"{type(rows).__name__}")
+    elif path.endswith(".jsonl"):
+        rows = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
     else:
-        raise ValueError(f"{path}: unknown QA file type; expected .jsonl or .parquet")
+        raise ValueError(f"{path}: unknown QA file type; expected .jsonl, .json or .parquet")
     out = []
     for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {i} is a {type(row).__name__}, not an object")
         q, a = _question_of(row), _answers_of(row)
         if q is None or not a:
             raise ValueError(
