@@ -87,9 +87,9 @@ def main(argv=None) -> int:
         return 2
     load_s = time.time() - start
     from zsjax.sampling import generate
-    prompt_ids = [encode_prompt(tokenizer, p, args.chat) for p in args.prompt]
     start = time.time()
     try:
+        prompt_ids = [encode_prompt(tokenizer, p, args.chat) for p in args.prompt]
         result = generate(config, params, prompt_ids, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           stop_strings=args.stop, tokenizer=tokenizer,
