@@ -550,6 +550,9 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     if writer is not None:
         writer.close()
     if stopped_at is not None:
+        # every process has its part of the checkpoint on disk before any exits (a scheduler
+        # such as srun --kill-on-bad-exit stops the others when the first one does)
+        distributed.barrier("zsjax_stopped")
         raise Stopped(f"SIGTERM: checkpointed step {stopped_at} of {tc.steps} in {workdir}; "
                       f"the same command resumes from it")
     final_params = distributed.fetch_to_lead(state.params)  # every process takes part
