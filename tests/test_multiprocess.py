@@ -15,8 +15,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600  # seconds, per command; a run takes ~20 s on an idle 2-core machine
-ARGS = ["--config", "configs/tiny.py", "--config.mesh.data=4", "--config.train.steps=3",
-        "--config.train.tensorboard=False"]
+# fsdp over both processes: params sharded across them, so exporting the policy is a collective
+ARGS = ["--config", "configs/tiny.py", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+        "--config.train.steps=3", "--config.train.tensorboard=False"]
 
 
 def _env(devices: int | None = None) -> dict:

@@ -138,7 +138,11 @@ def fetch_to_lead(tree):
     import jax
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    out = jax.tree.map(lambda x: np.asarray(_local_whole(x)) if is_lead() else None, tree)
+    def fetch(x):
+        whole = _local_whole(x)  # a collective when x spans processes: every process calls it
+        return np.asarray(whole) if is_lead() else None
+
+    out = jax.tree.map(fetch, tree)
     return out if is_lead() else None
 
 
