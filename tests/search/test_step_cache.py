@@ -17,6 +17,12 @@ def test_step_cache_generates_identical_requests_once_per_step():
     cache.new_step()
     cache.search([a])
     assert len(inner.calls) == 3
+    # the same question text with another first answer (duplicate questions in a dataset):
+    # the simulator's prompt states the answer, so these are different requests
+    d = SearchRequest("q", "Q?", ("z", "x"))
+    e = SearchRequest("q", "Q?", ("x", "w"))  # the same first answer: the same prompt
+    cache.search([d, e])
+    assert [list(call) for call in inner.calls[3:]] == [[d]]
 
 
 def test_noisy_fraction():

@@ -36,8 +36,9 @@ class FunctionBackend:
 
 
 class StepCache:
-    """Wraps a backend so that, within one training step, identical (query, question, noisy)
-    requests are generated once, across all turns. Call `new_step(step)` between steps: it is
+    """Wraps a backend so that, within one training step, identical requests (query, question,
+    first golden answer, which the simulator's prompt states, and noisy) are generated once,
+    across all turns. Call `new_step(step)` between steps: it is
     passed on to the backend when it has a `new_step` (the in-process simulator seeds its sampling
     from the step, so a resumed run samples the same documents). `seconds` is the time spent in
     the backend this step."""
@@ -57,7 +58,7 @@ class StepCache:
             self.backend.new_step(step)
 
     def search(self, requests: Sequence[SearchRequest]) -> list[str]:
-        keys = [(r.query, r.question, r.noisy) for r in requests]
+        keys = [(r.query, r.question, tuple(r.golden_answers[:1]), r.noisy) for r in requests]
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
