@@ -146,7 +146,9 @@ def main():
                          f"jax {jax.__version__} ({jax.default_backend()}), "
                          f"torch {torch.__version__} ({'skipped' if args.no_reference else device})",
               "matmul_gflop_s": round(flops_s / 1e9, 1),
-              "copy_bandwidth_gb_s": round(bytes_s / 1e9, 1), "model": f"SmolLM2-135M-Instruct {args.dtype}", "rows": rows, "command": " ".join(["python"] + sys.argv)}
+              "copy_bandwidth_gb_s": round(bytes_s / 1e9, 1),
+              "model": f"SmolLM2-135M-Instruct {args.dtype}", "rows": rows,
+              "command": " ".join(["python"] + sys.argv)}
     lines = [f"Machine: {report['machine']}; matmul {report['matmul_gflop_s']} GFLOP/s, copy "
              f"bandwidth {report['copy_bandwidth_gb_s']} GB/s (same run).", "",
              "| batch | zsjax tok/s | transformers tok/s | speedup | zsjax compile s | "

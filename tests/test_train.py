@@ -115,6 +115,44 @@ def test_shrink_above_reaches_the_policy_and_simulator_generation(tmp_path, monk
         train.run(config, str(tmp_path / "bad"))
 
 
+def test_rollouts_stop_on_generation_config_eos_ids(tmp_path, monkeypatch):
+    """The policy's and the simulator's generation stop on the EOS ids of config.json, of
+    generation_config.json and of the tokenizer, as zsjax.evaluate and zsjax.generate do
+    (Qwen2.5-Instruct lists <|endoftext|> only in generation_config.json)."""
+    import zsjax.search
+    import zsjax.search.simulator as sim_module
+    from zsjax.generate import load_tokenizer
+    from zsjax.models.config import read_hf_config
+    from zsjax.tools import tiny_fixture
+    fx = tiny_fixture.make(str(tmp_path / "fx"))
+    for role, extra in (("policy", 7), ("simulator", 9)):
+        with open(os.path.join(fx[role], "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": [extra]}, f)
+    seen = {}
+
+    class Spy(ScriptedGenerator):
+        def __init__(self, *args, **kwargs):
+            seen["policy"] = kwargs.get("eos_token_ids")
+            super().__init__(*args, **kwargs)
+
+    real_generate = sim_module.generate
+
+    def generate(*args, **kwargs):
+        seen["simulator"] = kwargs.get("eos_token_ids")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", Spy)
+    monkeypatch.setattr(sim_module, "generate", generate)
+    config = tiny.get_config()
+    config.train.steps = 1
+    config.policy.path, config.simulator.path = fx["policy"], fx["simulator"]
+    config.data.train_path = fx["qa"]
+    train.run(config, str(tmp_path / "run"))
+    for role, extra in (("policy", 7), ("simulator", 9)):
+        own = set(read_hf_config(fx[role]).eos_token_ids) | {load_tokenizer(fx[role]).eos_token_id}
+        assert set(seen[role]) == own | {extra}, role
+
+
 def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):
     """`train.run(backend=...)` searches that backend (the claims' "real search engine"): its
     documents reach the trajectories, and no simulator model is loaded (its path is bogus)."""

@@ -257,9 +257,11 @@ def _make_backend(b, policy, seed: int, mesh):
         check_vocab(tokenizer, read_hf_config(b.simulator_path), f"simulator "
                      f"{b.simulator_path}")
         config, params = load_hf(b.simulator_path, dtype=b.dtype, mesh=mesh)
-    return InProcessSimulator(config, params, tokenizer, style=b.style or "finetuned", temperature=b.temperature,
-                              max_new_tokens=b.max_new_tokens, top_k_docs=b.top_k_docs,
-                              seed=seed)
+    from zsjax.generate import eos_ids
+    return InProcessSimulator(config, params, tokenizer, style=b.style or "finetuned",
+                              temperature=b.temperature, max_new_tokens=b.max_new_tokens,
+                              top_k_docs=b.top_k_docs, seed=seed,
+                              eos_token_ids=eos_ids(b.simulator_path, config, tokenizer))
 
 
 def run(config, workdir: str) -> dict[str, dict]:

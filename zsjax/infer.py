@@ -70,9 +70,11 @@ def make_backend(args, policy_dir, policy_model):
     else:
         config, params = load_hf(args.simulator, dtype=args.dtype)
         tokenizer = load_tokenizer(args.simulator)
+    from zsjax.generate import eos_ids
     return InProcessSimulator(config, params, tokenizer, style=style,
                               temperature=args.simulator_temperature,
-                              max_new_tokens=args.simulator_max_new_tokens, seed=args.seed)
+                              max_new_tokens=args.simulator_max_new_tokens, seed=args.seed,
+                              eos_token_ids=eos_ids(args.simulator, config, tokenizer))
 
 
 def main(argv=None) -> int:
@@ -94,7 +96,9 @@ def main(argv=None) -> int:
     settings = RolloutSettings(max_turns=args.max_turns,
                                max_response_tokens=args.max_response_tokens,
                                temperature=args.temperature, top_p=args.top_p)
-    gen = ModelTurnGenerator(config, params, tokenizer, settings)
+    from zsjax.generate import eos_ids
+    gen = ModelTurnGenerator(config, params, tokenizer, settings,
+                             eos_token_ids=eos_ids(args.policy, config, tokenizer))
     try:
         traj = rollout([args.question], [args.answer or [""]], tokenizer=tokenizer,
                        generate_fn=gen, backend=backend, settings=settings,

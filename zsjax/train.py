@@ -224,7 +224,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     from zsjax import distributed, sharding
     from zsjax.checkpointing import Checkpointer, StopOnSignal, truncate_jsonl
     from zsjax.data.qa import QuestionStream, read_qa
-    from zsjax.generate import load_tokenizer
+    from zsjax.generate import eos_ids, load_tokenizer
     from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
     from zsjax.rl import advantages as A
     from zsjax.rl import losses as L
@@ -297,10 +297,13 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             temperature=config.simulator.temperature,
             max_new_tokens=config.simulator.max_new_tokens,
             top_k_docs=config.simulator.top_k_docs, seed=config.seed,
-            shrink_above=config.simulator.shrink_above)
+            shrink_above=config.simulator.shrink_above,
+            eos_token_ids=eos_ids(paths["simulator"], sim_config, sim_tokenizer))
     else:
         sim_model = backend
     simulator = StepCache(sim_model)
+    # config.json's, generation_config.json's and the tokenizer's, as evaluation stops on
+    policy_eos = eos_ids(paths["policy"], policy_config, tokenizer)
     settings = RolloutSettings(
         max_turns=config.rollout.max_turns, max_response_tokens=config.rollout.max_response_tokens,
         max_prompt_tokens=config.rollout.max_prompt_tokens,
@@ -376,6 +379,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             gen_params = (state.params if gen_shardings is None else
                           distributed.to_mesh(state.params, gen_shardings))
             gen = ModelTurnGenerator(policy_config, gen_params, tokenizer, settings,
+                                     eos_token_ids=policy_eos,
                                      kv_reuse=config.rollout.kv_reuse,
                                      shrink_above=config.rollout.shrink_above)
             trajs = rollout([q.question for q in qs for _ in range(k)],

@@ -91,7 +91,8 @@ class InProcessSimulator:
     def __init__(self, config, params, tokenizer, *, style: str = "finetuned",
                  temperature: float = 0.8, max_new_tokens: int = 600, top_k_docs: int = 5,
                  use_chat_template: bool | None = None, seed: int = 0,
-                 shrink_above: int = SHRINK_ABOVE):
+                 shrink_above: int = SHRINK_ABOVE,
+                 eos_token_ids: Sequence[int] | None = None):
         if style not in PROMPT_STYLES:
             raise ValueError(f"unknown simulator prompt style {style!r}; expected one of "
                              f"{PROMPT_STYLES}")
@@ -103,6 +104,9 @@ class InProcessSimulator:
         self.use_chat_template = use_chat_template
         self.seed = seed
         self.shrink_above = shrink_above  # see zsjax.sampling.generate
+        # None: config.json's and the tokenizer's (zsjax.generate.eos_ids adds
+        # generation_config.json's, as the trainer and the CLIs pass)
+        self.eos_token_ids = eos_token_ids
         self.step = 0
         self.calls = 0  # search calls in this step
         self.generated = 0  # distinct prompts generated (after the per-call cache)
@@ -129,7 +133,7 @@ class InProcessSimulator:
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                           tokenizer=self.tokenizer, seed=self.seed * 1_000_003 + self.step,
                           row_seeds=[zlib.crc32(p.encode()) for p in unique],
-                          shrink_above=self.shrink_above)
+                          shrink_above=self.shrink_above, eos_token_ids=self.eos_token_ids)
         self.calls += 1
         self.generated += len(unique)
         docs = {p: postprocess_documents(self.tokenizer.decode(ids, skip_special_tokens=True),
