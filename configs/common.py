@@ -26,8 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
     # a smaller batch once half have finished (`zsjax.sampling.generate`); 0: never. It saves
     # the finished rows' compute at the price of more compiled programs and row copies: worth
     # it for large models on a CPU, a loss for tiny ones (docs/PERFORMANCE.md).
+    # The reference's lengths (DESIGN.md section 1): the context is kept from the left at
+    # max_prompt_tokens, each turn's response at most max_response_tokens, each observation
+    # at most max_obs_tokens.
     c.rollout = ml_collections.ConfigDict({
-        "max_turns": 2, "max_response_tokens": 500, "max_prompt_tokens": 4096,
+        "max_turns": 2, "max_response_tokens": 500, "max_prompt_tokens": 2048,
         "max_obs_tokens": 2048, "temperature": 1.0, "top_p": 0.95, "kv_reuse": True,
         "shrink_above": 8})
     c.curriculum = ml_collections.ConfigDict({"start": 0.0, "end": 0.5, "base": 4.0})
