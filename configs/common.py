@@ -36,9 +36,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.curriculum = ml_collections.ConfigDict({"start": 0.0, "end": 0.5, "base": 4.0})
     c.rl = ml_collections.ConfigDict({
         "algorithm": "grpo",  # grpo | ppo | reinforce_pp
-        # 64 questions x 5 rollouts; 2 optimizer steps a training step; 1 epoch.
-        "questions_per_step": 64, "rollouts_per_question": 5, "mini_batches": 2, "epochs": 1,
-        "micro_batches": 1,  # gradient accumulation within a mini-batch
+        # 64 questions x 5 rollouts; 1 epoch. Mini-batches (one optimizer step each):
+        # mini_batches equal ones, or (mini_batch_size > 0) chunks of mini_batch_size
+        # trajectories, the last one holding the rest, as the reference cuts them
+        # (configs/zerosearch.py: 256 + 64).
+        "questions_per_step": 64, "rollouts_per_question": 5, "mini_batch_size": 0,
+        "mini_batches": 2, "epochs": 1,
+        # gradient accumulation: micro-batches of the first (largest) mini-batch; the others
+        # take micro-batches of as many rows
+        "micro_batches": 1,
         "lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.01, "grad_clip": 1.0, "clip": 0.2,
         "entropy_coef": 0.001, "kl_coef": 0.001, "kl_kind": "k3", "std_eps": 1e-6,
         "aggregation": "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum

@@ -19,13 +19,14 @@ import ml_collections
 from configs import common
 
 MODELS = {
-    # name: (params in billions, micro-batches per mini-batch of 160 trajectories)
-    "qwen2.5-3b-base": (3, 20),
-    "qwen2.5-3b-instruct": (3, 20),
-    "qwen2.5-7b-base": (7, 40),
-    "qwen2.5-7b-instruct": (7, 40),
-    "llama3.2-3b-base": (3, 20),
-    "llama3.2-3b-instruct": (3, 20),
+    # name: (params in billions, micro-batches per mini-batch of 256 trajectories: 8 and 4
+    # rows; the step's last 64 trajectories take 8 and 16 micro-batches of those rows)
+    "qwen2.5-3b-base": (3, 32),
+    "qwen2.5-3b-instruct": (3, 32),
+    "qwen2.5-7b-base": (7, 64),
+    "qwen2.5-7b-instruct": (7, 64),
+    "llama3.2-3b-base": (3, 32),
+    "llama3.2-3b-instruct": (3, 32),
 }
 ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
@@ -46,7 +47,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = common.base_config()
     c.name = f"{model},{algorithm}"
     c.policy.dtype = c.simulator.dtype = "bfloat16"
-    c.rl.update(algorithm=algorithm, micro_batches=micro, remat=True, warmup_steps=10)
+    # The reference's mini-batches: 320 trajectories a step cut into 256 + 64 (DESIGN.md)
+    c.rl.update(algorithm=algorithm, mini_batch_size=256, micro_batches=micro, remat=True,
+                warmup_steps=10)
     if algorithm == "ppo":
         c.rl.kl_coef = 0.001  # in the reward, not the loss
     c.train.update(steps=200, checkpoint_every=25, eval_every=50)

@@ -5,14 +5,14 @@
 #
 #   TPU_NAME=zs-v5p ZONE=us-east5-a ACCELERATOR=v5p-64 \
 #     bash launch/tpu_pod.sh configs/zerosearch.py:qwen2.5-7b-base,grpo \
-#       --workdir /mnt/runs/7b --config.rl.micro_batches=5 --config.rollout_mesh.tensor=4 \
+#       --workdir /mnt/runs/7b --config.rl.micro_batches=8 --config.rollout_mesh.tensor=4 \
 #       --config.policy.path=... [--config.KEY=VALUE ...]
 #
 # The first argument is the config; the rest go to zsjax.train on every worker. The workdir
 # must be one shared directory on every worker (NFS, Filestore, or a bucket mounted with
 # gcsfuse): checkpoints are written by all workers, metrics by worker 0. Model folders must be
 # readable on every worker (same path). With fsdp over all 32 chips of a v5p-64, the recipe's
-# 160-trajectory mini-batches need rl.micro_batches=5 (32 rows, one per chip).
+# mini-batches (256 + 64 trajectories) need rl.micro_batches=8 (32 rows, one per chip).
 # Environment: TPU_NAME, ZONE, ACCELERATOR (when creating), RUNTIME (TPU software version),
 # PROJECT (gcloud project; default: gcloud's), SPOT=1 (spot capacity), DRY_RUN=1 (print the
 # gcloud commands instead of running them).

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from configs import common, smollm2, tiny, zerosearch
+from zsjax import train
 
 
 @pytest.mark.parametrize("model", sorted(zerosearch.MODELS))
@@ -16,7 +17,7 @@ def test_recipes_at_reference_hyperparameters(model, algorithm):
     assert c.rl.algorithm == algorithm
     # DESIGN.md section 1 (Qwen-2.5-3B reference settings)
     assert (c.rl.questions_per_step, c.rl.rollouts_per_question) == (64, 5)
-    assert c.rl.mini_batches == 2 and c.rl.epochs == 1
+    assert c.rl.mini_batch_size == 256 and c.rl.epochs == 1
     assert (c.rl.lr, c.rl.clip, c.rl.entropy_coef, c.rl.grad_clip) == (1e-6, 0.2, 0.001, 1.0)
     assert (c.rl.kl_coef, c.rl.kl_kind, c.rl.std_eps) == (0.001, "k3", 1e-6)
     assert (c.rl.critic_lr, c.rl.value_clip, c.rl.gamma, c.rl.lam) == (1e-5, 0.5, 1.0, 1.0)
@@ -25,8 +26,11 @@ def test_recipes_at_reference_hyperparameters(model, algorithm):
         0.8, 600, 5)
     assert (c.curriculum.start, c.curriculum.end, c.curriculum.base) == (0.0, 0.5, 4.0)
     assert c.rollout.max_response_tokens == 500 and c.train.steps == 200
-    n = c.rl.questions_per_step * c.rl.rollouts_per_question
-    assert n % (c.rl.mini_batches * c.rl.micro_batches) == 0
+    assert (c.rollout.max_prompt_tokens, c.rollout.max_obs_tokens) == (2048, 2048)
+    # the reference's 2 optimizer steps a training step: 256 + 64 trajectories, in
+    # micro-batches of the same rows
+    sizes, micro = train._update_plan(c.rl)
+    assert sizes == [256, 64] and 256 // micro == c.rl.micro_batches
     with pytest.raises(AttributeError):
         c.rl.lrr = 1.0  # locked: a misspelt key is an error
 

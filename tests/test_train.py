@@ -115,6 +115,34 @@ def test_shrink_above_reaches_the_policy_and_simulator_generation(tmp_path, monk
         train.run(config, str(tmp_path / "bad"))
 
 
+def test_reference_mini_batches_the_last_one_smaller(tmp_path, monkeypatch):
+    """rl.mini_batch_size cuts a step's trajectories as the reference does (320 -> 256 + 64):
+    here 8 -> 6 + 2, one optimizer step each, in micro-batches of 2 rows. Bad splits are
+    input errors."""
+    import zsjax.search
+    from zsjax.rl import update as U
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+    seen, real = [], U.run_step
+
+    def run_step(fn, state, batch):
+        seen.append((batch.tokens.shape[0], int(state.step)))
+        return real(fn, state, batch)
+
+    monkeypatch.setattr(U, "run_step", run_step)
+    config = tiny.get_config()  # 4 questions x 2 rollouts
+    config.train.steps = 1
+    config.rl.update(mini_batch_size=6, micro_batches=3)
+    assert train._update_plan(config.rl) == ([6, 2], 2)
+    train.run(config, str(tmp_path / "run"))
+    assert seen == [(6, 0), (2, 1)]  # two optimizer steps: 6 rows, then the other 2
+    for changes, match in ((dict(mini_batch_size=5, micro_batches=1), "last mini-batch, 3"),
+                           (dict(mini_batch_size=6, micro_batches=4), "into rl.micro_batches=4"),
+                           (dict(mini_batch_size=-1), "mini_batch_size must be >= 0")):
+        config.rl.update(**changes)
+        with pytest.raises(InputError, match=match):
+            train.run(config, str(tmp_path / "bad"))
+
+
 def test_rollouts_stop_on_generation_config_eos_ids(tmp_path, monkeypatch):
     """The policy's and the simulator's generation stop on the EOS ids of config.json, of
     generation_config.json and of the tokenizer, as zsjax.evaluate and zsjax.generate do

@@ -157,18 +157,45 @@ def _check_tokenizer(tokenizer, config, path: str, role: str):
         raise InputError(str(e)) from None
 
 
+def _update_plan(rl) -> tuple[list[int], int]:
+    """The sizes of a step's mini-batches (one optimizer step each, in order over the step's
+    trajectories) and the rows of a micro-batch. `rl.mini_batch_size` > 0 cuts chunks of that
+    many trajectories, the last one holding the rest, as the reference (veRL) does: 320 ->
+    256 + 64. Otherwise `rl.mini_batches` equal ones. `rl.micro_batches` splits the first
+    (largest) mini-batch; the others take micro-batches of the same rows."""
+    n = rl.questions_per_step * rl.rollouts_per_question
+    if rl.mini_batch_size < 0:
+        raise InputError(f"rl.mini_batch_size must be >= 0 (0: rl.mini_batches equal "
+                         f"mini-batches); got {rl.mini_batch_size}")
+    if rl.mini_batch_size:
+        size = min(rl.mini_batch_size, n)
+        sizes = [size] * (n // size) + ([n % size] if n % size else [])
+    else:
+        if rl.mini_batches < 1 or n % rl.mini_batches:
+            raise InputError(f"{n} trajectories a step (questions_per_step x "
+                             f"rollouts_per_question) do not split into rl.mini_batches="
+                             f"{rl.mini_batches} equal mini-batches")
+        sizes = [n // rl.mini_batches] * rl.mini_batches
+    if rl.micro_batches < 1 or sizes[0] % rl.micro_batches:
+        raise InputError(f"mini-batches of {sizes[0]} trajectories do not split into "
+                         f"rl.micro_batches={rl.micro_batches} equal micro-batches")
+    micro = sizes[0] // rl.micro_batches
+    if sizes[-1] % micro:
+        raise InputError(f"the last mini-batch, {sizes[-1]} of {n} trajectories (rl."
+                         f"mini_batch_size={rl.mini_batch_size}), does not split into "
+                         f"micro-batches of {micro} rows (rl.micro_batches="
+                         f"{rl.micro_batches})")
+    return sizes, micro
+
+
 def _check_batch(config, mesh) -> None:
     rl = config.rl
-    n = rl.questions_per_step * rl.rollouts_per_question
     if config.data.length_multiple < 1:
         raise InputError(f"data.length_multiple must be >= 1; got {config.data.length_multiple}")
     if rl.algorithm == "grpo" and rl.rollouts_per_question < 2:
         raise InputError("GRPO normalises rewards within a question's group: set "
                          "rl.rollouts_per_question >= 2")
-    if n % rl.mini_batches or (n // rl.mini_batches) % rl.micro_batches:
-        raise InputError(f"{n} trajectories a step (questions_per_step x rollouts_per_question) "
-                         f"do not split into rl.mini_batches={rl.mini_batches} mini-batches of "
-                         f"rl.micro_batches={rl.micro_batches} equal micro-batches")
+    _, micro = _update_plan(rl)
     for group in ("rollout", "simulator"):
         if config[group].shrink_above < 0:
             raise InputError(f"{group}.shrink_above must be >= 0 (0: decode batches never "
@@ -183,9 +210,9 @@ def _check_batch(config, mesh) -> None:
                          f"{rl.old_logprobs!r}")
     if mesh is not None:
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
-        if (n // rl.mini_batches // rl.micro_batches) % rows:
-            raise InputError(f"micro-batches of {n // rl.mini_batches // rl.micro_batches} rows "
-                             f"do not split over the mesh's data x fsdp = {rows} devices")
+        if micro % rows:
+            raise InputError(f"micro-batches of {micro} rows do not split over the mesh's data "
+                             f"x fsdp = {rows} devices")
 
 
 class _NaNGuard:
@@ -410,7 +437,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
                                            -distributed.global_max(-U.loss_start(mask)))
             tokens, attn, mask = map(to_global, (tokens, attn, mask))
             n = n_global
-            micro = n // rl.mini_batches // rl.micro_batches
+            mb_sizes, micro = _update_plan(rl)
             if rl.old_logprobs == "sampler":  # the rollouts' own: 0 off the policy's tokens
                 old = to_global(sampled_lp)
             else:
@@ -447,26 +474,27 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
 
             # --- Updates: epochs x mini-batches optimizer steps (policy, and critic for PPO). ----
             t2 = time.perf_counter()
-            mb_rows = n // rl.mini_batches
             update_metrics = []
             for _ in range(rl.epochs):
-                for j in range(rl.mini_batches):
-                    mb = jax.tree.map(lambda x: x[j * mb_rows:(j + 1) * mb_rows], batch)
+                for i, size in enumerate(mb_sizes):
+                    lo = sum(mb_sizes[:i])
+                    mb = jax.tree.map(lambda x: x[lo:lo + size], batch)
                     width = mb.tokens.shape[1]
-                    if (width, logits_from) not in step_fns:
-                        step_fns[width, logits_from] = U.make_policy_step(
+                    key = (width, logits_from, size)
+                    if key not in step_fns:
+                        step_fns[key] = U.make_policy_step(
                             state, mb, config=policy_config, tx=tx, cfg=loss_cfg,
-                            n_micro=rl.micro_batches, mesh=mesh, remat=rl.remat,
+                            n_micro=size // micro, mesh=mesh, remat=rl.remat,
                             logits_from=logits_from)
-                    state, m = U.run_step(step_fns[width, logits_from], state, mb)
+                    state, m = U.run_step(step_fns[key], state, mb)
                     if critic_state is not None:
-                        if ("critic", width) not in step_fns:
-                            step_fns[("critic", width)] = U.jit_step(
+                        if ("critic", width, size) not in step_fns:
+                            step_fns[("critic", width, size)] = U.jit_step(
                                 U.critic_step, critic_state, mb, mesh=mesh, config=policy_config,
-                                tx=critic_tx, cfg=loss_cfg, n_micro=rl.micro_batches,
+                                tx=critic_tx, cfg=loss_cfg, n_micro=size // micro,
                                 remat=rl.remat)
-                        critic_state, cm = U.run_step(step_fns[("critic", width)], critic_state,
-                                                      mb)
+                        critic_state, cm = U.run_step(step_fns[("critic", width, size)],
+                                                      critic_state, mb)
                         m["nonfinite"] = max(m["nonfinite"], cm.pop("nonfinite"))
                         m.update(cm)
                     update_metrics.append(m)
