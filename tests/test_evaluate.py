@@ -172,6 +172,12 @@ def test_checkpoint_params_equal_the_exported_policy(trained):
         assert a.sharding.mesh == mesh and np.array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match=r"has no step 7; it has \[1\]"):
         E.load_policy(trained, step=7)
+    # a relative path, as the README writes it (orbax itself takes absolute paths only)
+    relative = os.path.relpath(trained)
+    assert not os.path.isabs(relative)
+    _, params, _ = E.load_policy(relative)
+    assert np.array_equal(np.asarray(jax.tree.leaves(params)[0]),
+                          np.asarray(jax.tree.leaves(hf_params)[0]))
 
 
 def test_policy_path_errors(fixture, tmp_path):

@@ -262,6 +262,14 @@ def test_overrides_and_misspelt_keys_from_the_command_line(tmp_path):
             "--workdir", str(tmp_path / "w")]
     bad = subprocess.run(base + ["--config.rl.lrr=0.1"], capture_output=True, text=True)
     assert bad.returncode != 0 and "lrr" in bad.stderr
+    # the config file by absolute path from another folder: it still imports configs.common
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "zsjax.train", "--config", os.path.join(root, "configs",
+                                                                        "tiny.py"),
+         "--workdir", str(tmp_path / "w0"), "--config.rl.lrr=0.1"], capture_output=True,
+        text=True, cwd=str(tmp_path))
+    assert "lrr" in elsewhere.stderr and "No module named" not in elsewhere.stderr
     from ml_collections import config_flags  # noqa: F401 (the parser the CLI uses)
     ok = subprocess.run(base + ["--config.train.steps=1", "--config.rl.algorithm=reinforce_pp",
                                 "--config.train.tensorboard=False"],

@@ -7,6 +7,7 @@ Flags are defined only when a program runs, so the programs can be imported toge
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -27,11 +28,28 @@ class Stopped(RuntimeError):
     if SIGTERM had ended them), so that schedulers see an unfinished run."""
 
 
+def _config_imports_from_its_repository(argv) -> None:
+    """Puts the folder above the --config file's folder on sys.path: the config files import
+    each other as `configs.*`, which otherwise works from the repository root only."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        root = os.path.dirname(os.path.dirname(os.path.abspath(value.split(":", 1)[0])))
+        if root not in sys.path:
+            sys.path.append(root)
+        return
+
+
 def run_config_program(run: Callable[[object, str], object], *,
                        multiprocess: bool = False) -> None:
     """Parses --config (locked: misspelt keys are errors) and --workdir, then calls
     run(config, workdir). With `multiprocess`, also the flags that join this process to a
     multi-process JAX program (zsjax.distributed), which is initialised first."""
+    _config_imports_from_its_repository(sys.argv)
     config_flags.DEFINE_config_file("config", None, "an ml-collections config file, "
                                     "FILE.py[:ARG]", lock_config=True)
     flags.DEFINE_string("workdir", None, "output folder")

@@ -131,6 +131,7 @@ def _restore_params(ckpt_dir: str, step: int | None, dtype: str, mesh
     from zsjax.models import from_hf_dict, param_shardings
     from zsjax.models.decoder import param_shapes
 
+    ckpt_dir = os.path.abspath(ckpt_dir)  # orbax takes absolute paths only
     with ocp.CheckpointManager(ckpt_dir, item_handlers={
             "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}) as mgr:
         steps = list(mgr.all_steps())

@@ -22,29 +22,35 @@ def run(config, workdir: str) -> dict:
 
     from zsjax import sharding
     from zsjax.checkpointing import Checkpointer, StopOnSignal, truncate_jsonl
-    from zsjax.cli import Stopped
+    from zsjax.cli import InputError, Stopped
     from zsjax.data import sft_data
     from zsjax.generate import load_tokenizer
     from zsjax.models import load_hf, save_hf
     from zsjax.rl import update as U
 
     if not config.model.path:
-        raise ValueError("config.model.path is empty: pass the model folder as the config "
+        raise InputError("config.model.path is empty: pass the model folder as the config "
                          "argument (configs/sft_simulator.py:DIR) or --config.model.path=DIR")
     if not config.data.path:
-        raise ValueError("config.data.path is empty: --config.data.path=pairs.jsonl")
+        raise InputError("config.data.path is empty: --config.data.path=pairs.jsonl")
     if config.data.length_multiple < 1:
-        raise ValueError(f"data.length_multiple must be >= 1; got {config.data.length_multiple}")
+        raise InputError(f"data.length_multiple must be >= 1; got {config.data.length_multiple}")
+    if config.data.use_chat_template not in ("auto", "yes", "no"):
+        raise InputError(f"data.use_chat_template must be auto, yes or no; got "
+                         f"{config.data.use_chat_template!r}")
     os.makedirs(workdir, exist_ok=True)
     tc = config.train
-    mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    model_config, params = load_hf(config.model.path, dtype=config.model.dtype, mesh=mesh)
-    tokenizer = load_tokenizer(config.model.path)
-    chat = {"auto": None, "yes": True, "no": False}[config.data.use_chat_template]
-    rows = sft_data.read_rows(config.data.path)
-    examples = [sft_data.build_example(r, tokenizer, style=config.data.prompt_style,
-                                       max_length=config.data.max_length, use_chat_template=chat)
-                for r in rows]
+    try:  # bad input: a one-line error (status 2 from the command line), before any compute
+        mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        model_config, params = load_hf(config.model.path, dtype=config.model.dtype, mesh=mesh)
+        tokenizer = load_tokenizer(config.model.path)
+        chat = {"auto": None, "yes": True, "no": False}[config.data.use_chat_template]
+        rows = sft_data.read_rows(config.data.path)
+        examples = [sft_data.build_example(r, tokenizer, style=config.data.prompt_style,
+                                           max_length=config.data.max_length,
+                                           use_chat_template=chat) for r in rows]
+    except (FileNotFoundError, ValueError) as e:  # ConfigError, CheckpointError among them
+        raise InputError(str(e)) from None
     tx = U.make_optimizer(tc.lr, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
                           grad_clip=tc.grad_clip)
     state = U.init_state(params, tx)

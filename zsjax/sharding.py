@@ -69,6 +69,10 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) ->
                          f"tensor={tensor}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor}: the -1 axis "
+                             f"takes the rest of {len(devices)} devices, which the other axes' "
+                             f"{known} do not divide")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ValueError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} needs "

@@ -206,6 +206,15 @@ def test_sft_cli_help():
     proc = subprocess.run([sys.executable, "-m", "zsjax.sft", "--help"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "--workdir" in proc.stdout
+    # bad input is a one-line error with status 2, as in zsjax.train
+    proc = subprocess.run([sys.executable, "-m", "zsjax.sft", "--config",
+                           "configs/sft_simulator.py:/no/such/model", "--workdir", "/tmp/x",
+                           "--config.data.path=pairs.jsonl"], capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__)))))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "/no/such/model" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_make_sft_data_labels_by_answer_correctness():

@@ -70,6 +70,10 @@ def test_mesh_errors():
         sharding.make_mesh(data=4, fsdp=4, tensor=1, devices=jax.devices()[:8])
     with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
         sharding.make_mesh(data=-1, fsdp=-1)
+    # -1 takes the rest: none is left for it on 1 device with fsdp=4, 6 do not split by 4
+    for n in (1, 6):
+        with pytest.raises(ValueError, match=f"the rest of {n} devices, which the other axes' 4"):
+            sharding.make_mesh(data=-1, fsdp=4, devices=jax.devices()[:n])
 
 
 def test_rules_from_a_config_file(mesh):

@@ -479,7 +479,8 @@ def run(workdir: str, *, quick: bool = False, algorithm: str = "grpo", seed: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m zsjax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--quick", action="store_true", help="a smaller world and fewer steps")
+    p.add_argument("--quick", action="store_true",
+                   help="the same stages with fewer RL steps (70 instead of 120)")
     p.add_argument("--algorithm", default="grpo", choices=("grpo", "ppo", "reinforce_pp"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

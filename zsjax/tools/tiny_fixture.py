@@ -75,4 +75,9 @@ def make(directory: str, *, seed: int = 0) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(make(sys.argv[1] if len(sys.argv) > 1 else "tiny_fixture"), indent=2))
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m zsjax.tools.tiny_fixture",
+                                     description="Writes the tiny policy, simulator and QA "
+                                                 "fixture; prints its paths as JSON.")
+    parser.add_argument("dir", nargs="?", default="tiny_fixture", help="output folder")
+    print(json.dumps(make(parser.parse_args().dir), indent=2))
