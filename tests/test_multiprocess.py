@@ -29,11 +29,14 @@ def _env(devices: int | None = None) -> dict:
     return env
 
 
-def _run(cmd, env, timeout=TIMEOUT) -> subprocess.CompletedProcess:
-    """Runs `cmd` in a new process group and kills the whole group on the way out."""
+def _run(cmd, env, timeout=TIMEOUT, during=None) -> subprocess.CompletedProcess:
+    """Runs `cmd` in a new process group and kills the whole group on the way out.
+    `during(proc)`, if given, runs while the command does (to signal it, say)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
+        if during is not None:
+            during(proc)
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         out = "(timed out)"
@@ -132,24 +135,19 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path):
         "--config.train.steps=8", "--config.train.checkpoint_every=100"]
     cmd = ["bash", "launch/multiprocess_cpu.sh", *args, "--workdir", str(tmp_path)]
     env = dict(_env(), NPROC="2", DEVICES="2", TIMEOUT="120")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        metrics = tmp_path / "metrics.jsonl"
+    metrics = tmp_path / "metrics.jsonl"
+
+    def preempt_process_1(proc):  # once a step is logged
         deadline = time.time() + TIMEOUT
         while time.time() < deadline and proc.poll() is None:
             if metrics.exists() and metrics.read_text().count("\n") >= 1:
                 break
             time.sleep(0.1)
         subprocess.run(["pkill", "-TERM", "-f", "--", f"--workdir {tmp_path} .*--process_id 1"])
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    assert proc.returncode == 143, out[-3000:]
+
+    first = _run(cmd, env, during=preempt_process_1)
+    out = first.stdout
+    assert first.returncode == 143, out[-3000:]
     done = len(metrics.read_text().splitlines())
     assert 1 <= done < 8
     for p in (0, 1):

@@ -85,25 +85,30 @@ def test_noise_fraction_and_rewards_logged_per_step(tmp_path, monkeypatch, algor
     assert (metrics[-1]["value_loss"] is not None) == (algorithm == "ppo")
 
 
-def test_shrink_above_reaches_the_policy_and_simulator_generation(tmp_path, monkeypatch):
-    """rollout.shrink_above and simulator.shrink_above are passed on to the two generators."""
+def _spy_generation_kwarg(monkeypatch, name: str) -> dict:
+    """Records the keyword `name` that the trainer passes to the policy's turn generator
+    (scripted here) and to the simulator's `generate`: {"policy": ..., "simulator": ...}."""
     import zsjax.search
     import zsjax.search.simulator as sim_module
-    seen = {}
+    seen, real_generate = {}, sim_module.generate
 
     class Spy(ScriptedGenerator):
         def __init__(self, *args, **kwargs):
-            seen["policy"] = kwargs.get("shrink_above")
+            seen["policy"] = kwargs.get(name)
             super().__init__(*args, **kwargs)
 
-    real_generate = sim_module.generate
-
     def generate(*args, **kwargs):
-        seen["simulator"] = kwargs.get("shrink_above")
+        seen["simulator"] = kwargs.get(name)
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", Spy)
     monkeypatch.setattr(sim_module, "generate", generate)
+    return seen
+
+
+def test_shrink_above_reaches_the_policy_and_simulator_generation(tmp_path, monkeypatch):
+    """rollout.shrink_above and simulator.shrink_above are passed on to the two generators."""
+    seen = _spy_generation_kwarg(monkeypatch, "shrink_above")
     config = tiny.get_config()
     config.train.steps = 1
     config.rollout.shrink_above = 0
@@ -147,8 +152,6 @@ def test_rollouts_stop_on_generation_config_eos_ids(tmp_path, monkeypatch):
     """The policy's and the simulator's generation stop on the EOS ids of config.json, of
     generation_config.json and of the tokenizer, as zsjax.evaluate and zsjax.generate do
     (Qwen2.5-Instruct lists <|endoftext|> only in generation_config.json)."""
-    import zsjax.search
-    import zsjax.search.simulator as sim_module
     from zsjax.generate import load_tokenizer
     from zsjax.models.config import read_hf_config
     from zsjax.tools import tiny_fixture
@@ -156,21 +159,7 @@ def test_rollouts_stop_on_generation_config_eos_ids(tmp_path, monkeypatch):
     for role, extra in (("policy", 7), ("simulator", 9)):
         with open(os.path.join(fx[role], "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": [extra]}, f)
-    seen = {}
-
-    class Spy(ScriptedGenerator):
-        def __init__(self, *args, **kwargs):
-            seen["policy"] = kwargs.get("eos_token_ids")
-            super().__init__(*args, **kwargs)
-
-    real_generate = sim_module.generate
-
-    def generate(*args, **kwargs):
-        seen["simulator"] = kwargs.get("eos_token_ids")
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", Spy)
-    monkeypatch.setattr(sim_module, "generate", generate)
+    seen = _spy_generation_kwarg(monkeypatch, "eos_token_ids")
     config = tiny.get_config()
     config.train.steps = 1
     config.policy.path, config.simulator.path = fx["policy"], fx["simulator"]

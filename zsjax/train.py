@@ -363,6 +363,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         truncate_jsonl(os.path.join(workdir, name), start)
     k = rl.rollouts_per_question
     n_global = rl.questions_per_step * k
+    mb_sizes, micro = _update_plan(rl)  # the optimizer steps' mini-batches (checked above)
     # Each process rolls out the questions whose trajectories its devices hold in the update.
     rows_sharding = (None if mesh is None else
                      sharding.named_sharding(("batch",), (n_global,), mesh))
@@ -436,8 +437,6 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             logits_from = U.compiled_start(step_fns, width,
                                            -distributed.global_max(-U.loss_start(mask)))
             tokens, attn, mask = map(to_global, (tokens, attn, mask))
-            n = n_global
-            mb_sizes, micro = _update_plan(rl)
             if rl.old_logprobs == "sampler":  # the rollouts' own: 0 off the policy's tokens
                 old = to_global(sampled_lp)
             else:
