@@ -1,4 +1,4 @@
-"""The full set of training keys with the reference's hyper-parameters (DESIGN.md section 1,
+"""The full set of training keys with the reference's hyper-parameters (docs/METHOD.md,
 Qwen-2.5-3B). Recipes start from `base_config()`, change what differs, and lock the result, so
 a misspelt override (`--config.rl.lrr=...`) is an error."""
 
@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     # a smaller batch once half have finished (`zsjax.sampling.generate`); 0: never. It saves
     # the finished rows' compute at the price of more compiled programs and row copies: worth
     # it for large models on a CPU, a loss for tiny ones (docs/PERFORMANCE.md).
-    # The reference's lengths (DESIGN.md section 1): the context is kept from the left at
+    # The reference's lengths (docs/METHOD.md): the context is kept from the left at
     # max_prompt_tokens, each turn's response at most max_response_tokens, each observation
     # at most max_obs_tokens.
     c.rollout = ml_collections.ConfigDict({

@@ -37,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "model": "",  # kind=simulator_url: served model name ("" = the first at /v1/models)
         "topk": 3,  # documents per retriever query
     })
-    # The reference's evaluation lengths (DESIGN.md section 1); decoding is always greedy.
+    # The reference's evaluation lengths (docs/METHOD.md); decoding is always greedy.
     c.rollout = ml_collections.ConfigDict({
         "max_turns": 2, "max_response_tokens": 500, "max_prompt_tokens": 2048,
         "max_obs_tokens": 2048})

@@ -15,7 +15,7 @@ from zsjax import train
 def test_recipes_at_reference_hyperparameters(model, algorithm):
     c = zerosearch.get_config(f"{model},{algorithm}")
     assert c.rl.algorithm == algorithm
-    # DESIGN.md section 1 (Qwen-2.5-3B reference settings)
+    # docs/METHOD.md (Qwen-2.5-3B reference settings)
     assert (c.rl.questions_per_step, c.rl.rollouts_per_question) == (64, 5)
     assert c.rl.mini_batch_size == 256 and c.rl.epochs == 1
     assert (c.rl.lr, c.rl.clip, c.rl.entropy_coef, c.rl.grad_clip) == (1e-6, 0.2, 0.001, 1.0)

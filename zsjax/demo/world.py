@@ -160,7 +160,8 @@ def _names(rng: random.Random, n: int, syllables: tuple[int, int], taken: set[st
 
 def make_world(*, seed: int = 0, people: int = 150, cities: int = 40, countries: int = 10
                ) -> World:
-    """A deterministic world from `seed` (sizes from DESIGN.md section 6's calibration)."""
+    """A deterministic world from `seed`. The default sizes are ones a d128, 2-layer simulator
+    memorises to about 95% fact accuracy in a few hundred steps on 2 CPU cores."""
     if not 1 <= countries <= cities or people < 1:
         raise ValueError(f"a world needs people >= 1 and 1 <= countries <= cities; got "
                          f"people={people}, cities={cities}, countries={countries}")

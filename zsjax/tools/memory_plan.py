@@ -3,7 +3,7 @@ from the model shapes (no weights needed).
 
     python -m zsjax.tools.memory_plan
 
-Assumptions: configs/zerosearch.py's recipe (DESIGN.md section 1): 64 questions x 5 rollouts a
+Assumptions: configs/zerosearch.py's recipe (docs/METHOD.md): 64 questions x 5 rollouts a
 step, all rolled out at once, in the sampler's bucketed batch; policy, reference, AdamW state
 (optax keeps the params' dtype) and simulator in bfloat16; trajectories up to 4096 tokens,
 simulator prompts + 600 new tokens up to 1024; the update's logits in float32.
