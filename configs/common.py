@@ -9,7 +9,13 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.fixture = False  # True: empty model / data paths get the tiny generated fixture
-    c.policy = ml_collections.ConfigDict({"path": "", "dtype": "float32"})
+    # dtype: the policy's compute dtype (and the rollouts' weights and KV caches).
+    # param_dtype: the trained weights and AdamW's moments. Keep float32 under bfloat16
+    # compute: an update of lr 1e-6 is far below a bfloat16 weight's rounding step (about
+    # 1e-4 at 0.02), so bfloat16 weights would hardly move. The reference and the simulator,
+    # which are not trained, are held in `dtype`.
+    c.policy = ml_collections.ConfigDict({"path": "", "dtype": "float32",
+                                          "param_dtype": "float32"})
     c.reference = ml_collections.ConfigDict({"path": ""})  # empty: the initial policy
     c.simulator = ml_collections.ConfigDict({
         "path": "", "dtype": "float32",

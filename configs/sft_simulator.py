@@ -10,7 +10,10 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict({"path": arg, "dtype": "float32"})
+    # dtype: compute; param_dtype: the trained weights and AdamW's moments (float32: a
+    # bfloat16 weight would not move under lr 1e-6 updates, see configs/common.py)
+    c.model = ml_collections.ConfigDict({"path": arg, "dtype": "float32",
+                                         "param_dtype": "float32"})
     c.data = ml_collections.ConfigDict({
         "path": "",  # jsonl rows {query, question, golden_answers, documents, label}
         "prompt_style": "finetuned",  # or "prompt_only"

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -625,3 +626,27 @@ def test_separate_rollout_and_simulator_meshes(tmp_path):
         train.run(config, str(tmp_path / "bad"))
     with pytest.raises(InputError, match="is a URL"):
         train.run(tiny.get_config(), "gs://bucket/run")
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bfloat16_compute_trains_float32_weights(tmp_path, param_dtype):
+    """Under bfloat16 compute, `policy.param_dtype` float32 (the default) keeps the trained
+    weights in float32, so lr 1e-6 updates move them: as bfloat16 weights (the rounding step
+    at 0.02 is about 1e-4) nearly all of those updates round away."""
+    from zsjax.models import load_hf
+    config = tiny.get_config()
+    config.train.update(steps=1, tensorboard=False)
+    config.rl.lr = 1e-6
+    config.policy.update(dtype="bfloat16", param_dtype=param_dtype)
+    workdir = tmp_path / "run"
+    history = train.run(config, str(workdir))
+    assert np.isfinite(history[0]["grad_norm"]) and history[0]["grad_norm"] > 0
+    _, before = load_hf(str(workdir / "fixture" / "policy_hf"), dtype=param_dtype)
+    _, after = load_hf(str(workdir / "policy_hf"), dtype=param_dtype)
+    moved = np.mean(np.concatenate([
+        (np.asarray(a, np.float32) != np.asarray(b, np.float32)).ravel()
+        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]))
+    if param_dtype == "float32":
+        assert moved > 0.9, moved
+    else:
+        assert moved < 0.2, moved

@@ -42,7 +42,8 @@ def run(config, workdir: str) -> dict:
     tc = config.train
     try:  # bad input: a one-line error (status 2 from the command line), before any compute
         mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-        model_config, params = load_hf(config.model.path, dtype=config.model.dtype, mesh=mesh)
+        model_config, params = load_hf(config.model.path, dtype=config.model.dtype,
+                                       param_dtype=config.model.param_dtype, mesh=mesh)
         tokenizer = load_tokenizer(config.model.path)
         chat = {"auto": None, "yes": True, "no": False}[config.data.use_chat_template]
         rows = sft_data.read_rows(config.data.path)

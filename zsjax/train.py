@@ -250,7 +250,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
 
     from zsjax import distributed, sharding
     from zsjax.checkpointing import Checkpointer, StopOnSignal, truncate_jsonl
-    from zsjax.data.qa import QuestionStream, read_qa
+    from zsjax.data.qa import QuestionStream
     from zsjax.generate import eos_ids, load_tokenizer
     from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
     from zsjax.rl import advantages as A
@@ -313,7 +313,8 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
                          "or pick a new workdir")
 
     # --- Models, optimizer, state. -----------------------------------------------------------
-    policy_config, params = load_hf(paths["policy"], dtype=config.policy.dtype, mesh=mesh)
+    policy_config, params = load_hf(paths["policy"], dtype=config.policy.dtype,
+                                    param_dtype=config.policy.param_dtype, mesh=mesh)
     ref_params = (load_hf(paths["reference"], dtype=config.policy.dtype, mesh=mesh)[1]
                   if use_ref else None)
     if backend is None:
@@ -340,13 +341,16 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
                             kl_coef=rl.kl_coef if rl.algorithm == "grpo" else 0.0,
                             kl_kind=rl.kl_kind, aggregation=rl.aggregation,
                             temperature=config.rollout.temperature, value_clip=rl.value_clip)
+    mb_sizes, micro = _update_plan(rl)  # the optimizer steps' mini-batches (checked above)
+    updates = len(mb_sizes) * rl.epochs  # a step's optimizer updates
     tx = U.make_optimizer(rl.lr, warmup_steps=rl.warmup_steps, weight_decay=rl.weight_decay,
-                          grad_clip=rl.grad_clip, freeze=rl.freeze)
+                          grad_clip=rl.grad_clip, freeze=rl.freeze, updates_per_step=updates)
     state = U.init_state(params, tx)
     critic_tx = critic_state = None
     if rl.algorithm == "ppo":
         critic_tx = U.make_optimizer(rl.critic_lr, warmup_steps=rl.warmup_steps,
-                                     weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
+                                     weight_decay=rl.weight_decay, grad_clip=rl.grad_clip,
+                                     updates_per_step=updates)
         critic_params = U.init_critic(policy_config, jax.tree.map(jnp.copy, params))
         critic_state = U.init_state(critic_params, critic_tx)
 
@@ -363,7 +367,6 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         truncate_jsonl(os.path.join(workdir, name), start)
     k = rl.rollouts_per_question
     n_global = rl.questions_per_step * k
-    mb_sizes, micro = _update_plan(rl)  # the optimizer steps' mini-batches (checked above)
     # Each process rolls out the questions whose trajectories its devices hold in the update.
     rows_sharding = (None if mesh is None else
                      sharding.named_sharding(("batch",), (n_global,), mesh))
@@ -404,8 +407,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             p = noise_probability(step, tc.steps, config.curriculum.start, config.curriculum.end,
                                   config.curriculum.base)
             simulator.new_step(step)
-            gen_params = (state.params if gen_shardings is None else
-                          distributed.to_mesh(state.params, gen_shardings))
+            gen_params = _rollout_copy(state.params, policy_config, gen_shardings)
             gen = ModelTurnGenerator(policy_config, gen_params, tokenizer, settings,
                                      eos_token_ids=policy_eos,
                                      kv_reuse=config.rollout.kv_reuse,
@@ -591,6 +593,19 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         save_hf(policy_config, final_params, os.path.join(workdir, "policy_hf"),
                 tokenizer_dir=paths["policy"])
     return history
+
+
+def _rollout_copy(params, model_config, shardings):
+    """The policy's weights for a step's rollouts: in the compute dtype (the training forward
+    casts them to it too, so the sampler's logprobs stay the trainer's), on the rollout mesh."""
+    import jax
+    import jax.numpy as jnp
+
+    from zsjax import distributed
+    dtype = jnp.dtype(model_config.dtype)
+    if dtype != jnp.dtype(model_config.param_dtype):
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return params if shardings is None else distributed.to_mesh(params, shardings)
 
 
 def _load_rows(spec: str):

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from hf_models import chat_ids, torch_logits
-from zsjax.models import forward, load_hf
+from zsjax.models import forward
 
 QUESTION = "What is the capital of France?"
 

@@ -143,3 +143,28 @@ def test_kl_estimators_entropy_and_value_loss():
     expect = 0.5 * np.maximum((v - ret) ** 2, (vc - ret) ** 2)
     np.testing.assert_allclose(float(s) / float(d), (expect * MASK).sum() / MASK.sum(),
                                rtol=1e-5)
+
+
+def test_k3_is_bounded_and_an_overflow_off_the_mask_stays_out_of_the_loss():
+    """As veRL's low_var_kl: log r clipped to [-20, 20] before the exponential, k3 at most
+    10, and a token past the bound gets no gradient. Masked tokens contribute neither a value
+    nor a NaN gradient, even where the unbounded estimate would overflow."""
+    import jax
+    import jax.numpy as jnp
+    logp = jnp.array([[-1.0, -2.0, -95.0, -3.0]])
+    ref = jnp.array([[-1.1, -1.9, -2.0, -30.0]])  # token 2: ref - logp = 93 (exp overflows)
+    mask = jnp.array([[1.0, 1.0, 0.0, 1.0]])
+    k3 = np.asarray(L.kl_estimate(logp, ref, "k3"))
+    lr = np.asarray(logp - ref, np.float64)
+    np.testing.assert_allclose(k3[0, :2], np.exp(-lr[0, :2]) + lr[0, :2] - 1, rtol=1e-5)
+    assert k3[0, 2] == 10.0 and 0 < k3[0, 3] <= 10.0
+
+    def loss(lp):
+        s, d = L.aggregate(L.kl_estimate(lp, ref, "k3"), mask)
+        return s / d
+    value, grad = jax.value_and_grad(loss)(logp)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+    assert float(grad[0, 2]) == 0.0  # masked
+    # token 3 (log r = 27): past both bounds, so no gradient; tokens 0, 1: d k3 / d logp
+    assert float(grad[0, 3]) == 0.0
+    np.testing.assert_allclose(np.asarray(grad[0, :2]), (1 - np.exp(-lr[0, :2])) / 3, rtol=1e-5)

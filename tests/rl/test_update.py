@@ -153,6 +153,25 @@ def test_learning_direction_grpo():
     assert int(state.step) == 3 and float(metrics["grad_norm"]) > 0
 
 
+@pytest.mark.parametrize("updates_per_step", [1, 2])
+def test_warmup_counts_training_steps(updates_per_step):
+    """The warm-up counts training steps of `updates_per_step` optimizer updates (veRL steps
+    its scheduler once a step): both mini-batch updates of a step get the step's rate. With
+    a constant gradient, Adam's first-moment / root-second-moment ratio is 1, so each
+    update moves a weight by the rate itself."""
+    tx = U.make_optimizer(1.0, warmup_steps=3, weight_decay=0.0, grad_clip=1e9,
+                          updates_per_step=updates_per_step)
+    w = {"w": jnp.zeros(4)}
+    opt = tx.init(w)
+    moves = []
+    for _ in range(8):
+        upd, opt = tx.update({"w": jnp.ones(4)}, opt, w)
+        moves.append(-float(upd["w"][0]))
+        w = jax.tree.map(lambda a, b: a + b, w, upd)
+    steps = np.arange(8) // updates_per_step
+    np.testing.assert_allclose(moves, np.minimum(steps / 3, 1.0), rtol=1e-5, atol=1e-7)
+
+
 def test_freeze_leaves_matching_params_unchanged():
     """`freeze` is a regex over param paths: those params stay bit-identical (no weight decay,
     no Adam step) while every other param moves, on one device and on a mesh. A pattern

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hf_models import chat_ids, torch_logits
+from hf_models import chat_ids
 from zsjax.models import forward, load_hf
 from zsjax.sampling import generate
 from zsjax.sampling.sampler import _generate_core

@@ -7,6 +7,7 @@ own slice), before reading the next. Peak host memory is about one tensor above 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -44,14 +45,19 @@ def _get_path(tree: dict, path: str):
     return tree
 
 
-def load_hf(path: str, *, dtype: str = "float32", mesh: Mesh | None = None,
-            rules=sharding.DEFAULT_RULES) -> tuple[ModelConfig, dict]:
+def load_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
+            mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES
+            ) -> tuple[ModelConfig, dict]:
     """A Hugging Face folder (config.json + safetensors, single or sharded) -> (config, params).
 
-    `dtype` sets both param and compute dtype. With a mesh, each param is placed on its
-    NamedSharding from the logical axis rules.
+    `dtype` is the compute dtype, and the params' too unless `param_dtype` says otherwise:
+    weights to train want float32 (`param_dtype="float32"`) under bfloat16 compute, since an
+    update of lr 1e-6 is far below a bfloat16 weight's rounding step (about 1e-4 at 0.02).
+    With a mesh, each param is placed on its NamedSharding from the logical axis rules.
     """
     config = read_hf_config(path, dtype=dtype)
+    if param_dtype is not None:
+        config = dataclasses.replace(config, param_dtype=param_dtype)
     expected = hf_mapping.expected(config)
     shapes = jax.tree.map(lambda s: s.shape, decoder.param_shapes(config))
     if mesh is not None:

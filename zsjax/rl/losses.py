@@ -20,7 +20,7 @@ def aggregate(values_bt: jax.Array, mask_bt: jax.Array, mode: str = "token-mean"
     seq-mean-token-mean: mean over tokens within a sequence, then over sequences;
     seq-mean-token-sum: sum over tokens within a sequence, mean over sequences."""
     mask = mask_bt.astype(jnp.float32)
-    v = values_bt * mask
+    v = jnp.where(mask > 0, values_bt, 0.0)  # an inf off the mask must not make a NaN sum
     if mode == "token-mean":
         return v.sum(), mask.sum()
     has = (mask.sum(-1) > 0).astype(jnp.float32)
@@ -72,6 +72,8 @@ def kl_estimate(logp_bt, ref_logp_bt, kind: str = "k3") -> jax.Array:
 
     k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) + log r - 1 (low variance, >= 0), with
     log r = logp - ref_logp. The loss *adds* coef * KL (the reference subtracts it: a sign bug).
+    As veRL's low_var_kl, k3 takes log r within [-20, 20] and is at most 10 (its gradient is 0
+    beyond): one token far from the reference can neither overflow nor dominate the update.
     """
     log_ratio = logp_bt - ref_logp_bt
     if kind == "k1":
@@ -79,7 +81,8 @@ def kl_estimate(logp_bt, ref_logp_bt, kind: str = "k3") -> jax.Array:
     if kind == "k2":
         return 0.5 * log_ratio ** 2
     if kind == "k3":
-        return jnp.exp(-log_ratio) + log_ratio - 1.0
+        log_ratio = jnp.clip(log_ratio, -20.0, 20.0)
+        return jnp.minimum(jnp.exp(-log_ratio) + log_ratio - 1.0, 10.0)
     raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2 or k3")
 
 

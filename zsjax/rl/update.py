@@ -62,8 +62,12 @@ class TrainState:
 
 def make_optimizer(lr: float = 1e-6, *, warmup_steps: int = 0, weight_decay: float = 0.01,
                    grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.999,
-                   freeze: str = "") -> optax.GradientTransformation:
+                   freeze: str = "", updates_per_step: int = 1) -> optax.GradientTransformation:
     """AdamW at a constant rate after a linear warm-up, after global-norm clipping.
+
+    `warmup_steps` counts training steps of `updates_per_step` optimizer updates each (its
+    mini-batches times its epochs): every update of a step gets that step's rate, as veRL
+    steps its scheduler once a training step.
 
     `freeze`: a regular expression searched in each param's path (`jax.tree_util.keystr`, e.g.
     "['embed']['embedding']"); the params it matches are never updated and get no optimizer
@@ -71,11 +75,11 @@ def make_optimizer(lr: float = 1e-6, *, warmup_steps: int = 0, weight_decay: flo
     tokens a batch never uses into full-size steps, so an embedding row that RL never sees (a
     name only in held-out questions) drifts anyway; freezing the table keeps it as the warm
     start left it."""
-    schedule = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0
-                else optax.constant_schedule(lr))
+    schedule = optax.constant_schedule(lr)
     if warmup_steps > 0:
-        schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)],
-                                        [warmup_steps])
+        by_step = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), schedule],
+                                       [warmup_steps])
+        schedule = lambda count: by_step(count // updates_per_step)  # noqa: E731
     tx = optax.chain(optax.clip_by_global_norm(grad_clip),
                      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
     if not freeze:

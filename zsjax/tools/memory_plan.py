@@ -4,9 +4,10 @@ from the model shapes (no weights needed).
     python -m zsjax.tools.memory_plan
 
 Assumptions: configs/zerosearch.py's recipe (docs/METHOD.md): 64 questions x 5 rollouts a
-step, all rolled out at once, in the sampler's bucketed batch; policy, reference, AdamW state
-(optax keeps the params' dtype) and simulator in bfloat16; trajectories up to 4096 tokens,
-simulator prompts + 600 new tokens up to 1024; the update's logits in float32.
+step, all rolled out at once, in the sampler's bucketed batch; the trained policy weights,
+their gradients and AdamW's moments in float32 (`policy.param_dtype`), the rollout copy, the
+reference and the simulator in bfloat16; trajectories up to 4096 tokens, simulator prompts +
+600 new tokens up to 1024; the update's logits in float32.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ def kv_bytes_per_token(m, dtype_bytes) -> int:
 
 
 def plan(name, *, devices, per_process, train_shards, rollout_tensor, sim_tensor,
-         trajectories=320, traj_tokens=4096, sim_tokens=1024, rows_per_device=1, pb=2):
+         trajectories=320, traj_tokens=4096, sim_tokens=1024, rows_per_device=1, pb=2,
+         master=4):
     pol, sim = QWEN["7B"], QWEN["14B"]
     p, s = n_params(pol), n_params(sim)
     local_trajs = trajectories * per_process // devices
     batch = bucket(local_trajs, 1)  # the sampler pads its batch to a bucket
     rows = [
-        ("policy params, bf16 (training mesh)", pb * p / train_shards),
-        ("AdamW m + v, bf16", 2 * pb * p / train_shards),
-        ("gradients, bf16 (transient)", pb * p / train_shards),
+        ("policy params, fp32 (training mesh)", master * p / train_shards),
+        ("AdamW m + v, fp32", 2 * master * p / train_shards),
+        ("gradients, fp32 (transient)", master * p / train_shards),
         ("reference params, bf16", pb * p / train_shards),
         ("policy copy for rollouts, bf16 (rollout mesh)", pb * p / rollout_tensor),
         (f"policy KV cache, bf16 ({batch} rows)",
