@@ -21,7 +21,12 @@ def base_config() -> ml_collections.ConfigDict:
         "path": "", "dtype": "float32",
         "style": "finetuned",  # finetuned | prompt_only
         "temperature": 0.8, "max_new_tokens": 600, "top_k_docs": 5,
-        "shrink_above": 8})  # as rollout.shrink_above, for the simulator's generation
+        "shrink_above": 8,  # as rollout.shrink_above, for the simulator's generation
+        # False: every search call samples its own documents, as in the reference. True:
+        # identical calls of a step (same query, question, answer and noisy draw, as from
+        # rollouts of one question) share one generation: less simulator work, but the same
+        # documents across a group.
+        "share_documents": False})
     # QA files: .jsonl {question, golden_answers} or ZeroSearch / Search-R1 parquet.
     # eval_paths: comma-separated files for periodic evaluation (train.eval_every).
     # length_multiple: update batches are padded to a multiple of this many tokens (fewer

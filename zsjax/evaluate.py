@@ -41,7 +41,8 @@ def evaluate(config, params, tokenizer, datasets: Mapping[str, Sequence[QARow]],
              ) -> dict[str, dict]:
     """Greedy rollouts of every question, in batches; per dataset: n, exact_match,
     substring_match, f1 (means in [0, 1]), answered_fraction, searches_mean,
-    response_tokens_mean and seconds. Batch k of a dataset draws its noise from (seed, k)."""
+    response_tokens_mean and seconds. Question i of a dataset draws its noise from (seed, 0, i)
+    and its search calls are numbered by i (`SearchRequest.sample`), whatever the batch size."""
     from tqdm import tqdm
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")

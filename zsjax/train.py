@@ -329,7 +329,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             eos_token_ids=eos_ids(paths["simulator"], sim_config, sim_tokenizer))
     else:
         sim_model = backend
-    simulator = StepCache(sim_model)
+    simulator = StepCache(sim_model, share=config.simulator.share_documents)
     # config.json's, generation_config.json's and the tokenizer's, as evaluation stops on
     policy_eos = eos_ids(paths["policy"], policy_config, tokenizer)
     settings = RolloutSettings(

@@ -79,7 +79,9 @@ def test_openai_backend_concurrent_and_deduplicated():
         time.sleep(0.2)
         with lock:
             active[0] -= 1
-        prompt = body["messages"][0]["content"]
+        # the reference's chat: an empty system message, then the prompt
+        assert body["messages"][0] == {"role": "system", "content": ""}
+        prompt = body["messages"][1]["content"]
         return 200, _chat_reply(f"Doc 1: for {prompt.split('Query: ')[1].split(chr(10))[0]}"
                                 "\n\nDoc 2: x\nDoc 6: cut")
 
@@ -89,7 +91,7 @@ def test_openai_backend_concurrent_and_deduplicated():
         docs = backend.search(REQS)
         assert docs[0] == docs[2] == "Doc 1: for q1\nDoc 2: x"
         assert len(srv.log) == 2 and all(p == "/v1/chat/completions" for p, _ in srv.log)
-        prompts = [body["messages"][0]["content"] for _, body in srv.log]  # concurrent: any order
+        prompts = [body["messages"][1]["content"] for _, body in srv.log]  # concurrent: any order
         assert sum("Noisy Output" in p for p in prompts) == 1
         assert all(b["temperature"] == 0.8 and b["max_tokens"] == 600 for _, b in srv.log)
         start = time.time()

@@ -81,6 +81,9 @@ def test_masks_line_up_with_information_blocks(tokenizer):
         for r in batch:
             owner = t0 if r.query in t0.queries else t1
             assert (r.question, r.golden_answers) == (owner.question, owner.golden_answers)
+    # and its own sample number (trajectory, turn): identical queries sample apart
+    samples = [r.sample for batch in backend.calls for r in batch]
+    assert len(set(samples)) == len(samples) == 3 and 0 not in samples
     for t, q in ((t0, "capital of Foo"), (t1, "river of Baz")):
         assert t.token_ids[:len(t.prompt_ids)] == t.prompt_ids
         mask, lps = t.loss_mask, t.logprobs
@@ -190,6 +193,15 @@ def test_prompt_ids_chat_template_and_plain(tokenizer):
     assert "Question: who is Zed?\n" in chat
     plain = tokenizer.decode(prompt_ids(tokenizer, "who is Zed?", use_chat_template=False))
     assert plain == P.policy_prompt("who is Zed?")
+
+    class WithBos:  # a tokenizer whose post-processor adds a BOS (Llama-3 style)
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=True):
+            return [0] * add_special_tokens + tokenizer.encode(text, add_special_tokens=False)
+    # as veRL (add_special_tokens=False): no BOS
+    assert prompt_ids(WithBos(), "who is Zed?") == tokenizer.encode(
+        P.policy_prompt("who is Zed?"), add_special_tokens=False)
 
 
 @pytest.mark.parametrize("kv_reuse,model", [(True, "smollm2"), (False, "smollm2_short")])

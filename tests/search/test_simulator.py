@@ -1,9 +1,11 @@
 """The in-process simulator: prompts (compatibility constants), post-processing, batching."""
 
+import dataclasses
+
 import pytest
 
 from zsjax.search import SearchRequest
-from zsjax.search.simulator import (InProcessSimulator, postprocess_documents,
+from zsjax.search.simulator import (InProcessSimulator, chat_messages, postprocess_documents,
                                     simulator_prompt)
 
 # Transcribed by hand from the design reference (section 1, "Simulator").
@@ -55,11 +57,22 @@ def test_in_process_simulator_batches_caches_and_keeps_contexts_apart(smollm2_di
     docs = sim.search(reqs)
     assert len(docs) == 4 and sim.calls == 1 and sim.generated == 3  # one duplicate cached
     assert docs[0] == docs[2]
-    # each request's output is what its own prompt generates alone (no cross-request mix-up)
+    # each request's output is what its own prompt generates alone (no cross-request mix-up),
+    # in the reference's chat: an empty system message (not the template's default one)
     for r, d in zip(reqs[:2], docs[:2]):
-        text = tok.apply_chat_template([{"role": "user", "content": simulator_prompt(
-            r, "prompt_only")}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(chat_messages(simulator_prompt(r, "prompt_only")),
+                                       tokenize=False, add_generation_prompt=True)
+        assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nYou are")
         alone = generate(config, params, [tok.encode(text, add_special_tokens=False)],
                          max_new_tokens=24, tokenizer=tok)
         assert d == postprocess_documents(tok.decode(alone.tokens[0], skip_special_tokens=True))
     assert sim.search([]) == []
+    # Sampling: a request's `sample` gives identical requests their own documents, each
+    # reproducible; greedy decoding ignores it.
+    sampled = InProcessSimulator(config, params, tok, style="prompt_only", temperature=0.8,
+                                 max_new_tokens=24)
+    numbered = [dataclasses.replace(reqs[0], sample=s) for s in (1, 2, 1)]
+    docs = sampled.search(numbered)
+    assert docs[0] != docs[1] and docs[0] == docs[2] and sampled.generated == 2
+    assert sampled.search(numbered[:1]) == docs[:1]
+    assert sim.search(numbered) == [sim.search(reqs[:1])[0]] * 3

@@ -30,3 +30,14 @@ def test_noisy_fraction():
     assert noisy_fraction([t1, t2]) is None
     t1.noisy, t2.noisy = [True, False], [True, True]
     assert noisy_fraction([t1, t2]) == 0.75
+
+
+def test_step_cache_keeps_samples_apart_unless_shared():
+    """Requests that differ only in `sample` (the rollout numbers each search call) are
+    different requests, as each reference call samples its own documents; `share=True`
+    makes identical calls of a step share one result."""
+    inner = FunctionBackend(lambda r: f"docs {r.query} #{r.sample}")
+    reqs = [SearchRequest("q", "Q?", ("x",), sample=s) for s in (3, 4, 3)]
+    assert StepCache(inner).search(reqs) == ["docs q #3", "docs q #4", "docs q #3"]
+    assert StepCache(inner, share=True).search(reqs) == ["docs q #0"] * 3
+    assert [len(call) for call in inner.calls] == [2, 1]

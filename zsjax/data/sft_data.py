@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from zsjax.search.backend import SearchRequest
-from zsjax.search.simulator import simulator_prompt
+from zsjax.search.simulator import encode_prompt, simulator_prompt
 
 REQUIRED = ("query", "question", "golden_answers", "documents", "label")
 
@@ -94,12 +94,7 @@ def build_example(row: dict, tokenizer, *, style: str = "finetuned", max_length:
     prompt = simulator_prompt(request, style)
     if use_chat_template is None:
         use_chat_template = bool(getattr(tokenizer, "chat_template", None))
-    if use_chat_template:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                               tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    else:
-        prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = encode_prompt(tokenizer, prompt, use_chat_template)
     doc_ids = tokenizer.encode(row["documents"].strip(), add_special_tokens=False)
     if tokenizer.eos_token_id is not None:
         doc_ids.append(tokenizer.eos_token_id)

@@ -333,7 +333,10 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     c.policy.path, c.simulator.path = paths["policy"], paths["simulator"]
     c.data.train_path = paths["train"]
     c.data.length_multiple = 16
-    c.simulator.update(temperature=0.5, max_new_tokens=16 * s["docs"], top_k_docs=s["docs"])
+    # share_documents: as the demo was measured (identical searches of a step, such as a
+    # question's rollouts searching its entity, get the same documents)
+    c.simulator.update(temperature=0.5, max_new_tokens=16 * s["docs"], top_k_docs=s["docs"],
+                       share_documents=True)
     c.rollout.update(temperature=1.0, top_p=1.0, **_rollout(s["docs"]))
     # Decode batches that never shrink: for this 2-layer model, moving the running rows into
     # smaller batches cost more (row copies, a compiled program per batch size) than the

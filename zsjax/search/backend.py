@@ -10,12 +10,19 @@ from typing import Callable, Protocol, Sequence
 @dataclasses.dataclass(frozen=True)
 class SearchRequest:
     """One search call. `question` and `golden_answers` are those of the trajectory that made it
-    (the simulator's prompt needs them); `noisy` is the curriculum's draw for this call."""
+    (the simulator's prompt needs them); `noisy` is the curriculum's draw for this call.
+
+    `sample` tells identical requests apart: a sampling backend gives requests that differ only
+    in it their own documents, and may generate the same (request, sample) once. The rollout
+    numbers every search call by its trajectory and turn, so each call samples its own
+    documents, as the reference's one-call-per-query simulator server does;
+    `StepCache(share=True)` sets it to 0, so identical requests of a step share one."""
 
     query: str
     question: str
     golden_answers: tuple[str, ...]
     noisy: bool = False
+    sample: int = 0
 
 
 class SearchBackend(Protocol):
@@ -37,14 +44,16 @@ class FunctionBackend:
 
 class StepCache:
     """Wraps a backend so that, within one training step, identical requests (query, question,
-    first golden answer, which the simulator's prompt states, and noisy) are generated once,
-    across all turns. Call `new_step(step)` between steps: it is
-    passed on to the backend when it has a `new_step` (the in-process simulator seeds its sampling
-    from the step, so a resumed run samples the same documents). `seconds` is the time spent in
-    the backend this step."""
+    first golden answer, which the simulator's prompt states, noisy, and `sample`) are
+    generated once, across all turns. With `share=True` the requests' `sample` is set to 0
+    first: identical search calls of a step, say from rollouts of one question, then get the
+    same documents (less simulator work; the reference samples each call anew). Call
+    `new_step(step)` between steps: it is passed on to the backend when it has a `new_step`
+    (the in-process simulator seeds its sampling from the step, so a resumed run samples the
+    same documents). `seconds` is the time spent in the backend this step."""
 
-    def __init__(self, backend: SearchBackend):
-        self.backend = backend
+    def __init__(self, backend: SearchBackend, *, share: bool = False):
+        self.backend, self.share = backend, share
         self._cache: dict[tuple, str] = {}
         self.hits = 0
         self.misses = 0
@@ -58,7 +67,10 @@ class StepCache:
             self.backend.new_step(step)
 
     def search(self, requests: Sequence[SearchRequest]) -> list[str]:
-        keys = [(r.query, r.question, tuple(r.golden_answers[:1]), r.noisy) for r in requests]
+        if self.share:
+            requests = [dataclasses.replace(r, sample=0) for r in requests]
+        keys = [(r.query, r.question, tuple(r.golden_answers[:1]), r.noisy, r.sample)
+                for r in requests]
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from zsjax.search.backend import SearchRequest
-from zsjax.search.simulator import postprocess_documents, simulator_prompt
+from zsjax.search.simulator import chat_messages, postprocess_documents, simulator_prompt
 
 
 class SearchBackendError(RuntimeError):
@@ -91,7 +91,7 @@ class OpenAISimulatorBackend:
         self.retries, self.backoff = retries, backoff
 
     def _one(self, prompt: str) -> str:
-        payload = {"messages": [{"role": "user", "content": prompt}],
+        payload = {"messages": chat_messages(prompt),
                    "temperature": self.temperature, "max_tokens": self.max_new_tokens}
         if self.model:
             payload["model"] = self.model
@@ -105,15 +105,18 @@ class OpenAISimulatorBackend:
         return postprocess_documents(text or "", self.top_k_docs)
 
     def search(self, requests: Sequence[SearchRequest]) -> list[str]:
-        prompts = [simulator_prompt(r, self.style) for r in requests]
-        unique = list(dict.fromkeys(prompts))
+        # one call per distinct (prompt, sample): identical requests with their own `sample`
+        # get their own documents, unless decoding is greedy
+        keys = [(simulator_prompt(r, self.style), r.sample if self.temperature > 0 else 0)
+                for r in requests]
+        unique = list(dict.fromkeys(keys))
         if not unique:
             return []
         if self.model is None:
             self.model = _served_model(self.url, self.timeout) or ""
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(unique))) as pool:
-            docs = dict(zip(unique, pool.map(self._one, unique)))
-        return [docs[p] for p in prompts]
+            docs = dict(zip(unique, pool.map(self._one, [p for p, _ in unique])))
+        return [docs[k] for k in keys]
 
 
 def format_retrieved(items: list) -> str:

@@ -119,15 +119,14 @@ class Trajectory:
 
 def prompt_ids(tokenizer, question: str, use_chat_template: bool | None = None) -> list[int]:
     """The policy prompt (compatibility constant), through the chat template for instruct
-    models."""
+    models; no special tokens added (no BOS: veRL encodes with add_special_tokens=False)."""
     text = P.policy_prompt(question)
     if use_chat_template is None:
         use_chat_template = bool(getattr(tokenizer, "chat_template", None))
     if use_chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 @dataclasses.dataclass
@@ -248,6 +247,8 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
             t.turns += 1
             ids, lps, mlps = list(ids), list(lps), list(mlps)
             text_ids = ids[:-1] if reason == "eos" else ids
+            # The token completing a stop string is kept whole, even with text after the tag
+            # (the reference re-tokenizes the text cut at the tag): docs/METHOD.md, departures.
             text = tokenizer.decode(text_ids, skip_special_tokens=False)
             action = parse_action(text)
             done = final or action.kind == "answer"
@@ -264,8 +265,9 @@ def rollout(questions: Sequence[str], golden_answers: Sequence[Sequence[str]], *
             still_open.append(i)
             if action.kind == "search":
                 noisy = bool(rngs[i].random() < noise_probability)
-                requests.append(SearchRequest(action.content, t.question, t.golden_answers,
-                                              noisy))
+                requests.append(SearchRequest(
+                    action.content, t.question, t.golden_answers, noisy,
+                    sample=traj_ids[i] * (settings.max_turns + 1) + turn + 1))
                 owners.append(i)
                 t.queries.append(action.content)
                 t.noisy.append(noisy)

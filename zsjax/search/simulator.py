@@ -76,6 +76,22 @@ def simulator_prompt(request: SearchRequest, style: str = "finetuned") -> str:
     raise ValueError(f"unknown simulator prompt style {style!r}; expected one of {PROMPT_STYLES}")
 
 
+def chat_messages(prompt: str) -> list[dict]:
+    """The simulator's chat: an empty system message, then the prompt, as the reference sends
+    it to its simulator server (without the empty system message, a template such as Qwen2.5's
+    or SmolLM2's inserts its default one, which the released simulators never saw)."""
+    return [{"role": "system", "content": ""}, {"role": "user", "content": prompt}]
+
+
+def encode_prompt(tokenizer, prompt: str, use_chat_template: bool) -> list[int]:
+    """A simulator prompt's token ids: through the chat template (`chat_messages`) or as plain
+    text, with no special tokens added (as the reference's veRL-style encoding)."""
+    if use_chat_template:
+        prompt = tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False,
+                                               add_generation_prompt=True)
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
 def postprocess_documents(text: str, top_k: int = 5) -> str:
     """Collapses blank lines and keeps the first `top_k` documents (cut at `Doc {top_k+1}`)."""
     text = re.sub(r"\n\s*\n+", "\n", text).strip()
@@ -109,34 +125,38 @@ class InProcessSimulator:
         self.eos_token_ids = eos_token_ids
         self.step = 0
         self.calls = 0  # search calls in this step
-        self.generated = 0  # distinct prompts generated (after the per-call cache)
+        self.generated = 0  # distinct (prompt, sample)s generated (after the per-call cache)
 
     def new_step(self, step: int) -> None:
-        """Seeds the following calls' sampling from (seed, step) and each prompt's text: a
-        prompt gets the same documents whichever call, batch or process generates it in this
-        step, and a resumed run samples what the first one did."""
+        """Seeds the following calls' sampling from (seed, step) and each request's prompt text
+        and `sample`: a request gets the same documents whichever call, batch or process
+        generates it in this step, and a resumed run samples what the first one did."""
         self.step, self.calls = step, 0
 
     def _encode(self, prompt: str) -> list[int]:
-        if self.use_chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      tokenize=False, add_generation_prompt=True)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(prompt)
+        return encode_prompt(self.tokenizer, prompt, self.use_chat_template)
 
     def search(self, requests: Sequence[SearchRequest]) -> list[str]:
         if not requests:
             return []
-        prompts = [simulator_prompt(r, self.style) for r in requests]
-        unique = list(dict.fromkeys(prompts))  # the query cache: one generation per distinct prompt
-        result = generate(self.config, self.params, [self._encode(p) for p in unique],
+        # One generation per distinct (prompt, sample); greedy decoding ignores the sample.
+        keys = [(simulator_prompt(r, self.style), r.sample if self.temperature > 0 else 0)
+                for r in requests]
+        unique = list(dict.fromkeys(keys))
+        result = generate(self.config, self.params, [self._encode(p) for p, _ in unique],
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                           tokenizer=self.tokenizer, seed=self.seed * 1_000_003 + self.step,
-                          row_seeds=[zlib.crc32(p.encode()) for p in unique],
+                          row_seeds=[_row_seed(p, sample) for p, sample in unique],
                           shrink_above=self.shrink_above, eos_token_ids=self.eos_token_ids)
         self.calls += 1
         self.generated += len(unique)
-        docs = {p: postprocess_documents(self.tokenizer.decode(ids, skip_special_tokens=True),
+        docs = {k: postprocess_documents(self.tokenizer.decode(ids, skip_special_tokens=True),
                                          self.top_k_docs)
-                for p, ids in zip(unique, result.tokens)}
-        return [docs[p] for p in prompts]
+                for k, ids in zip(unique, result.tokens)}
+        return [docs[k] for k in keys]
+
+
+def _row_seed(prompt: str, sample: int) -> int:
+    """The sampler's row seed of a request: from its prompt's text and its `sample`, so it
+    does not depend on which call, batch or process generates it."""
+    return zlib.crc32(prompt.encode() if sample == 0 else f"{sample}\0{prompt}".encode())
