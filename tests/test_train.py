@@ -281,12 +281,17 @@ def _break(path, how):
             f.write("{not json")
     elif how == "no_weights":
         os.remove(os.path.join(path, "model.safetensors"))
+    elif how == "truncated":
+        weights = os.path.join(path, "model.safetensors")
+        with open(weights, "r+b") as f:
+            f.truncate(os.path.getsize(weights) // 2)
 
 
 @pytest.mark.parametrize("how,match", [
     ("missing", "policy model: .*does not exist"),
-    ("malformed", "not valid JSON"),
+    ("malformed", "policy model: .*not valid JSON"),
     ("no_weights", "safetensors"),
+    ("truncated", "policy model: .*truncated"),
 ])
 def test_bad_model_folders_fail_before_compute(tmp_path, how, match):
     from zsjax.tools import tiny_fixture
@@ -294,7 +299,7 @@ def test_bad_model_folders_fail_before_compute(tmp_path, how, match):
     _break(fx["policy"], how)
     config = tiny.get_config()
     config.policy.path = fx["policy"]
-    with pytest.raises((InputError, ValueError), match=match):
+    with pytest.raises(InputError, match=match):
         train.run(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
@@ -349,6 +354,44 @@ def test_other_bad_inputs(tmp_path):
     config.seed = -1
     with pytest.raises(InputError, match="seed must be an integer >= 0"):
         train.run(config, str(tmp_path / "g"))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("rl.kl_kind", "k9", r"rl.kl_kind='k9'; expected one of \('k1'"),
+    ("rl.aggregation", "foo", "rl.aggregation='foo'"),
+    ("policy.dtype", "float8", "policy.dtype='float8'"),
+    ("simulator.style", "bogus", "simulator.style='bogus'"),
+    ("rollout.top_p", 0.0, r"top_p must be in \(0, 1\]"),
+    ("rollout.max_response_tokens", 0, "max_response_tokens must be an integer >= 1"),
+    ("train.eval_batch_size", 0, "eval_batch_size must be"),
+    ("train.keep_checkpoints", 0, "keep_checkpoints must be"),
+    ("rl.questions_per_step", 0, "questions_per_step must be"),
+    ("rl.epochs", 0, "rl.epochs must be"),
+    ("rl.mini_batch_size", 16, "more than the step's 8 trajectories"),
+    ("mesh.fsdp", 0, "mesh sizes are integers >= 1, or -1"),
+    ("train.log_every", -1, "log_every must be an integer >= 0"),
+])
+def test_bad_values_fail_before_anything_runs(tmp_path, key, value, match):
+    config = tiny.get_config()
+    group, name = key.split(".")
+    config[group][name] = value
+    with pytest.raises(InputError, match=match):
+        train.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "fixture")  # nothing built
+
+
+def test_a_workdir_holds_one_run_at_a_time(tmp_path):
+    from zsjax.checkpointing import WorkdirLock
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    with WorkdirLock(workdir):  # as another run would hold it
+        with pytest.raises(InputError, match=f"another run .*pid {os.getpid()}.* is using"):
+            train.run(tiny.get_config(), workdir)
+    with WorkdirLock(workdir):  # released
+        pass
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="must be a folder"):
+        train.run(tiny.get_config(), str(tmp_path / "file"))
 
 
 def test_sampler_old_logprobs_train_like_recomputed_ones(tmp_path):
@@ -426,6 +469,9 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         train.run(config, workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ckpt.latest_step() == 2  # step 3 (the second NaN step in a row) was not saved
+    # but its records were, for inspection (a resume drops them with the step)
+    assert [r["step"] for r in _lines(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3]
+    assert {r["step"] for r in _lines(os.path.join(workdir, "trajectories.jsonl"))} == {1, 2, 3}
     params = ckpt.restore_raw(2)["state"][0]["params"]
     assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(params))
 
@@ -650,3 +696,16 @@ def test_bfloat16_compute_trains_float32_weights(tmp_path, param_dtype):
         assert moved > 0.9, moved
     else:
         assert moved < 0.2, moved
+
+
+def test_resuming_with_another_algorithm_is_a_clear_error(tmp_path, monkeypatch):
+    import zsjax.search
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+    config = tiny.get_config()
+    config.train.update(steps=1, tensorboard=False)
+    workdir = str(tmp_path / "run")
+    train.run(config, workdir)
+    config = tiny.get_config("ppo")
+    config.train.update(steps=2, tensorboard=False)
+    with pytest.raises(InputError, match="written by rl.algorithm='grpo', not 'ppo'"):
+        train.run(config, workdir)

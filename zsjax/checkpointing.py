@@ -92,29 +92,81 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-class StopOnSignal:
-    """While entered, SIGTERM (a preemption notice, `scancel`, `kill`) is recorded rather than
-    fatal, for a training loop to checkpoint its current step and stop (`requested`). A second
-    SIGTERM ends the process at once. Installed only from the main thread (signal handlers
-    cannot be set elsewhere); from another thread this does nothing."""
+class WorkdirLock:
+    """An exclusive lock on `WORKDIR/.lock` while entered, taken by process 0 of a run (the
+    other processes belong to the same run). A workdir another run holds is an InputError.
+    The operating system releases the lock when its process ends, however it ends."""
 
-    def __init__(self):
-        self.received, self._previous = False, None
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self._file = None
 
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __enter__(self) -> "WorkdirLock":
+        import fcntl
+
+        from zsjax.cli import InputError
+        if jax.process_index() != 0:
+            return self
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            self._file = None
+            raise InputError(f"another run ({holder}) is using {os.path.dirname(self.path)}; "
+                             "wait for it to finish or pick another workdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self._file.flush()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._file is not None:
+            self._file.close()  # releases the lock
+            self._file = None
+
+
+class StopOnSignal:
+    """While entered, SIGTERM (a preemption notice, `scancel`, `kill`) and SIGINT (Ctrl-C) are
+    recorded rather than fatal, for a training loop to checkpoint its current step and stop
+    (`requested`). A second signal ends the process at once. Installed only from the main
+    thread (signal handlers cannot be set elsewhere); from another thread this does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def received(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.received:
             raise SystemExit(128 + signum)
-        self.received = True
+        self.signum = signum
+
+    def stopped(self, message: str):
+        """The `cli.Stopped` to raise once the step is checkpointed: named after this
+        process's signal (SIGTERM when another process of the run got it), exit status
+        128 + its number."""
+        from zsjax.cli import Stopped
+        signum = self.signum or signal.SIGTERM
+        return Stopped(f"{signal.Signals(signum).name}: {message}", code=128 + signum)
 
     def requested(self) -> bool:
         """Whether any process of the run received SIGTERM. A collective in a multi-process

@@ -7,6 +7,7 @@ Flags are defined only when a program runs, so the programs can be imported toge
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from typing import Callable
@@ -23,9 +24,14 @@ class InputError(ValueError):
 
 
 class Stopped(RuntimeError):
-    """A run stopped early on request (SIGTERM) after checkpointing its last finished step.
-    The config programs print its message as one line and exit with status 143 (128 + 15, as
-    if SIGTERM had ended them), so that schedulers see an unfinished run."""
+    """A run stopped early on request (SIGTERM, or SIGINT from Ctrl-C) after checkpointing its
+    last finished step. The config programs print its message as one line and exit with status
+    `code`: 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as if the signal had
+    ended them, so that schedulers see an unfinished run."""
+
+    def __init__(self, message: str, code: int = 143):
+        super().__init__(message)
+        self.code = code
 
 
 def _config_imports_from_its_repository(argv) -> None:
@@ -77,18 +83,54 @@ def run_config_program(run: Callable[[object, str], object], *,
                                            f.process_id, f.initialization_timeout)
                 except ValueError as e:
                     raise InputError(str(e)) from None
-            run(flags.FLAGS.config, flags.FLAGS.workdir)
+            try:
+                config = flags.FLAGS.config
+                config.keys()  # a file config_flags could not load raises on first use
+            except OSError as e:  # config_flags reports a file it cannot load only when read
+                raise InputError(f"cannot load --config: {_last_line(e)}") from None
+            run(config, flags.FLAGS.workdir)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except Stopped as e:
             print(f"stopped: {e}", file=sys.stderr)
-            sys.exit(143)
+            sys.exit(e.code)
+        except FloatingPointError as e:  # the trainer's stop on repeated non-finite updates
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C outside the steps (loading, compiling, exporting)
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
 
     try:
-        app.run(main)
+        app.run(main, flags_parser=_parse_flags)
     except SystemExit as e:
         # absl exits 1 after printing --help; a help request is a success.
         if e.code == 1 and any(a in _HELP for a in sys.argv[1:]):
             sys.exit(0)
         raise
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a mistake in the flags (a misspelt --config key, a preset the
+    config file does not know, a missing --config) as a one-line error and status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 (flags.Error, or what the config file raised)
+        print(f"error: {_last_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _last_line(e: BaseException) -> str:
+    """The informative line of an error whose message may hold a traceback (absl quotes the
+    config file's), or a key's quoted name and a suggestion on separate lines."""
+    text = str(e.args[0] if e.args else e)
+    if text[:1] in "'\"" and text[-1:] == text[:1]:  # a quoted repr (ml_collections' KeyError)
+        try:
+            text = str(ast.literal_eval(text))
+        except (ValueError, SyntaxError):
+            pass
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if isinstance(e, (AttributeError, KeyError)) and lines:
+        return "unknown config key " + " ".join(lines)
+    return lines[-1] if lines else type(e).__name__

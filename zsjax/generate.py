@@ -77,12 +77,12 @@ def main(argv=None) -> int:
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
 
-    from zsjax.models import CheckpointError, ConfigError, load_hf
+    from zsjax.models import load_hf
     start = time.time()
     try:
         config, params = load_hf(args.model, dtype=args.dtype)
         tokenizer = load_tokenizer(args.model)
-    except (FileNotFoundError, ConfigError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError) as e:  # Config-, Checkpoint-, SafetensorsError
         print(f"error: {e}", file=sys.stderr)
         return 2
     load_s = time.time() - start

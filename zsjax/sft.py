@@ -22,7 +22,7 @@ def run(config, workdir: str) -> dict:
 
     from zsjax import sharding
     from zsjax.checkpointing import Checkpointer, StopOnSignal, truncate_jsonl
-    from zsjax.cli import InputError, Stopped
+    from zsjax.cli import InputError
     from zsjax.data import sft_data
     from zsjax.generate import load_tokenizer
     from zsjax.models import load_hf, save_hf
@@ -100,8 +100,8 @@ def run(config, workdir: str) -> dict:
         ckpt.wait()  # the last save, with SIGTERM still caught
     ckpt.close()
     if stopped_at is not None:
-        raise Stopped(f"SIGTERM: checkpointed step {stopped_at} of {tc.steps} in {workdir}; "
-                      f"the same command resumes from it")
+        raise stop.stopped(f"checkpointed step {stopped_at} of {tc.steps} in {workdir}; the "
+                           "same command resumes from it")
     export = config.export_dir or os.path.join(workdir, "simulator_hf")
     save_hf(model_config, jax.device_get(state.params), export,
             tokenizer_dir=config.model.path)

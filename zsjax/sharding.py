@@ -57,6 +57,12 @@ def as_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     return tuple(out)
 
 
+def _check_sizes(data, fsdp, tensor) -> None:
+    if any(not isinstance(s, int) or (s < 1 and s != -1) for s in (data, fsdp, tensor)):
+        raise ValueError(f"mesh sizes are integers >= 1, or -1 for the rest of the devices; "
+                         f"got data={data}, fsdp={fsdp}, tensor={tensor}")
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD-style propagation).
 
@@ -64,6 +70,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) ->
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = [data, fsdp, tensor]
+    _check_sizes(data, fsdp, tensor)
     if shape.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1; got data={data}, fsdp={fsdp}, "
                          f"tensor={tensor}")
@@ -84,6 +91,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *, devices=None) ->
 def mesh_from_config(data: int, fsdp: int, tensor: int) -> Mesh | None:
     """The run's mesh from config sizes (-1 = the rest of the devices); None for a single device.
     A fully specified mesh smaller than the machine uses the first devices."""
+    _check_sizes(data, fsdp, tensor)
     sizes = [data, fsdp, tensor]
     if -1 not in sizes:
         n = math.prod(sizes)
@@ -115,6 +123,7 @@ def local_mesh(data: int, fsdp: int, tensor: int, devices: str = "") -> Mesh:
     the rest): generation meshes, which each process drives on its own. Always a Mesh, even of
     one device, so that it names the device it lives on."""
     local = device_slice(devices, jax.local_devices())
+    _check_sizes(data, fsdp, tensor)
     sizes = [data, fsdp, tensor]
     if -1 not in sizes:
         n = math.prod(sizes)

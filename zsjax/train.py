@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from zsjax.cli import InputError, Stopped
+from zsjax.cli import InputError
 
 ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
@@ -142,7 +142,7 @@ def _check_model_dir(path: str, role: str):
     try:
         config = read_hf_config(path)
         files = list(iter_checkpoint_files(path))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ConfigError: a malformed config.json
         raise InputError(f"{role} model: {e}") from None
     if not files:
         raise InputError(f"{role} model folder {path} has no *.safetensors weights")
@@ -167,8 +167,11 @@ def _update_plan(rl) -> tuple[list[int], int]:
     if rl.mini_batch_size < 0:
         raise InputError(f"rl.mini_batch_size must be >= 0 (0: rl.mini_batches equal "
                          f"mini-batches); got {rl.mini_batch_size}")
+    if rl.mini_batch_size > n:
+        raise InputError(f"rl.mini_batch_size={rl.mini_batch_size} is more than the step's {n} "
+                         "trajectories (questions_per_step x rollouts_per_question)")
     if rl.mini_batch_size:
-        size = min(rl.mini_batch_size, n)
+        size = rl.mini_batch_size
         sizes = [size] * (n // size) + ([n % size] if n % size else [])
     else:
         if rl.mini_batches < 1 or n % rl.mini_batches:
@@ -186,6 +189,47 @@ def _update_plan(rl) -> tuple[list[int], int]:
                          f"micro-batches of {micro} rows (rl.micro_batches="
                          f"{rl.micro_batches})")
     return sizes, micro
+
+
+def _check_values(config) -> None:
+    """The config's values that are not sizes of the step's batches, checked before anything
+    runs: each would otherwise fail minutes in (after a rollout, at the first evaluation)."""
+    from zsjax.rl.losses import AGGREGATIONS
+    from zsjax.search.simulator import PROMPT_STYLES
+    rl, tc, ro = config.rl, config.train, config.rollout
+    choices = [("rl.kl_kind", rl.kl_kind, ("k1", "k2", "k3")),
+               ("rl.aggregation", rl.aggregation, AGGREGATIONS),
+               ("simulator.style", config.simulator.style, PROMPT_STYLES)]
+    for key, dtype in (("policy.dtype", config.policy.dtype),
+                       ("policy.param_dtype", config.policy.param_dtype),
+                       ("simulator.dtype", config.simulator.dtype)):
+        choices.append((key, dtype, ("float32", "bfloat16", "float16")))
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise InputError(f"{key}={value!r}; expected one of {tuple(allowed)}")
+    positive = [("rl.questions_per_step", rl.questions_per_step),
+                ("rl.rollouts_per_question", rl.rollouts_per_question),
+                ("rl.epochs", rl.epochs), ("train.steps", tc.steps),
+                ("train.keep_checkpoints", tc.keep_checkpoints),
+                ("train.eval_batch_size", tc.eval_batch_size),
+                ("rollout.max_response_tokens", ro.max_response_tokens),
+                ("rollout.max_prompt_tokens", ro.max_prompt_tokens),
+                ("rollout.max_obs_tokens", ro.max_obs_tokens),
+                ("simulator.max_new_tokens", config.simulator.max_new_tokens),
+                ("simulator.top_k_docs", config.simulator.top_k_docs)]
+    for key, value in positive:
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{key} must be an integer >= 1; got {value!r}")
+    for key, value in (("rollout.max_turns", ro.max_turns), ("train.log_every", tc.log_every),
+                       ("train.checkpoint_every", tc.checkpoint_every),
+                       ("train.eval_every", tc.eval_every)):
+        if not isinstance(value, int) or value < 0:
+            raise InputError(f"{key} must be an integer >= 0 (0: never); got {value!r}")
+    if not 0 < ro.top_p <= 1:
+        raise InputError(f"rollout.top_p must be in (0, 1]; got {ro.top_p}")
+    if config.simulator.temperature < 0:
+        raise InputError(f"simulator.temperature must be >= 0 (0: greedy); got "
+                         f"{config.simulator.temperature}")
 
 
 def _check_batch(config, mesh) -> None:
@@ -242,7 +286,28 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     curriculum still marks requests noisy with its probability; a backend that ignores the flag
     serves useful documents regardless, so set the curriculum to 0 for an honest
     `noisy_fraction`.
+
+    One run at a time holds a workdir (a lock file, `WORKDIR/.lock`, on process 0): a second
+    run into it is an error rather than a mix of both runs' records and checkpoints.
     """
+    from zsjax.checkpointing import WorkdirLock
+    rl = config.rl
+    if rl.algorithm not in ALGORITHMS:
+        raise InputError(f"config.rl.algorithm={rl.algorithm!r} is not available in "
+                         f"zsjax.train; choose one of {ALGORITHMS}")
+    _check_values(config)
+    if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+        raise InputError(f"workdir {workdir!r} must be a folder (it is created if missing)")
+    if "://" in workdir:
+        raise InputError(f"workdir {workdir!r} is a URL; zsjax writes through the local file "
+                         "system: give a local path, or with several hosts a shared one (NFS, "
+                         "Filestore, or a bucket mounted with gcsfuse)")
+    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir):
+        return _run(config, workdir, backend)
+
+
+def _run(config, workdir: str, backend) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -262,24 +327,16 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     from zsjax.search.simulator import InProcessSimulator
 
     rl, tc = config.rl, config.train
-    if rl.algorithm not in ALGORITHMS:
-        raise InputError(f"config.rl.algorithm={rl.algorithm!r} is not available in "
-                         f"zsjax.train; choose one of {ALGORITHMS}")
-    if "://" in workdir:
-        raise InputError(f"workdir {workdir!r} is a URL; zsjax writes through the local file "
-                         "system: give a local path, or with several hosts a shared one (NFS, "
-                         "Filestore, or a bucket mounted with gcsfuse)")
-    os.makedirs(workdir, exist_ok=True)
 
     # --- Everything that can be wrong with the input is checked before any model loads. -----
-    paths = _paths(config, workdir, backend)
-    rows = _load_rows(paths["train"])
-    eval_sets = _eval_sets(config)
     try:
         mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     except ValueError as e:
         raise InputError(f"config.mesh: {e}") from None
     _check_batch(config, mesh)
+    paths = _paths(config, workdir, backend)
+    rows = _load_rows(paths["train"])
+    eval_sets = _eval_sets(config)
     if jax.process_count() > 1 and (mesh is None or mesh.size != jax.device_count()):
         raise InputError(f"with {jax.process_count()} processes the training mesh must span "
                          f"all {jax.device_count()} devices (e.g. --config.mesh.fsdp=-1); got "
@@ -313,13 +370,17 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
                          "or pick a new workdir")
 
     # --- Models, optimizer, state. -----------------------------------------------------------
-    policy_config, params = load_hf(paths["policy"], dtype=config.policy.dtype,
-                                    param_dtype=config.policy.param_dtype, mesh=mesh)
-    ref_params = (load_hf(paths["reference"], dtype=config.policy.dtype, mesh=mesh)[1]
+    def load(role, **kwargs):
+        try:
+            return load_hf(paths[role], **kwargs)
+        except ValueError as e:  # a truncated or mismatched safetensors file
+            raise InputError(f"{role} model: {e}") from None
+    policy_config, params = load("policy", dtype=config.policy.dtype,
+                                 param_dtype=config.policy.param_dtype, mesh=mesh)
+    ref_params = (load("reference", dtype=config.policy.dtype, mesh=mesh)[1]
                   if use_ref else None)
     if backend is None:
-        sim_config, sim_params = load_hf(paths["simulator"], dtype=config.simulator.dtype,
-                                         mesh=sim_mesh)
+        sim_config, sim_params = load("simulator", dtype=config.simulator.dtype, mesh=sim_mesh)
         sim_model = InProcessSimulator(
             sim_config, sim_params, sim_tokenizer, style=config.simulator.style,
             temperature=config.simulator.temperature,
@@ -356,7 +417,13 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
 
     start, position = 0, 0
     if config.resume and ckpt.latest_step() is not None:
-        (state, critic_state), meta = ckpt.restore((state, critic_state))
+        _check_resumable(ckpt, to_hf_dict(policy_config), rl.algorithm, workdir)
+        try:
+            (state, critic_state), meta = ckpt.restore((state, critic_state))
+        except (ValueError, KeyError) as e:  # orbax: the saved tree does not match this one
+            raise InputError(f"the checkpoint in {workdir} does not fit this run's model and "
+                             f"algorithm ({str(e).splitlines()[0][:200]}); resume it with the "
+                             "config that wrote it, or pick a new workdir") from None
         start, position = meta["step"], meta["data_position"]
         print(f"[train] resumed from step {start}", file=sys.stderr)
     lead = jax.process_index() == 0
@@ -501,7 +568,6 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
                     update_metrics.append(m)
             t_update = time.perf_counter() - t2
             skipped = int(sum(m["nonfinite"] for m in update_metrics))
-            guard.observe(skipped, len(update_metrics), step + 1)
 
             seconds = time.perf_counter() - t0
             finite = [m for m in update_metrics if not m["nonfinite"]] or update_metrics
@@ -557,12 +623,15 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", noise=f"{p:.2f}",
                             searches=f"{record['searches_mean']:.2f}", step_s=f"{seconds:.1f}")
-            if not bar.disable and tc.log_every and (step + 1) % tc.log_every == 0:
-                bar.write(f"[train] step {step + 1}/{tc.steps} reward {record['reward_mean']:.3f} "
-                          f"noise_p {p:.3f} searches {record['searches_mean']:.2f} "
-                          f"kl {'-' if record['kl'] is None else format(record['kl'], '.4f')} "
-                          f"{seconds:.1f}s", file=sys.stderr)
-            # SIGTERM (preemption): checkpoint this step and stop; a rerun resumes from it.
+            if lead and tc.log_every and (step + 1) % tc.log_every == 0:
+                tqdm.write(f"[train] step {step + 1}/{tc.steps} reward "
+                           f"{record['reward_mean']:.3f} noise_p {p:.3f} searches "
+                           f"{record['searches_mean']:.2f} kl "
+                           f"{'-' if record['kl'] is None else format(record['kl'], '.4f')} "
+                           f"{seconds:.1f}s", file=sys.stderr)
+            # after the step's records are written, before its checkpoint
+            guard.observe(skipped, len(update_metrics), step + 1)
+            # SIGTERM (preemption) or SIGINT: checkpoint this step and stop; a rerun resumes.
             stopping = step + 1 < tc.steps and stop.requested()
             if (stopping or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0)
                     or step + 1 == tc.steps):
@@ -572,7 +641,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
                     "curriculum": {"noise_prob": p, "start": config.curriculum.start,
                                    "end": config.curriculum.end, "base": config.curriculum.base,
                                    "total_steps": tc.steps},
-                    "policy_config": to_hf_dict(policy_config),
+                    "policy_config": to_hf_dict(policy_config), "algorithm": rl.algorithm,
                     "tokenizer_dir": os.path.abspath(paths["policy"])})
             if stopping:
                 stopped_at = step + 1
@@ -586,13 +655,31 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         # every process has its part of the checkpoint on disk before any exits (a scheduler
         # such as srun --kill-on-bad-exit stops the others when the first one does)
         distributed.barrier("zsjax_stopped")
-        raise Stopped(f"SIGTERM: checkpointed step {stopped_at} of {tc.steps} in {workdir}; "
-                      f"the same command resumes from it")
+        raise stop.stopped(f"checkpointed step {stopped_at} of {tc.steps} in {workdir}; the "
+                           "same command resumes from it")
     final_params = distributed.fetch_to_lead(state.params)  # every process takes part
     if lead:
         save_hf(policy_config, final_params, os.path.join(workdir, "policy_hf"),
                 tokenizer_dir=paths["policy"])
     return history
+
+
+def _check_resumable(ckpt, policy_hf: dict, algorithm: str, workdir: str) -> None:
+    """The latest checkpoint was written for this policy architecture and algorithm (its JSON
+    record says), before any array is read."""
+    meta = ckpt.restore_meta() or {}
+    ignore = ("dtype", "torch_dtype")  # a run may resume with other compute dtypes
+    saved = {k: v for k, v in (meta.get("policy_config") or {}).items() if k not in ignore}
+    if saved and saved != {k: v for k, v in policy_hf.items() if k not in ignore}:
+        diff = sorted(k for k in set(saved) | set(policy_hf)
+                      if k not in ignore and saved.get(k) != policy_hf.get(k))
+        raise InputError(f"the checkpoint in {workdir} is of another policy model (config.json "
+                         f"differs in {', '.join(diff[:5])}); resume it with the model that "
+                         "wrote it, or pick a new workdir")
+    if meta.get("algorithm", algorithm) != algorithm:
+        raise InputError(f"the checkpoint in {workdir} was written by rl.algorithm="
+                         f"{meta['algorithm']!r}, not {algorithm!r}; resume it with that "
+                         "algorithm, or pick a new workdir")
 
 
 def _rollout_copy(params, model_config, shardings):

@@ -490,7 +490,7 @@ def main(argv=None) -> int:
     from zsjax.cli import Stopped
     try:
         run(args.workdir, quick=args.quick, algorithm=args.algorithm, seed=args.seed)
-    except Stopped as e:  # SIGTERM in a fine-tune or RL: the same command continues
+    except Stopped as e:  # SIGTERM or Ctrl-C in a fine-tune or RL: the same command continues
         print(f"stopped: {e}", file=sys.stderr)
-        return 143
+        return e.code
     return 0
