@@ -20,9 +20,12 @@ import sys
 
 def load_sweep(config_spec: str, sweep: str) -> list[dict]:
     path = config_spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: config file {path} does not exist")
     spec = importlib.util.spec_from_file_location("sweep_config", path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.getcwd())  # configs import each other as `configs.common`
+    # configs import each other as `configs.common`: the folder above the file's folder
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
     spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         raise SystemExit(f"error: {path} has no get_sweep(arg) function")
@@ -34,7 +37,14 @@ def load_sweep(config_spec: str, sweep: str) -> list[dict]:
 
 def commands(config_spec: str, sweep: str, workdir: str, extra: list[str]) -> list[list[str]]:
     out = []
-    for overrides in load_sweep(config_spec, sweep):
+    points = load_sweep(config_spec, sweep)
+    swept = {k for overrides in points for k in overrides}
+    for arg in extra:  # the last of repeated flags wins: an extra one would replace the sweep's
+        key = arg.split("=", 1)[0].removeprefix("--config.")
+        if arg.startswith("--config.") and key in swept:
+            raise SystemExit(f"error: {arg} sets {key}, which the sweep {sweep!r} varies; drop "
+                             "it, or sweep another way")
+    for overrides in points:
         name = ",".join(f"{k}={v}" for k, v in overrides.items())
         out.append([sys.executable, "-m", "zsjax.train", "--config", config_spec,
                     "--workdir", os.path.join(workdir, name)]

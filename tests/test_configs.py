@@ -1,6 +1,7 @@
 """The recipe configs: every recipe builds, is locked, carries the reference's
 hyper-parameters, and the sweeps expand into runnable override sets."""
 
+import os
 import subprocess
 import sys
 
@@ -69,6 +70,20 @@ def test_sweeps_expand_and_launch_script_prints_runs(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2 and all("--config.train.steps=1" in x for x in lines)
     assert "--config.rollout.max_turns=5" in lines[1]
+    # an extra flag on a swept key would silently replace the sweep's values: refused
+    out = subprocess.run([sys.executable, "launch/sweep.py", "--config",
+                          "configs/zerosearch.py:qwen2.5-3b-base,grpo", "--sweep", "turns",
+                          "--workdir", str(tmp_path), "--", "--config.rollout.max_turns=3"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and not out.stdout
+    assert "sets rollout.max_turns, which the sweep 'turns' varies" in out.stderr
+    # from another folder, by the config file's absolute path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "launch", "sweep.py"), "--config",
+                          os.path.join(root, "configs", "zerosearch.py") + ":qwen2.5-3b-base",
+                          "--sweep", "turns", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 2, out.stderr
 
 
 def test_sweep_runs_apply_their_overrides(tmp_path):

@@ -67,3 +67,18 @@ def test_rerun_skips_finished_stages(quick_run):
     assert again["stage_seconds"]["simulator"] < s["stage_seconds"]["simulator"] / 3
     assert again["stage_seconds"]["policy"] < s["stage_seconds"]["policy"] / 3
     assert again["test_f1_after_rl"] == pytest.approx(s["test_f1_after_rl"])
+
+
+def test_a_workdir_is_prepared_for_one_seed(tmp_path):
+    """The fine-tunes in a demo workdir belong to one world: a rerun with another --seed (or
+    other stage settings) is refused; --quick, which changes only the RL steps, shares them."""
+    from zsjax.cli import InputError
+    from zsjax.demo import run as demo
+    workdir = str(tmp_path)
+    demo._claim_workdir(workdir, 0, demo.settings_for(False))
+    demo._claim_workdir(workdir, 0, demo.settings_for(True))
+    with pytest.raises(InputError, match="prepared with seed 0 .* this run's \\(seed 1\\)"):
+        demo._claim_workdir(workdir, 1, demo.settings_for(False))
+    other = dict(demo.settings_for(False), sim_steps=10)
+    with pytest.raises(InputError, match="other settings"):
+        demo._claim_workdir(workdir, 0, other)

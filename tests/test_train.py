@@ -251,7 +251,14 @@ def test_overrides_and_misspelt_keys_from_the_command_line(tmp_path):
     base = [sys.executable, "-m", "zsjax.train", "--config", "configs/tiny.py",
             "--workdir", str(tmp_path / "w")]
     bad = subprocess.run(base + ["--config.rl.lrr=0.1"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "lrr" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        """error: unknown config key 'lrr' Did you mean "lr" instead of "lrr"?"""]
+    # a preset the file does not know, a missing config file: one line each, status 2
+    for spec, match in (("configs/zerosearch.py:qwen3", "expected MODEL"),
+                        ("configs/nonexist.py", "No such file")):
+        bad = subprocess.run(base[:4] + [spec] + base[5:], capture_output=True, text=True)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and match in lines[0], bad.stderr
     # the config file by absolute path from another folder: it still imports configs.common
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     elsewhere = subprocess.run(
@@ -260,7 +267,6 @@ def test_overrides_and_misspelt_keys_from_the_command_line(tmp_path):
          "--workdir", str(tmp_path / "w0"), "--config.rl.lrr=0.1"], capture_output=True,
         text=True, cwd=str(tmp_path))
     assert "lrr" in elsewhere.stderr and "No module named" not in elsewhere.stderr
-    from ml_collections import config_flags  # noqa: F401 (the parser the CLI uses)
     ok = subprocess.run(base + ["--config.train.steps=1", "--config.rl.algorithm=reinforce_pp",
                                 "--config.train.tensorboard=False"],
                         capture_output=True, text=True, timeout=600)
@@ -709,3 +715,19 @@ def test_resuming_with_another_algorithm_is_a_clear_error(tmp_path, monkeypatch)
     config.train.update(steps=2, tensorboard=False)
     with pytest.raises(InputError, match="written by rl.algorithm='grpo', not 'ppo'"):
         train.run(config, workdir)
+
+
+def test_ctrl_c_is_a_stop_request_like_sigterm():
+    """SIGINT (Ctrl-C) and SIGTERM are recorded, not fatal, while a run's steps go on; the stop
+    is named after the signal and exits 128 + its number. The handlers are restored after."""
+    import signal
+
+    from zsjax.checkpointing import StopOnSignal
+    before = signal.getsignal(signal.SIGINT)
+    for signum, name, code in ((signal.SIGINT, "SIGINT", 130), (signal.SIGTERM, "SIGTERM", 143)):
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signum)
+            assert stop.received and stop.requested()
+            stopped = stop.stopped("checkpointed step 3")
+        assert stopped.code == code and str(stopped) == f"{name}: checkpointed step 3"
+    assert signal.getsignal(signal.SIGINT) is before

@@ -38,8 +38,21 @@ def run(config, workdir: str) -> dict:
     if config.data.use_chat_template not in ("auto", "yes", "no"):
         raise InputError(f"data.use_chat_template must be auto, yes or no; got "
                          f"{config.data.use_chat_template!r}")
-    os.makedirs(workdir, exist_ok=True)
     tc = config.train
+    for key in ("steps", "batch_size", "micro_batches", "keep_checkpoints"):
+        if not isinstance(tc[key], int) or tc[key] < 1:
+            raise InputError(f"train.{key} must be an integer >= 1; got {tc[key]!r}")
+    for key in ("log_every", "checkpoint_every"):
+        if not isinstance(tc[key], int) or tc[key] < 0:
+            raise InputError(f"train.{key} must be an integer >= 0 (0: never; the last step "
+                             f"is always logged and checkpointed); got {tc[key]!r}")
+    if tc.batch_size % tc.micro_batches:
+        raise InputError(f"train.batch_size={tc.batch_size} does not split into "
+                         f"train.micro_batches={tc.micro_batches} equal micro-batches")
+    if config.model.param_dtype not in ("float32", "bfloat16", "float16"):
+        raise InputError(f"model.param_dtype={config.model.param_dtype!r}; expected float32, "
+                         "bfloat16 or float16")
+    os.makedirs(workdir, exist_ok=True)
     try:  # bad input: a one-line error (status 2 from the command line), before any compute
         mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         model_config, params = load_hf(config.model.path, dtype=config.model.dtype,
@@ -87,12 +100,13 @@ def run(config, workdir: str) -> dict:
             last = {"step": step + 1, **{k: round(v, 6) for k, v in m.items()}}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
-            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+            if (tc.log_every and (step + 1) % tc.log_every == 0) or step + 1 == tc.steps:
                 print(f"[sft] step {step + 1}/{tc.steps} loss {m['loss']:.4f} grad_norm "
                       f"{m['grad_norm']:.3f} {m['tokens_per_s']:.0f} tok/s "
                       f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
             stopping = step + 1 < tc.steps and stop.requested()  # SIGTERM: see zsjax.train
-            if stopping or (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.steps:
+            if (stopping or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0)
+                    or step + 1 == tc.steps):
                 ckpt.save(step + 1, state, {"data_position": position, "step": step + 1})
             if stopping:
                 stopped_at = step + 1

@@ -427,6 +427,9 @@ def _run(config, workdir: str, backend) -> list[dict]:
         start, position = meta["step"], meta["data_position"]
         print(f"[train] resumed from step {start}", file=sys.stderr)
     lead = jax.process_index() == 0
+    if lead:  # the effective config (overrides applied) of the latest start in this workdir
+        with open(os.path.join(workdir, "run_config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1) + "\n")
     # Metrics have one writer (process 0); each process writes its own trajectories.
     traj_file = ("trajectories.jsonl" if lead else
                  f"trajectories.process{jax.process_index()}.jsonl")

@@ -217,6 +217,22 @@ def test_sft_cli_help():
     assert "/no/such/model" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("checkpoint_every", -1, "checkpoint_every must be an integer >= 0"),
+    ("log_every", -2, "log_every must be"), ("batch_size", 0, "batch_size must be"),
+    ("micro_batches", 3, "batch_size=32 does not split into train.micro_batches=3"),
+])
+def test_sft_bad_train_values(tmp_path, key, value, match):
+    from configs import sft_simulator
+    from zsjax import sft
+    from zsjax.cli import InputError
+    config = sft_simulator.get_config("/no/such/model")
+    config.data.path = "pairs.jsonl"
+    config.train[key] = value
+    with pytest.raises(InputError, match=match):
+        sft.run(config, str(tmp_path / "run"))
+
+
 def test_make_sft_data_labels_by_answer_correctness():
     records = [
         {"question": "Q1?", "golden_answers": ["Vex"], "answer": "vex",

@@ -377,13 +377,36 @@ def plot(metrics_path: str, out: str) -> None:
     fig.savefig(out, dpi=110)
 
 
+PREPARED = "prepared.json"  # the seed and stage settings a workdir's fine-tunes are for
+
+
+def _claim_workdir(workdir: str, seed: int, s: dict) -> None:
+    from zsjax.cli import InputError
+    mine = {"seed": seed, "settings": {k: v for k, v in s.items() if not k.startswith("rl_")
+                                       and k not in ("questions", "rollouts", "entropy_coef",
+                                                     "kl_coef")}}
+    path = os.path.join(workdir, PREPARED)
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        if theirs != json.loads(json.dumps(mine)):
+            raise InputError(f"{workdir} holds a demo prepared with seed {theirs.get('seed')} "
+                             f"and other settings than this run's (seed {seed}): pick another "
+                             "workdir, or rerun with the same --seed")
+        return
+    with open(path, "w") as f:
+        json.dump(mine, f, indent=1)
+
+
 def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
     """Stages 1-4, shared by the demo and `zsjax.experiments.claims`: the world and its data
     files, the tokenizer, the fine-tuned simulator and the warm-started policy. A fine-tuning
     stage already exported by an earlier run in `workdir` is skipped (the rest is quick and is
     redone). Returns the world, its splits, the paths
-    and the seconds each stage took."""
+    and the seconds each stage took. A workdir prepared for another seed or other stage
+    settings is refused (its fine-tunes belong to another world)."""
     os.makedirs(workdir, exist_ok=True)
+    _claim_workdir(workdir, seed, s)
     times = {}
 
     t = time.time()
@@ -487,9 +510,14 @@ def main(argv=None) -> int:
     p.add_argument("--algorithm", default="grpo", choices=("grpo", "ppo", "reinforce_pp"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from zsjax.cli import Stopped
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0; got {args.seed}")
+    from zsjax.cli import InputError, Stopped
     try:
         run(args.workdir, quick=args.quick, algorithm=args.algorithm, seed=args.seed)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except Stopped as e:  # SIGTERM or Ctrl-C in a fine-tune or RL: the same command continues
         print(f"stopped: {e}", file=sys.stderr)
         return e.code
