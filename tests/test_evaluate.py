@@ -279,7 +279,7 @@ def test_help_and_one_line_errors(tmp_path):
 @pytest.mark.parametrize("case, error, match", [
     ("missing policy", FileNotFoundError, "policy path .*nowhere does not exist"),
     ("neither", ValueError, "has no config.json and no checkpoints"),
-    ("no answers", ValueError, "row 1 has no golden answers"),
+    ("no answers", ValueError, r"row 1 \(line 2\) has no golden answers"),
     ("missing QA file", FileNotFoundError, "QA file .*missing.jsonl does not exist"),
     ("unknown backend", ValueError, "config.backend.kind='google' is unknown"),
     ("missing url", ValueError, "kind='simulator_url' needs config.backend.url"),

@@ -335,7 +335,7 @@ def test_other_bad_inputs(tmp_path):
                     + json.dumps({"question": "Where?"}) + "\n")
     config = tiny.get_config()
     config.data.train_path = str(rows)
-    with pytest.raises(InputError, match="QA data: .*row 1 has no golden answers"):
+    with pytest.raises(InputError, match="QA data: .*row 1 \\(line 2\\) has no golden answers"):
         train.run(config, str(tmp_path / "b"))
 
     config = tiny.get_config()

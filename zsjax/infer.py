@@ -78,9 +78,12 @@ def make_backend(args, policy_dir, policy_model):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.noise_probability <= 1.0:
+        parser.error(f"--noise-probability must be in [0, 1]; got {args.noise_probability}")
     from zsjax.generate import load_tokenizer
-    from zsjax.models import CheckpointError, ConfigError, load_hf
+    from zsjax.models import load_hf
     from zsjax.search import ModelTurnGenerator, RolloutSettings, rollout
     from zsjax.search.curriculum import draw_rng
     from zsjax.search.http_backends import SearchBackendError
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
         config, params = load_hf(args.policy, dtype=args.dtype)
         tokenizer = load_tokenizer(args.policy)
         backend = make_backend(args, args.policy, (config, params, tokenizer))
-    except (FileNotFoundError, ConfigError, CheckpointError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # Config-, Checkpoint-, SafetensorsError
         print(f"error: {e}", file=sys.stderr)
         return 2
     settings = RolloutSettings(max_turns=args.max_turns,

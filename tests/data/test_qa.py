@@ -12,9 +12,9 @@ from zsjax.search.prompts import policy_prompt
 
 def test_jsonl(tmp_path):
     p = tmp_path / "q.jsonl"
-    p.write_text(json.dumps({"id": "1", "question": " who? ", "golden_answers": ["A", "B"]})
+    p.write_text(json.dumps({"id": "1", "question": " who? ", "golden_answers": ["Al", "B"]})
                  + "\n\n" + json.dumps({"question": "what", "golden_answers": "C"}) + "\n")
-    assert read_qa(str(p)) == [QARow("who?", ("A", "B")), QARow("what", ("C",))]
+    assert read_qa(str(p)) == [QARow("who?", ("Al", "B")), QARow("what", ("C",))]
 
 
 def test_zerosearch_parquet(tmp_path):
@@ -51,7 +51,7 @@ def test_json_lists_and_malformed_lines_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"b.jsonl:2: not valid JSON"):
         read_qa(str(tmp_path / "b.jsonl"))
     (tmp_path / "c.jsonl").write_text(json.dumps(rows) + "\n")  # a JSON list in a .jsonl
-    with pytest.raises(ValueError, match=r"c.jsonl: row 0 is a list, not an object"):
+    with pytest.raises(ValueError, match=r"c.jsonl: row 0 \(line 1\) is a list, not an object"):
         read_qa(str(tmp_path / "c.jsonl"))
     (tmp_path / "d.json").write_text(json.dumps(rows[0]))
     with pytest.raises(ValueError, match=r"d.json: a .json QA file holds a list of rows"):
@@ -87,3 +87,29 @@ def test_dataset_names_tell_same_named_files_apart(tmp_path):
                                                                   "bamboogle.test": 2}
     with pytest.raises(ValueError, match="would both be named 'nq.test'"):
         dataset_names([paths[0], paths[0]])
+
+
+def test_answer_values(tmp_path, capsys):
+    """Numbers are answers (as text); null, nested lists and booleans are errors naming the row
+    and its line; answers that normalise to nothing are dropped (they would match any
+    prediction), and a row with nothing else is skipped with a warning (NQ's test set has
+    one, "---"); no answers or an empty question are errors."""
+    def read(*rows):
+        p = tmp_path / "q.jsonl"
+        p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return read_qa(str(p))
+    assert read({"question": "When?", "golden_answers": 1972},
+                {"question": "How many?", "golden_answers": [3, "three", "", "the"]}) == [
+        QARow("When?", ("1972",)), QARow("How many?", ("3", "three"))]
+    for bad, match in (([None], "row 0 \\(line 1\\): a golden answer is None"),
+                       ([["x", "y"]], "a golden answer is \\['x', 'y'\\]"),
+                       (True, "a golden answer is True"),
+                       ([], "row 0 \\(line 1\\) has no golden answers")):
+        with pytest.raises(ValueError, match=match):
+            read({"question": "Q?", "golden_answers": bad})
+    with pytest.raises(ValueError, match="has no question"):
+        read({"question": "  ", "golden_answers": ["x"]})
+    capsys.readouterr()
+    assert read({"question": "How many breeds?", "golden_answers": ["---"]},
+                {"question": "Who?", "golden_answers": ["Al"]}) == [QARow("Who?", ("Al",))]
+    assert "skipped 1 row(s)" in capsys.readouterr().err

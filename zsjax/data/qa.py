@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,12 +39,18 @@ def _question_of(row: dict) -> str | None:
 
 
 def _answers_of(row: dict) -> list[str] | None:
+    def one(a):  # a string, or a number (a year, a count), as its text
+        if isinstance(a, str):
+            return a
+        if isinstance(a, (int, float, np.integer, np.floating)) and not isinstance(a, bool):
+            return str(a)
+        raise ValueError(f"a golden answer is {a!r} ({type(a).__name__}); answers are "
+                         "strings or numbers")
+
     def as_list(x):
-        if isinstance(x, str):
-            return [x]
         if isinstance(x, (list, tuple, np.ndarray)):
-            return [str(a) for a in x]
-        return None
+            return [one(a) for a in x]
+        return [one(x)]
 
     if row.get("golden_answers") is not None:
         return as_list(row["golden_answers"])
@@ -79,7 +86,7 @@ def read_qa(path: str) -> list[QARow]:
             raise ValueError(f"{path}: a .json QA file holds a list of rows; got a "
                              f"{type(rows).__name__}")
     elif path.endswith(".jsonl"):
-        rows = []
+        rows, lines = [], []
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
@@ -87,20 +94,39 @@ def read_qa(path: str) -> list[QARow]:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                    lines.append(n)
     else:
         raise ValueError(f"{path}: unknown QA file type; expected .jsonl, .json or .parquet")
-    out = []
+    from zsjax.rl.rewards import normalize_answer
+    out, unscorable = [], []
     for i, row in enumerate(rows):
+        where = f"{path}: row {i}" + (f" (line {lines[i]})" if path.endswith(".jsonl") else "")
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {i} is a {type(row).__name__}, not an object")
-        q, a = _question_of(row), _answers_of(row)
-        if q is None or not a:
+            raise ValueError(f"{where} is a {type(row).__name__}, not an object")
+        q = _question_of(row)
+        try:
+            a = _answers_of(row)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if a and q is not None and q.strip() and not any(normalize_answer(x) for x in a):
+            unscorable.append(f"{where.split(': ', 1)[1]} {a!r}")
+            continue
+        # an answer that normalises to nothing ("", "the", "---") would score any prediction
+        # as a substring match and an empty one as an exact match
+        a = [x for x in a or () if normalize_answer(x)]
+        if q is None or not q.strip() or not a:
             raise ValueError(
-                f"{path}: row {i} has no {'question' if q is None else 'golden answers'}; looked "
-                "for question / extra_info.question / prompt[user].content and golden_answers / "
-                "reward_model.ground_truth(.target) / extra_info.answer; the row has columns "
+                f"{where} has no {'question' if q is None or not q.strip() else 'golden answers'}"
+                "; looked for question / extra_info.question / prompt[user].content and "
+                "golden_answers / reward_model.ground_truth(.target) / extra_info.answer (an "
+                "answer must be a non-empty string or a number); the row has columns "
                 f"{sorted(row)}")
         out.append(QARow(q.strip(), tuple(a)))
+    if unscorable:  # e.g. NQ's test row "how many breeds of pigs are there in the uk": "---"
+        print(f"[qa] {path}: skipped {len(unscorable)} row(s) whose every golden answer "
+              f"normalises to nothing, so no prediction can be scored against it: "
+              f"{'; '.join(unscorable[:3])}{' ...' if len(unscorable) > 3 else ''}",
+              file=sys.stderr)
     if not out:
         raise ValueError(f"{path} has no rows")
     return out

@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or not split or not path:
             parser.error(f"--split {item!r}: expected SPLIT=FILE, e.g. train=train.parquet")
         splits[split] = path
-    builder = build_qa_dataset(args.name, splits, args.data_dir, version=args.version)
+    try:
+        builder = build_qa_dataset(args.name, splits, args.data_dir, version=args.version)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
     print(f"{args.name} {args.version} in {builder.data_path}")
     for split, info in sorted(builder.info.splits.items()):
         print(f"{split}: {info.num_examples} rows")

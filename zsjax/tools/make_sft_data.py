@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -56,10 +57,22 @@ def main(argv=None) -> int:
     p.add_argument("--balance", action="store_true", help="equal numbers of useful and noisy")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    with open(args.trajectories) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(args.trajectories) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        p.error(f"--trajectories {args.trajectories}: {e}")
+    if records and not any("searches" in r for r in records):
+        p.error(f"{args.trajectories} holds no trajectories (rows without searches): expected "
+                "the trajectories.jsonl of a zsjax.train or zsjax.evaluate run")
     rows = label_rows(records, criterion=args.criterion, f1_threshold=args.f1_threshold,
                       balance=args.balance, seed=args.seed)
+    if not rows:
+        p.error(f"no (query, documents) pairs from {len(records)} trajectories"
+                + (" (--balance with only one label present)" if args.balance else ""))
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        p.error(f"--out: folder {out_dir} does not exist")
     with open(args.out, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

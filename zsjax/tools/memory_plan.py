@@ -63,7 +63,10 @@ def plan(name, *, devices, per_process, train_shards, rollout_tensor, sim_tensor
     print(f"| **total** | **{sum(b for _, b in rows) / GB:.1f}** |")
 
 
-def main():
+def main(argv=None):
+    import argparse
+    argparse.ArgumentParser(prog="python -m zsjax.tools.memory_plan",
+                            description=__doc__.split("\n\n")[0]).parse_args(argv)
     # v5p-64: 32 chips (one JAX device each), 8 hosts x 4 chips.
     plan("TPU v5p-64 (32 chips x 95 GB)", devices=32, per_process=4, train_shards=32,
          rollout_tensor=4, sim_tensor=4)
