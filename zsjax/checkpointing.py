@@ -24,8 +24,11 @@ class Checkpointer:
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)))
+        saved = self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        if not saved:  # orbax skips, without a word, a step at or below the latest on disk
+            raise RuntimeError(f"checkpoint step {step} was not saved: {self.directory} "
+                               f"already holds step {self.latest_step()}")
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -40,8 +43,13 @@ class Checkpointer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding",
                                                                               None)),
             abstract_state)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except KeyError as e:  # a step folder that lost an item (copied or synced in part)
+            raise ValueError(f"checkpoint {os.path.join(self.directory, str(step))} is "
+                             f"incomplete ({e}); remove that folder to resume from the one "
+                             "before") from None
         return out.state, out.meta
 
     def restore_meta(self, step: int | None = None) -> dict | None:

@@ -272,6 +272,8 @@ def run(config, workdir: str) -> dict[str, dict]:
     from zsjax import sharding
     from zsjax.generate import eos_ids
 
+    if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+        raise ValueError(f"workdir {workdir!r} must be a folder (it is created if missing)")
     paths = (config.policy.path, config.backend.simulator_path, config.data.paths)
     if config.tiny_fixture and not all(paths):
         from zsjax.tools import tiny_fixture

@@ -69,6 +69,10 @@ def run(config, workdir: str) -> dict:
                           grad_clip=tc.grad_clip)
     state = U.init_state(params, tx)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    if ckpt.latest_step() is not None and not config.resume:
+        raise InputError(f"{workdir} already holds checkpoints (up to step "
+                         f"{ckpt.latest_step()}); set --config.resume=True to continue the run, "
+                         "or pick a new workdir")
     start_step, position = 0, 0
     if config.resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)

@@ -248,3 +248,28 @@ def test_make_sft_data_labels_by_answer_correctness():
     assert rows[2]["golden_answers"] == ["Oskel"] and rows[2]["question"] == "Q2?"
     balanced = label_rows(records, balance=True)
     assert sorted(r["label"] for r in balanced) == ["noisy", "useful"]
+
+
+def test_sft_refuses_a_used_workdir_without_resume(tmp_path):
+    """resume=False over existing checkpoints is an error (orbax would skip every save at or
+    below the latest step without a word, and a later resume would continue the old run);
+    such a skipped save raises."""
+    import numpy as np
+
+    from configs import sft_simulator
+    from zsjax import sft
+    from zsjax.checkpointing import Checkpointer
+    from zsjax.cli import InputError
+    from zsjax.tools import tiny_fixture
+    fx = tiny_fixture.make(str(tmp_path / "fx"))
+    workdir = tmp_path / "run"
+    ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)
+    ckpt.save(5, {"x": np.zeros(2)}, {"step": 5, "data_position": 0})
+    with pytest.raises(RuntimeError, match="step 3 was not saved: .* already holds step 5"):
+        ckpt.save(3, {"x": np.zeros(2)}, {"step": 3, "data_position": 0})
+    ckpt.close()
+    config = sft_simulator.get_config(fx["simulator"])
+    config.data.path = _write(tmp_path / "pairs.jsonl", ROWS)
+    config.resume = False
+    with pytest.raises(InputError, match=r"already holds checkpoints \(up to step 5\)"):
+        sft.run(config, str(workdir))

@@ -412,8 +412,13 @@ class ValueHead(nn.Module):
 
 
 def init_critic(config: ModelConfig, decoder_params) -> dict:
-    """Critic params: a copy of a decoder (usually the policy's) plus a zero-initialised head."""
+    """Critic params: a copy of a decoder (usually the policy's) plus a zero-initialised head,
+    replicated over the decoder's mesh when it has one (a step takes all its arrays from one
+    set of devices)."""
     head = ValueHead(config).init(jax.random.key(0), jnp.zeros((1, 1, config.d_model)))
+    mesh = sharding.mesh_of(decoder_params)
+    if mesh is not None:
+        head = jax.device_put(head, NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return {"decoder": decoder_params, "head": head["params"]}
 
 
