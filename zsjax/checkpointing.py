@@ -6,14 +6,20 @@ sharding of the abstract state it is given, so a run resumes onto its own mesh.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class IncompleteCheckpoint(ValueError):
+    """A step folder that lost one of its items (copied or synced in part)."""
 
 
 class Checkpointer:
@@ -47,18 +53,24 @@ class Checkpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except KeyError as e:  # a step folder that lost an item (copied or synced in part)
-            raise ValueError(f"checkpoint {os.path.join(self.directory, str(step))} is "
-                             f"incomplete ({e}); remove that folder to resume from the one "
-                             "before") from None
+            raise self._incomplete(step, e) from None
         return out.state, out.meta
+
+    def _incomplete(self, step: int, e: KeyError) -> "IncompleteCheckpoint":
+        return IncompleteCheckpoint(f"checkpoint {os.path.join(self.directory, str(step))} is "
+                                    f"incomplete ({e}); remove that folder to resume from the "
+                                    "one before")
 
     def restore_meta(self, step: int | None = None) -> dict | None:
         """The JSON record of `step` (default: the latest), without reading any array."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        return self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore())).meta
+        except KeyError as e:
+            raise self._incomplete(step, e) from None
 
     def restore_raw(self, step: int | None = None) -> dict | None:
         """{"state": the saved tree as nested dicts / lists of NumPy arrays, "meta": ...} with
@@ -118,7 +130,11 @@ class WorkdirLock:
         self._file = open(self.path, "a+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no locks on this file system
+                print(f"[zsjax] cannot lock {self.path} ({e.strerror}); running without the "
+                      "one-run-per-workdir check", file=sys.stderr)
+                return self
             self._file.seek(0)
             holder = self._file.read().strip() or "another process"
             self._file.close()

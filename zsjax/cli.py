@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import sys
+import traceback
 from typing import Callable
 
 from absl import app, flags, logging
@@ -131,6 +132,10 @@ def _last_line(e: BaseException) -> str:
         except (ValueError, SyntaxError):
             pass
     lines = [x.strip() for x in text.splitlines() if x.strip()]
-    if isinstance(e, (AttributeError, KeyError)) and lines:
+    frames = traceback.extract_tb(e.__traceback__)
+    if isinstance(e, (AttributeError, KeyError)) and lines and frames and (
+            "ml_collections" in frames[-1].filename):  # an override of a key the config lacks
         return "unknown config key " + " ".join(lines)
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}: {e.msg}"
     return lines[-1] if lines else type(e).__name__

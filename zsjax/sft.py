@@ -21,7 +21,8 @@ def run(config, workdir: str) -> dict:
     import jax
 
     from zsjax import sharding
-    from zsjax.checkpointing import Checkpointer, StopOnSignal, truncate_jsonl
+    from zsjax.checkpointing import (Checkpointer, IncompleteCheckpoint, StopOnSignal,
+                                     truncate_jsonl)
     from zsjax.cli import InputError
     from zsjax.data import sft_data
     from zsjax.generate import load_tokenizer
@@ -75,7 +76,10 @@ def run(config, workdir: str) -> dict:
                          "or pick a new workdir")
     start_step, position = 0, 0
     if config.resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
+        try:
+            state, meta = ckpt.restore(state)
+        except IncompleteCheckpoint as e:
+            raise InputError(str(e)) from None
         # The loop's step, not the optimizer's count, which skipped non-finite updates leave
         # behind.
         start_step, position = meta["step"], meta["data_position"]

@@ -314,7 +314,8 @@ def _run(config, workdir: str, backend) -> list[dict]:
     from tqdm import tqdm
 
     from zsjax import distributed, sharding
-    from zsjax.checkpointing import Checkpointer, StopOnSignal, truncate_jsonl
+    from zsjax.checkpointing import (Checkpointer, IncompleteCheckpoint, StopOnSignal,
+                                     truncate_jsonl)
     from zsjax.data.qa import QuestionStream
     from zsjax.generate import eos_ids, load_tokenizer
     from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
@@ -417,9 +418,13 @@ def _run(config, workdir: str, backend) -> list[dict]:
 
     start, position = 0, 0
     if config.resume and ckpt.latest_step() is not None:
-        _check_resumable(ckpt, to_hf_dict(policy_config), rl.algorithm, workdir)
         try:
+            _check_resumable(ckpt, to_hf_dict(policy_config), rl.algorithm, workdir)
             (state, critic_state), meta = ckpt.restore((state, critic_state))
+        except IncompleteCheckpoint as e:
+            raise InputError(str(e)) from None
+        except InputError:
+            raise
         except (ValueError, KeyError) as e:  # orbax: the saved tree does not match this one
             raise InputError(f"the checkpoint in {workdir} does not fit this run's model and "
                              f"algorithm ({str(e).splitlines()[0][:200]}); resume it with the "
@@ -606,8 +611,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
             if eval_sets and tc.eval_every and ((step + 1) % tc.eval_every == 0
                                                 or step + 1 == tc.steps):
                 t3 = time.perf_counter()
-                eval_params = (state.params if gen_shardings is None else
-                               distributed.to_mesh(state.params, gen_shardings))
+                eval_params = _rollout_copy(state.params, policy_config, gen_shardings)
                 record.update(_evaluate(config, policy_config, eval_params, tokenizer, eval_sets,
                                         sim_model, settings, step + 1, workdir if lead else None))
                 record["time_eval_s"] = time.perf_counter() - t3

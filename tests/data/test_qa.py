@@ -98,12 +98,14 @@ def test_answer_values(tmp_path, capsys):
         p = tmp_path / "q.jsonl"
         p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         return read_qa(str(p))
+    assert read({"question": "When?", "golden_answers": 2019.0}) == [QARow("When?", ("2019",))]
     assert read({"question": "When?", "golden_answers": 1972},
                 {"question": "How many?", "golden_answers": [3, "three", "", "the"]}) == [
         QARow("When?", ("1972",)), QARow("How many?", ("3", "three"))]
     for bad, match in (([None], "row 0 \\(line 1\\): a golden answer is None"),
                        ([["x", "y"]], "a golden answer is \\['x', 'y'\\]"),
                        (True, "a golden answer is True"),
+                       (float("nan"), "a golden answer is nan"),
                        ([], "row 0 \\(line 1\\) has no golden answers")):
         with pytest.raises(ValueError, match=match):
             read({"question": "Q?", "golden_answers": bad})

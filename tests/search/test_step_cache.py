@@ -33,11 +33,16 @@ def test_noisy_fraction():
 
 
 def test_step_cache_keeps_samples_apart_unless_shared():
-    """Requests that differ only in `sample` (the rollout numbers each search call) are
-    different requests, as each reference call samples its own documents; `share=True`
-    makes identical calls of a step share one result."""
-    inner = FunctionBackend(lambda r: f"docs {r.query} #{r.sample}")
+    """For a sampling backend, requests that differ only in `sample` (the rollout numbers each
+    search call) are different requests, as each reference call samples its own documents;
+    `share=True` makes identical calls of a step share one result. A backend with fixed
+    results (no `samples`: a retriever, a scripted engine) gets each distinct request once."""
+    class Sampling(FunctionBackend):
+        samples = True
+    inner = Sampling(lambda r: f"docs {r.query} #{r.sample}")
     reqs = [SearchRequest("q", "Q?", ("x",), sample=s) for s in (3, 4, 3)]
     assert StepCache(inner).search(reqs) == ["docs q #3", "docs q #4", "docs q #3"]
     assert StepCache(inner, share=True).search(reqs) == ["docs q #0"] * 3
     assert [len(call) for call in inner.calls] == [2, 1]
+    fixed = FunctionBackend(lambda r: f"docs {r.query} #{r.sample}")
+    assert StepCache(fixed).search(reqs) == ["docs q #0"] * 3 and len(fixed.calls[0]) == 1

@@ -42,8 +42,10 @@ def _answers_of(row: dict) -> list[str] | None:
     def one(a):  # a string, or a number (a year, a count), as its text
         if isinstance(a, str):
             return a
-        if isinstance(a, (int, float, np.integer, np.floating)) and not isinstance(a, bool):
+        if isinstance(a, (int, np.integer)) and not isinstance(a, bool):
             return str(a)
+        if isinstance(a, (float, np.floating)) and np.isfinite(a):
+            return str(int(a)) if float(a).is_integer() else str(a)  # 2019.0 -> "2019"
         raise ValueError(f"a golden answer is {a!r} ({type(a).__name__}); answers are "
                          "strings or numbers")
 

@@ -67,7 +67,8 @@ def make_optimizer(lr: float = 1e-6, *, warmup_steps: int = 0, weight_decay: flo
 
     `warmup_steps` counts training steps of `updates_per_step` optimizer updates each (its
     mini-batches times its epochs): every update of a step gets that step's rate, as veRL
-    steps its scheduler once a training step.
+    steps its scheduler once a training step. (A skipped, non-finite update is not counted,
+    so the warm-up after one runs an update behind.)
 
     `freeze`: a regular expression searched in each param's path (`jax.tree_util.keystr`, e.g.
     "['embed']['embedding']"); the params it matches are never updated and get no optimizer

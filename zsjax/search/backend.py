@@ -45,9 +45,10 @@ class FunctionBackend:
 class StepCache:
     """Wraps a backend so that, within one training step, identical requests (query, question,
     first golden answer, which the simulator's prompt states, noisy, and `sample`) are
-    generated once, across all turns. With `share=True` the requests' `sample` is set to 0
-    first: identical search calls of a step, say from rollouts of one question, then get the
-    same documents (less simulator work; the reference samples each call anew). Call
+    generated once, across all turns. With `share=True`, or a backend that does not sample
+    (its `samples` attribute missing or false), the requests' `sample` is set to 0 first:
+    identical search calls of a step, say from rollouts of one question, then get the same
+    documents (less simulator work; the reference's sampling simulator samples each call anew). Call
     `new_step(step)` between steps: it is passed on to the backend when it has a `new_step`
     (the in-process simulator seeds its sampling from the step, so a resumed run samples the
     same documents). `seconds` is the time spent in the backend this step."""
@@ -67,7 +68,9 @@ class StepCache:
             self.backend.new_step(step)
 
     def search(self, requests: Sequence[SearchRequest]) -> list[str]:
-        if self.share:
+        # A backend with fixed results (a retriever, a greedy simulator: no `samples` attribute
+        # or a false one) gives identical requests the same documents: generate them once.
+        if self.share or not getattr(self.backend, "samples", False):
             requests = [dataclasses.replace(r, sample=0) for r in requests]
         keys = [(r.query, r.question, tuple(r.golden_answers[:1]), r.noisy, r.sample)
                 for r in requests]

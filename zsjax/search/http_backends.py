@@ -90,6 +90,11 @@ class OpenAISimulatorBackend:
         self.concurrency, self.timeout = concurrency, timeout
         self.retries, self.backoff = retries, backoff
 
+    @property
+    def samples(self) -> bool:
+        """Whether identical requests with different `sample`s get their own documents."""
+        return self.temperature > 0
+
     def _one(self, prompt: str) -> str:
         payload = {"messages": chat_messages(prompt),
                    "temperature": self.temperature, "max_tokens": self.max_new_tokens}

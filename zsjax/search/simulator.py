@@ -127,6 +127,11 @@ class InProcessSimulator:
         self.calls = 0  # search calls in this step
         self.generated = 0  # distinct (prompt, sample)s generated (after the per-call cache)
 
+    @property
+    def samples(self) -> bool:
+        """Whether identical requests with different `sample`s get their own documents."""
+        return self.temperature > 0
+
     def new_step(self, step: int) -> None:
         """Seeds the following calls' sampling from (seed, step) and each request's prompt text
         and `sample`: a request gets the same documents whichever call, batch or process
