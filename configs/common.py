@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
         # gradient accumulation: micro-batches of the first (largest) mini-batch; the others
         # take micro-batches of as many rows
         "micro_batches": 1,
+        # warmup_steps: training steps of linear warm-up (veRL steps its scheduler once a
+        # step); every mini-batch update of a step gets that step's rate
         "lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.01, "grad_clip": 1.0, "clip": 0.2,
         "entropy_coef": 0.001, "kl_coef": 0.001, "kl_kind": "k3", "std_eps": 1e-6,
         "aggregation": "token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum

@@ -3,8 +3,9 @@
     from configs import model
     cfg = model.get_config("/path/to/hf_folder")
 
-Holds the policy folder, dtype, mesh shape and the logical-axis sharding rules. The trainer and
-the experiment configs (later issues) embed it as `config.policy`, `config.simulator`, ...
+Holds a model folder, dtype, mesh shape and the logical-axis sharding rules: a stand-alone
+model-loading config (the sharding tests use it). The training configs (configs/common.py) do
+not embed it; they have their own `policy` and `simulator` keys.
 """
 
 import ml_collections

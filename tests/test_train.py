@@ -360,6 +360,10 @@ def test_other_bad_inputs(tmp_path):
     config.seed = -1
     with pytest.raises(InputError, match="seed must be an integer >= 0"):
         train.run(config, str(tmp_path / "g"))
+    config = tiny.get_config()
+    config.rl.freeze = "zzz"
+    with pytest.raises(InputError, match="rl.freeze: freeze='zzz' matches no parameter"):
+        train.run(config, str(tmp_path / "h"))
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -376,6 +380,7 @@ def test_other_bad_inputs(tmp_path):
     ("rl.mini_batch_size", 16, "more than the step's 8 trajectories"),
     ("mesh.fsdp", 0, "mesh sizes are integers >= 1, or -1"),
     ("train.log_every", -1, "log_every must be an integer >= 0"),
+    ("curriculum.base", 1.0, "base must be > 0 and not 1"),
 ])
 def test_bad_values_fail_before_anything_runs(tmp_path, key, value, match):
     config = tiny.get_config()

@@ -5,7 +5,8 @@
 
 Writes DIR/metrics.jsonl, orbax checkpoints in DIR/checkpoints (resumed automatically), and the
 fine-tuned model as a Hugging Face folder in DIR/simulator_hf (or config.export_dir). SIGTERM
-ends the run after the step in progress, with a checkpoint of it and exit status 143.
+or Ctrl-C ends the run after the step in progress, with a checkpoint of it and exit status 143
+(130 for Ctrl-C).
 """
 
 from __future__ import annotations

@@ -12,12 +12,15 @@ training mesh over all of them; process 0 writes the metrics.
 The workdir gets metrics.jsonl (one JSON object per step), trajectories.jsonl (one record per
 trajectory), eval.jsonl (periodic evaluations), TensorBoard event files in tb/, orbax checkpoints
 in checkpoints/ (a rerun with `resume` continues from the latest, bit for bit on CPU), and the
-final policy as a Hugging Face folder in policy_hf/. SIGTERM (a preemption notice, `scancel`)
-ends the run after the step in progress, with a checkpoint of it and exit status 143.
+final policy as a Hugging Face folder in policy_hf/, the effective config in run_config.json,
+and WORKDIR/.lock while it runs (one run per workdir). SIGTERM (a preemption notice, `scancel`)
+or Ctrl-C ends the run after the step in progress, with a checkpoint of it and exit status 143
+(130 for Ctrl-C).
 
-Everything a step draws at random is a function of (seed, step): the questions (the stream's
-position), the useful/noisy draws, the policy's and the simulator's sampling. That is what makes
-a killed-and-resumed run reach the same params as an uninterrupted one.
+Everything a step draws at random is a function of (seed, step, trajectory): the questions (the
+stream's position), the useful/noisy draws, the policy's sampling, and the simulator's (with
+the search call's number, `SearchRequest.sample`). That is what makes a killed-and-resumed run,
+or one split over other processes, reach the same params as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -227,6 +231,10 @@ def _check_values(config) -> None:
             raise InputError(f"{key} must be an integer >= 0 (0: never); got {value!r}")
     if not 0 < ro.top_p <= 1:
         raise InputError(f"rollout.top_p must be in (0, 1]; got {ro.top_p}")
+    cur = config.curriculum
+    if cur.base <= 0 or cur.base == 1 or not 0 <= cur.start <= 1 or not 0 <= cur.end <= 1:
+        raise InputError(f"curriculum: base must be > 0 and not 1, start and end in [0, 1]; "
+                         f"got base={cur.base}, start={cur.start}, end={cur.end}")
     if config.simulator.temperature < 0:
         raise InputError(f"simulator.temperature must be >= 0 (0: greedy); got "
                          f"{config.simulator.temperature}")
@@ -405,9 +413,12 @@ def _run(config, workdir: str, backend) -> list[dict]:
                             temperature=config.rollout.temperature, value_clip=rl.value_clip)
     mb_sizes, micro = _update_plan(rl)  # the optimizer steps' mini-batches (checked above)
     updates = len(mb_sizes) * rl.epochs  # a step's optimizer updates
-    tx = U.make_optimizer(rl.lr, warmup_steps=rl.warmup_steps, weight_decay=rl.weight_decay,
-                          grad_clip=rl.grad_clip, freeze=rl.freeze, updates_per_step=updates)
-    state = U.init_state(params, tx)
+    try:
+        tx = U.make_optimizer(rl.lr, warmup_steps=rl.warmup_steps, weight_decay=rl.weight_decay,
+                              grad_clip=rl.grad_clip, freeze=rl.freeze, updates_per_step=updates)
+        state = U.init_state(params, tx)
+    except (ValueError, re.error) as e:  # rl.freeze: a bad pattern, or one matching nothing
+        raise InputError(f"rl.freeze: {e}") from None
     critic_tx = critic_state = None
     if rl.algorithm == "ppo":
         critic_tx = U.make_optimizer(rl.critic_lr, warmup_steps=rl.warmup_steps,
@@ -613,7 +624,8 @@ def _run(config, workdir: str, backend) -> list[dict]:
                 t3 = time.perf_counter()
                 eval_params = _rollout_copy(state.params, policy_config, gen_shardings)
                 record.update(_evaluate(config, policy_config, eval_params, tokenizer, eval_sets,
-                                        sim_model, settings, step + 1, workdir if lead else None))
+                                        sim_model, settings, step + 1, workdir if lead else None,
+                                        policy_eos))
                 record["time_eval_s"] = time.perf_counter() - t3
             history.append(record)
             if lead:
@@ -644,7 +656,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
                     or step + 1 == tc.steps):
                 ckpt.save(step + 1, (state, critic_state), {
                     "step": step + 1, "data_position": stream.position,
-                    "rng": {"seed": config.seed, "scheme": "every draw is keyed by (seed, step)"},
+                    "rng": {"seed": config.seed, "scheme": "every draw is keyed by (seed, step, trajectory)"},
                     "curriculum": {"noise_prob": p, "start": config.curriculum.start,
                                    "end": config.curriculum.end, "base": config.curriculum.base,
                                    "total_steps": tc.steps},
@@ -730,11 +742,18 @@ def _eval_sets(config) -> dict:
 
 
 def _evaluate(config, policy_config, params, tokenizer, eval_sets, sim_model, settings, step,
-              workdir) -> dict:
-    """Greedy evaluation with the simulator's useful documents; flat `eval/NAME/METRIC` keys."""
+              workdir, eos_token_ids) -> dict:
+    """Greedy evaluation with the simulator's useful documents, decoded greedily as
+    `zsjax.evaluate` does by default (configs/evaluate.py); flat `eval/NAME/METRIC` keys."""
+    import copy
+
     from zsjax.evaluate import evaluate
+    if getattr(sim_model, "temperature", 0.0) > 0:  # the in-process simulator: a greedy twin
+        sim_model = copy.copy(sim_model)
+        sim_model.temperature = 0.0
     results = evaluate(policy_config, params, tokenizer, eval_sets, sim_model, settings=settings,
-                       batch_size=config.train.eval_batch_size, seed=config.seed)
+                       batch_size=config.train.eval_batch_size, seed=config.seed,
+                       eos_token_ids=eos_token_ids)
     if workdir is not None:
         with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, "results": results}) + "\n")

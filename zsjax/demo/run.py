@@ -8,9 +8,10 @@ a small LLM simulator, with the whole ZeroSearch loop, on a CPU in minutes.
 2. tokenizer: byte-level BPE trained on the world's text and the ZeroSearch prompts.
 3. simulator: a small random model fine-tuned with `zsjax.sft` on (query, documents) pairs,
    useful and noisy, with the ZeroSearch simulator prompt: it comes to "know" the world.
-4. policy: a small random model warm-started (`zsjax.sft`, trajectory rows) on the interaction
-   format only: it searches for an arbitrary entity half the time, answers with an arbitrary
-   entity from the documents, and sometimes answers without searching.
+4. policy: a small random model warm-started (`zsjax.sft`, trajectory rows) in two stages: it
+   learns to repeat a name it is given (search-only rows), then the interaction format (it
+   searches for the entity the question names, sometimes searches again for an arbitrary
+   entity of the documents, and answers with an arbitrary entity of the documents).
 5. RL (`zsjax.train`) against the simulator with the noise curriculum.
 6. evaluation on the test questions before and after RL, with the simulator and with the
    world's perfect search engine, per question type, and without searching.

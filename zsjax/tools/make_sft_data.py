@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         p.error(f"--trajectories {args.trajectories}: {e}")
     if records and not any("searches" in r for r in records):
         p.error(f"{args.trajectories} holds no trajectories (rows without searches): expected "
-                "the trajectories.jsonl of a zsjax.train or zsjax.evaluate run")
+                "the trajectories.jsonl of a zsjax.train run that searched a real engine")
     rows = label_rows(records, criterion=args.criterion, f1_threshold=args.f1_threshold,
                       balance=args.balance, seed=args.seed)
     if not rows:
