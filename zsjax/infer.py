@@ -82,9 +82,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.noise_probability <= 1.0:
         parser.error(f"--noise-probability must be in [0, 1]; got {args.noise_probability}")
+    if not 0.0 < args.top_p <= 1.0:
+        parser.error(f"--top-p must be in (0, 1]; got {args.top_p}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0 (0: greedy); got {args.temperature}")
+    from zsjax.search import RolloutSettings
+    try:  # before any model loads
+        settings = RolloutSettings(max_turns=args.max_turns,
+                                   max_response_tokens=args.max_response_tokens,
+                                   temperature=args.temperature, top_p=args.top_p)
+    except ValueError as e:
+        parser.error(str(e))
     from zsjax.generate import load_tokenizer
     from zsjax.models import load_hf
-    from zsjax.search import ModelTurnGenerator, RolloutSettings, rollout
+    from zsjax.search import ModelTurnGenerator, rollout
     from zsjax.search.curriculum import draw_rng
     from zsjax.search.http_backends import SearchBackendError
 
@@ -96,9 +107,6 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:  # Config-, Checkpoint-, SafetensorsError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = RolloutSettings(max_turns=args.max_turns,
-                               max_response_tokens=args.max_response_tokens,
-                               temperature=args.temperature, top_p=args.top_p)
     from zsjax.generate import eos_ids
     gen = ModelTurnGenerator(config, params, tokenizer, settings,
                              eos_token_ids=eos_ids(args.policy, config, tokenizer))

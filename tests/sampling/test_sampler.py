@@ -324,3 +324,8 @@ def test_shrinking_batch_samples_what_the_whole_batch_does(hf_model_dir):
         assert first_m.tokens == whole.tokens and second_m.tokens == second.tokens
         for a, b in zip(second_m.logprobs, second.logprobs):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_row_seeds_are_any_python_int_modulo_2_to_the_32():
+    from zsjax.sampling.sampler import _row_seeds
+    assert _row_seeds([-1, 2 ** 32 + 1, 7], 3, 4).tolist() == [2 ** 32 - 1, 1, 7, 0]

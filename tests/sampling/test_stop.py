@@ -83,3 +83,40 @@ def test_tables_cache_is_per_tokenizer_and_released_with_it(tokenizer):
     del tiny, t
     gc.collect()
     assert len(stop._TABLES) == before - 1
+
+
+def _joint_first_match(tokenizer, ids, stops):
+    """The plain reference in running text: decode the prefix as a whole, look for the string."""
+    for k in range(len(ids)):
+        text = tokenizer.decode(ids[:k + 1], skip_special_tokens=False)
+        if any(s in text for s in stops):
+            return k
+    return None
+
+
+def test_stop_strings_with_characters_split_across_byte_tokens(tokenizer):
+    """SmolLM2's byte-level BPE splits '日' into pieces that decode alone to '\ufffd': the tables
+    read tokens as bytes, so a stop string with such characters is still found."""
+    ids = tokenizer.encode("abc 日本 def Ω the answer is here", add_special_tokens=False)
+    assert any("\ufffd" in t for t in tokenizer.batch_decode([[i] for i in ids]))
+    for s in ("日本", "Ω", "本 d", " is "):
+        k = _first_match(stop.tables_for(tokenizer, len(tokenizer), [s]), ids)
+        assert k is not None and k == _joint_first_match(tokenizer, ids, [s]), s
+
+
+def test_stop_strings_with_spaces_on_a_sentencepiece_style_tokenizer():
+    """'▁is' decodes alone as 'is' (the decoder strips a leading space), so a stop string with
+    a space would be missed on its text; its bytes, from the piece, keep the space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    raw.train_from_iterator(["the final answer is here", "my answer is done"] * 20,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    ids = tok.encode("the final answer is here", add_special_tokens=False)
+    assert "is" in tok.batch_decode([[i] for i in ids])  # the space is gone when alone
+    for s in ("answer is", " is", "here"):
+        k = _first_match(stop.tables_for(tok, len(tok), [s]), ids)
+        assert k is not None and k == _joint_first_match(tok, ids, [s]), s

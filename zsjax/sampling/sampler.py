@@ -248,14 +248,15 @@ def _row_keys(key, row_seeds_b):
 
 
 def _row_seeds(row_seeds, n: int, b: int) -> np.ndarray:
-    """uint32 seeds for the b rows of a batch (n real ones); default: the row index."""
+    """uint32 seeds for the b rows of a batch (n real ones); default: the row index. Any
+    Python int is taken modulo 2**32 (so -1 is 2**32 - 1, and 2**32 + 1 draws what 1 does)."""
     if row_seeds is None:
         row_seeds = range(n)
     row_seeds = [int(s) for s in row_seeds]
     if len(row_seeds) != n:
         raise ValueError(f"row_seeds has {len(row_seeds)} entries for {n} prompts")
     out = np.zeros(b, np.uint32)
-    out[:n] = np.array(row_seeds, np.uint64) & 0xFFFFFFFF
+    out[:n] = np.array([s % 2 ** 32 for s in row_seeds], np.uint64)
     return out
 
 
@@ -485,7 +486,11 @@ def continue_generate(config: ModelConfig, params, chunks: Sequence[Sequence[int
                       rules=sharding.DEFAULT_RULES) -> tuple[GenerateResult, DecodeSession]:
     """Like `generate`, but each row's chunk extends that row's cached context in `session`
     (None: start fresh, the chunks are the prompts). Returns the result and the new session,
-    whose cache holds every chunk and generated token."""
+    whose cache holds every chunk and generated token.
+
+    The session passed in is consumed: its cache is donated to the new one (no copy of the
+    largest array), so do not use it again; to branch, continue from `session.select(rows)`,
+    which copies."""
     prep = _prepare(config, max_new_tokens, temperature, top_p, top_k, stop_strings, tokenizer,
                     eos_token_ids)
     chunks = _validate_prompts(chunks, config.vocab_size)

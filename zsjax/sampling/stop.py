@@ -1,8 +1,11 @@
 """On-device stop-string detection that does not care how the tokenizer splits the string.
 
-We build a character-level automaton (Aho-Corasick) over the stop strings, then lift it to a
+We build an automaton (Aho-Corasick) over the stop strings' UTF-8 bytes, then lift it to a
 token-level transition table: `next_state[s, t]` is the automaton state after reading token t's
-text from state s, and `matched[s, t]` says whether a stop string ended anywhere inside that text.
+bytes from state s, and `matched[s, t]` says whether a stop string ended anywhere inside them.
+A token's bytes are what it stands for in running text (`token_bytes`): a byte-level BPE piece
+of half a character, or a SentencePiece piece with its leading space, each decode differently
+on their own, so a stop string with such a character or space would otherwise be missed.
 During decoding each row carries one int32 state; a step is two gathers. The tables cost
 `states x vocab` int32 (about 1 MB per 17 states for a 49k vocabulary) and are built with numpy,
 vectorised over the vocabulary.
@@ -11,6 +14,8 @@ vectorised over the vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import weakref
 from collections import deque
 from typing import Sequence
@@ -24,9 +29,9 @@ class StopTables:
     matched: np.ndarray  # [S, V] bool
 
 
-def _char_automaton(stop_strings: Sequence[str]):
-    """Aho-Corasick over characters: (alphabet, delta [S, A+1] with column A = any other char,
-    accepting [S])."""
+def _char_automaton(stop_strings: Sequence[str | bytes]):
+    """Aho-Corasick over symbols (characters of str, or bytes): (alphabet, delta [S, A+1] with
+    column A = any other symbol, accepting [S])."""
     alphabet = sorted({ch for s in stop_strings for ch in s})
     col = {ch: i for i, ch in enumerate(alphabet)}
     goto: list[dict[int, int]] = [{}]
@@ -63,8 +68,10 @@ def _char_automaton(stop_strings: Sequence[str]):
     return col, delta, np.array(accepting)
 
 
-def build_tables(token_texts: Sequence[str], stop_strings: Sequence[str]) -> StopTables:
-    """Token-level tables from each token's decoded text and the stop strings."""
+def build_tables(token_texts: Sequence[str | bytes], stop_strings: Sequence[str | bytes]
+                 ) -> StopTables:
+    """Token-level tables from each token's text and the stop strings, both str or both
+    bytes (`tables_for` uses bytes)."""
     stop_strings = [s for s in stop_strings if s]
     if not stop_strings:
         raise ValueError("build_tables needs at least one non-empty stop string")
@@ -103,6 +110,63 @@ def token_texts(tokenizer, vocab_size: int) -> list[str]:
     return list(texts) + [""] * (vocab_size - n)
 
 
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for the 256 bytes (GPT-2's table), inverted:
+    printable bytes stand for themselves, the others for chr(256 + k) in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + k): b for k, b in enumerate(extra)})
+    return table
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+def _decoder_kind(tokenizer) -> str:
+    """"byte_level" (GPT-2-style byte BPE: Qwen2, Llama-3, SmolLM2), "metaspace"
+    (SentencePiece-style '▁' pieces, with byte fallback: Llama-2, Mistral) or "text"."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return "text"
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+    except (AttributeError, ValueError):
+        return "text"
+    parts = decoder.get("decoders") or [decoder]
+    kinds = {d.get("type") for d in parts if isinstance(d, dict)}
+    if "ByteLevel" in kinds:
+        return "byte_level"
+    if kinds & {"Metaspace", "ByteFallback"}:
+        return "metaspace"
+    return "text"
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
+    """The bytes each token id stands for in running text (ids beyond the tokenizer give b''):
+    from its vocabulary piece for byte-level and SentencePiece-style tokenizers, else (and for
+    pieces outside those schemes, such as added special tokens) its text decoded alone."""
+    n = min(len(tokenizer), vocab_size)
+    texts = token_texts(tokenizer, n)
+    kind = _decoder_kind(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n))) if kind != "text" else [None] * n
+    out = []
+    for text, piece in zip(texts, pieces):
+        raw = None
+        if piece is not None and kind == "byte_level":
+            try:
+                raw = bytes(_BYTE_DECODER[c] for c in piece)
+            except KeyError:
+                raw = None
+        elif piece is not None and kind == "metaspace":
+            m = _BYTE_PIECE.fullmatch(piece)
+            raw = bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
+        out.append(raw if raw is not None else text.encode())
+    return out + [b""] * (vocab_size - n)
+
+
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -110,10 +174,14 @@ def tables_for(tokenizer, vocab_size: int, stop_strings: Sequence[str]) -> StopT
     """Tables for a tokenizer, cached per (tokenizer, vocab size, stop strings) for as long as
     the tokenizer lives (keyed weakly: a new tokenizer never sees another's tables)."""
     key = (vocab_size, tuple(stop_strings))
+
+    def build():
+        return build_tables(token_bytes(tokenizer, vocab_size),
+                            [s.encode() for s in stop_strings])
     try:
         per_tokenizer = _TABLES.setdefault(tokenizer, {})
     except TypeError:  # not weak-referenceable: build every time
-        return build_tables(token_texts(tokenizer, vocab_size), key[1])
+        return build()
     if key not in per_tokenizer:
-        per_tokenizer[key] = build_tables(token_texts(tokenizer, vocab_size), key[1])
+        per_tokenizer[key] = build()
     return per_tokenizer[key]
