@@ -24,8 +24,11 @@ def load_sweep(config_spec: str, sweep: str) -> list[dict]:
         raise SystemExit(f"error: config file {path} does not exist")
     spec = importlib.util.spec_from_file_location("sweep_config", path)
     module = importlib.util.module_from_spec(spec)
-    # configs import each other as `configs.common`: the folder above the file's folder
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    # configs import each other as `configs.common`: the folder above the file's folder, and
+    # the working directory (a sweep file elsewhere that imports the repository's configs)
+    for root in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(path)))):
+        if root not in sys.path:
+            sys.path.insert(0, root)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         raise SystemExit(f"error: {path} has no get_sweep(arg) function")
