@@ -22,8 +22,8 @@ def _quoted(after: str) -> str:
 def test_policy_prompt_and_invalid_action_match_the_doc():
     assert _quoted("gets a trailing `?` if it has none):") == prompts.POLICY_TEMPLATE
     assert _quoted("invalid-action text (compatibility constant):") == prompts.INVALID_ACTION
-    assert _quoted("the simulator's documents are appended as") == prompts.INFORMATION_TEMPLATE.format(
-        documents="{docs}")
+    information = prompts.INFORMATION_TEMPLATE.format(documents="{docs}")
+    assert _quoted("the simulator's documents are appended as") == information
 
 
 @pytest.mark.parametrize("kind", ["useful", "noisy"])

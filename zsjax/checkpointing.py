@@ -39,6 +39,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def check_resume(self, resume: bool, workdir: str) -> None:
+        """Checkpoints already here need `resume` (a fresh run would have every save at or
+        below their latest step skipped by orbax); an InputError otherwise."""
+        if self.latest_step() is not None and not resume:
+            from zsjax.cli import InputError
+            raise InputError(f"{workdir} already holds checkpoints (up to step "
+                             f"{self.latest_step()}); set --config.resume=True to continue the "
+                             "run, or pick a new workdir")
+
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
         """(state, meta) of `step` (default: the latest), or None when there is no checkpoint.
         `abstract_state` is a tree of arrays or ShapeDtypeStructs carrying the target shardings."""

@@ -35,6 +35,12 @@ class Stopped(RuntimeError):
         self.code = code
 
 
+def check_workdir(workdir: str) -> None:
+    """A workdir is a folder, existing or not (an InputError otherwise)."""
+    if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+        raise InputError(f"workdir {workdir!r} must be a folder (it is created if missing)")
+
+
 def _config_imports_from_its_repository(argv) -> None:
     """Puts the folder above the --config file's folder on sys.path: the config files import
     each other as `configs.*`, which otherwise works from the repository root only."""

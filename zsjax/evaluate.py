@@ -270,10 +270,10 @@ def run(config, workdir: str) -> dict[str, dict]:
     """Evaluates per `config` (configs/evaluate.py): checks every input before any model is
     loaded, prints the table, writes WORKDIR/eval.json; returns the per-dataset results."""
     from zsjax import sharding
+    from zsjax.cli import check_workdir
     from zsjax.generate import eos_ids
 
-    if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
-        raise ValueError(f"workdir {workdir!r} must be a folder (it is created if missing)")
+    check_workdir(workdir)
     paths = (config.policy.path, config.backend.simulator_path, config.data.paths)
     if config.tiny_fixture and not all(paths):
         from zsjax.tools import tiny_fixture

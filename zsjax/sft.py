@@ -28,6 +28,7 @@ def run(config, workdir: str) -> dict:
     from zsjax.data import sft_data
     from zsjax.generate import load_tokenizer
     from zsjax.models import load_hf, save_hf
+    from zsjax.models.config import DTYPES
     from zsjax.rl import update as U
 
     if not config.model.path:
@@ -51,9 +52,9 @@ def run(config, workdir: str) -> dict:
     if tc.batch_size % tc.micro_batches:
         raise InputError(f"train.batch_size={tc.batch_size} does not split into "
                          f"train.micro_batches={tc.micro_batches} equal micro-batches")
-    if config.model.param_dtype not in ("float32", "bfloat16", "float16"):
-        raise InputError(f"model.param_dtype={config.model.param_dtype!r}; expected float32, "
-                         "bfloat16 or float16")
+    if config.model.param_dtype not in DTYPES:
+        raise InputError(f"model.param_dtype={config.model.param_dtype!r}; expected one of "
+                         f"{DTYPES}")
     os.makedirs(workdir, exist_ok=True)
     try:  # bad input: a one-line error (status 2 from the command line), before any compute
         mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -71,10 +72,7 @@ def run(config, workdir: str) -> dict:
                           grad_clip=tc.grad_clip)
     state = U.init_state(params, tx)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-    if ckpt.latest_step() is not None and not config.resume:
-        raise InputError(f"{workdir} already holds checkpoints (up to step "
-                         f"{ckpt.latest_step()}); set --config.resume=True to continue the run, "
-                         "or pick a new workdir")
+    ckpt.check_resume(config.resume, workdir)
     start_step, position = 0, 0
     if config.resume and ckpt.latest_step() is not None:
         try:

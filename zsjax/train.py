@@ -32,7 +32,7 @@ import re
 import sys
 import time
 
-from zsjax.cli import InputError
+from zsjax.cli import InputError, check_workdir
 
 ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
@@ -198,16 +198,17 @@ def _update_plan(rl) -> tuple[list[int], int]:
 def _check_values(config) -> None:
     """The config's values that are not sizes of the step's batches, checked before anything
     runs: each would otherwise fail minutes in (after a rollout, at the first evaluation)."""
-    from zsjax.rl.losses import AGGREGATIONS
+    from zsjax.models.config import DTYPES
+    from zsjax.rl.losses import AGGREGATIONS, KL_KINDS
     from zsjax.search.simulator import PROMPT_STYLES
     rl, tc, ro = config.rl, config.train, config.rollout
-    choices = [("rl.kl_kind", rl.kl_kind, ("k1", "k2", "k3")),
+    choices = [("rl.kl_kind", rl.kl_kind, KL_KINDS),
                ("rl.aggregation", rl.aggregation, AGGREGATIONS),
                ("simulator.style", config.simulator.style, PROMPT_STYLES)]
     for key, dtype in (("policy.dtype", config.policy.dtype),
                        ("policy.param_dtype", config.policy.param_dtype),
                        ("simulator.dtype", config.simulator.dtype)):
-        choices.append((key, dtype, ("float32", "bfloat16", "float16")))
+        choices.append((key, dtype, DTYPES))
     for key, value, allowed in choices:
         if value not in allowed:
             raise InputError(f"{key}={value!r}; expected one of {tuple(allowed)}")
@@ -304,8 +305,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         raise InputError(f"config.rl.algorithm={rl.algorithm!r} is not available in "
                          f"zsjax.train; choose one of {ALGORITHMS}")
     _check_values(config)
-    if not workdir or (os.path.exists(workdir) and not os.path.isdir(workdir)):
-        raise InputError(f"workdir {workdir!r} must be a folder (it is created if missing)")
+    check_workdir(workdir)
     if "://" in workdir:
         raise InputError(f"workdir {workdir!r} is a URL; zsjax writes through the local file "
                          "system: give a local path, or with several hosts a shared one (NFS, "
@@ -373,10 +373,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
                          f"{model_configs['reference'].vocab_size}, the policy "
                          f"{model_configs['policy'].vocab_size}")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-    if ckpt.latest_step() is not None and not config.resume:
-        raise InputError(f"{workdir} already holds checkpoints (up to step "
-                         f"{ckpt.latest_step()}); set --config.resume=True to continue the run, "
-                         "or pick a new workdir")
+    ckpt.check_resume(config.resume, workdir)
 
     # --- Models, optimizer, state. -----------------------------------------------------------
     def load(role, **kwargs):
@@ -656,7 +653,8 @@ def _run(config, workdir: str, backend) -> list[dict]:
                     or step + 1 == tc.steps):
                 ckpt.save(step + 1, (state, critic_state), {
                     "step": step + 1, "data_position": stream.position,
-                    "rng": {"seed": config.seed, "scheme": "every draw is keyed by (seed, step, trajectory)"},
+                    "rng": {"seed": config.seed,
+                            "scheme": "every draw is keyed by (seed, step, trajectory)"},
                     "curriculum": {"noise_prob": p, "start": config.curriculum.start,
                                    "end": config.curriculum.end, "base": config.curriculum.base,
                                    "total_steps": tc.steps},

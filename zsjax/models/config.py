@@ -16,6 +16,9 @@ SUPPORTED_ARCHITECTURES = {
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # param and compute dtypes a model may take
+
+
 class ConfigError(ValueError):
     """A model config that zsjax cannot represent."""
 
@@ -66,7 +69,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+            if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; expected float32, bfloat16 "
                                   "or float16")
 

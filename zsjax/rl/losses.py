@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_KINDS = ("k1", "k2", "k3")
 
 
 def aggregate(values_bt: jax.Array, mask_bt: jax.Array, mode: str = "token-mean"
@@ -83,7 +84,7 @@ def kl_estimate(logp_bt, ref_logp_bt, kind: str = "k3") -> jax.Array:
     if kind == "k3":
         log_ratio = jnp.clip(log_ratio, -20.0, 20.0)
         return jnp.minimum(jnp.exp(-log_ratio) + log_ratio - 1.0, 10.0)
-    raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2 or k3")
+    raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")
 
 
 def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, *, clip: float = 0.5,

@@ -48,10 +48,10 @@ class StepCache:
     generated once, across all turns. With `share=True`, or a backend that does not sample
     (its `samples` attribute missing or false), the requests' `sample` is set to 0 first:
     identical search calls of a step, say from rollouts of one question, then get the same
-    documents (less simulator work; the reference's sampling simulator samples each call anew). Call
-    `new_step(step)` between steps: it is passed on to the backend when it has a `new_step`
-    (the in-process simulator seeds its sampling from the step, so a resumed run samples the
-    same documents). `seconds` is the time spent in the backend this step."""
+    documents (less simulator work; the reference's sampling simulator samples each call
+    anew). Call `new_step(step)` between steps: it is passed on to the backend when it has a
+    `new_step` (the in-process simulator seeds its sampling from the step, so a resumed run
+    samples the same documents). `seconds` is the time spent in the backend this step."""
 
     def __init__(self, backend: SearchBackend, *, share: bool = False):
         self.backend, self.share = backend, share

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from zsjax.search.backend import SearchRequest
-from zsjax.search.simulator import chat_messages, postprocess_documents, simulator_prompt
+from zsjax.search.simulator import chat_messages, generation_keys, postprocess_documents
 
 
 class SearchBackendError(RuntimeError):
@@ -110,10 +110,7 @@ class OpenAISimulatorBackend:
         return postprocess_documents(text or "", self.top_k_docs)
 
     def search(self, requests: Sequence[SearchRequest]) -> list[str]:
-        # one call per distinct (prompt, sample): identical requests with their own `sample`
-        # get their own documents, unless decoding is greedy
-        keys = [(simulator_prompt(r, self.style), r.sample if self.temperature > 0 else 0)
-                for r in requests]
+        keys = generation_keys(requests, self.style, self.samples)  # one call each
         unique = list(dict.fromkeys(keys))
         if not unique:
             return []

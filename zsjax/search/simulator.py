@@ -76,6 +76,14 @@ def simulator_prompt(request: SearchRequest, style: str = "finetuned") -> str:
     raise ValueError(f"unknown simulator prompt style {style!r}; expected one of {PROMPT_STYLES}")
 
 
+def generation_keys(requests: Sequence[SearchRequest], style: str, samples: bool
+                    ) -> list[tuple[str, int]]:
+    """(prompt, sample) of each request: a backend generates each distinct one once. One that
+    does not sample (greedy decoding) gives identical prompts one generation whatever their
+    `sample`."""
+    return [(simulator_prompt(r, style), r.sample if samples else 0) for r in requests]
+
+
 def chat_messages(prompt: str) -> list[dict]:
     """The simulator's chat: an empty system message, then the prompt, as the reference sends
     it to its simulator server (without the empty system message, a template such as Qwen2.5's
@@ -144,9 +152,7 @@ class InProcessSimulator:
     def search(self, requests: Sequence[SearchRequest]) -> list[str]:
         if not requests:
             return []
-        # One generation per distinct (prompt, sample); greedy decoding ignores the sample.
-        keys = [(simulator_prompt(r, self.style), r.sample if self.temperature > 0 else 0)
-                for r in requests]
+        keys = generation_keys(requests, self.style, self.samples)
         unique = list(dict.fromkeys(keys))
         result = generate(self.config, self.params, [self._encode(p) for p, _ in unique],
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature,
