@@ -27,6 +27,13 @@ def base_config() -> ml_collections.ConfigDict:
         # rollouts of one question) share one generation: less simulator work, but the same
         # documents across a group.
         "share_documents": False})
+    # The search backend (zsjax.search.factory): "simulator" is the model of `simulator` above,
+    # in this program; "simulator_url" a simulator behind an OpenAI-compatible server (url,
+    # model; prompt style, temperature and lengths from `simulator`); "retriever_url" a real
+    # engine with the Search-R1 retriever API (url, top_k); "bm25" a local JSONL corpus of
+    # {id, title, text} passages (corpus, top_k; its index is cached beside it).
+    c.backend = ml_collections.ConfigDict({"kind": "simulator", "url": "", "model": "",
+                                           "corpus": "", "top_k": 3})
     # QA files: .jsonl {question, golden_answers} or ZeroSearch / Search-R1 parquet.
     # eval_paths: comma-separated files for periodic evaluation (train.eval_every).
     # length_multiple: update batches are padded to a multiple of this many tokens (fewer

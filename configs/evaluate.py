@@ -4,6 +4,10 @@
         --config.policy.path=runs/grpo --config.backend.simulator_path=SIM_HF_DIR \\
         --config.data.paths=data/qa/nq.test.jsonl,data/qa/bamboogle.test.jsonl
 
+    python -m zsjax.evaluate --config configs/evaluate.py --workdir runs/eval_bm25 \\
+        --config.policy.path=runs/grpo --config.backend.kind=bm25 \\
+        --config.backend.corpus=corpus.jsonl --config.data.paths=hotpotqa.test.jsonl
+
     python -m zsjax.evaluate --config configs/evaluate.py:tiny --workdir runs/eval_tiny
 
 `tiny`: the tiny fixture (zsjax.tools.tiny_fixture, built in WORKDIR/fixture) fills every empty
@@ -25,7 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # without the extension. limit 0 = every row, else the first `limit` rows of each file.
     c.data = ml_collections.ConfigDict({"paths": "", "limit": 0})
     c.backend = ml_collections.ConfigDict({
-        "kind": "simulator",  # simulator | simulator_url | retriever_url
+        "kind": "simulator",  # simulator | simulator_url | retriever_url | bm25
         "simulator_path": "",  # kind=simulator: a Hugging Face folder, run in-process
         "dtype": "float32",
         # The simulator's prompt, as in training (config.simulator.style): "finetuned" for
@@ -35,7 +39,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "max_new_tokens": 600, "top_k_docs": 5,
         "url": "",  # kind=simulator_url / retriever_url
         "model": "",  # kind=simulator_url: served model name ("" = the first at /v1/models)
-        "topk": 3,  # documents per retriever query
+        "corpus": "",  # kind=bm25: a JSONL corpus of {id, title, text} passages
+        "top_k": 3,  # kind=retriever_url / bm25: documents per query
     })
     # The reference's evaluation lengths (docs/METHOD.md); decoding is always greedy.
     c.rollout = ml_collections.ConfigDict({

@@ -41,6 +41,23 @@ def check_workdir(workdir: str) -> None:
         raise InputError(f"workdir {workdir!r} must be a folder (it is created if missing)")
 
 
+def repo_config(name: str, arg: str = ""):
+    """configs/NAME.py's get_config(arg), from the repository beside the package (any working
+    directory): how the demo and the recipes build their stages' configs."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "configs", f"{name}.py")
+    if not os.path.isfile(path):
+        raise InputError(f"{path} not found: the demo and the recipes read their configs from "
+                         "the repository's configs/ folder (run them from a clone)")
+    if root not in sys.path:  # the config files import each other as `configs.*`
+        sys.path.append(root)
+    spec = importlib.util.spec_from_file_location(f"zsjax_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def _config_imports_from_its_repository(argv) -> None:
     """Puts the folder above the --config file's folder on sys.path: the config files import
     each other as `configs.*`, which otherwise works from the repository root only."""

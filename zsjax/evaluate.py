@@ -2,7 +2,8 @@
 
     python -m zsjax.evaluate --config configs/evaluate.py --workdir DIR \\
         --config.policy.path=RUN_OR_HF_DIR --config.data.paths=a.jsonl,b.parquet \\
-        [--config.backend.kind=simulator --config.backend.simulator_path=SIM_DIR] [...]
+        [--config.backend.kind=simulator --config.backend.simulator_path=SIM_DIR]
+        [--config.backend.kind=bm25 --config.backend.corpus=CORPUS.jsonl] [...]
 
 Prints a table per dataset (exact match, the reference's "EM" = substring match, F1) and writes
 the same numbers to DIR/eval.json. The policy is a Hugging Face folder, a `zsjax.train` workdir
@@ -26,8 +27,8 @@ from zsjax.rl import rewards
 from zsjax.search import ModelTurnGenerator, RolloutSettings, SearchBackend, rollout
 from zsjax.generate import check_vocab
 from zsjax.search.curriculum import draw_rng
+from zsjax.search.factory import check_backend, make_backend
 
-BACKENDS = ("simulator", "simulator_url", "retriever_url")
 _EXPECTED = ("a Hugging Face model folder (config.json + *.safetensors), a zsjax.train workdir "
              "or its checkpoints/ folder")
 
@@ -37,12 +38,13 @@ _EXPECTED = ("a Hugging Face model folder (config.json + *.safetensors), a zsjax
 def evaluate(config, params, tokenizer, datasets: Mapping[str, Sequence[QARow]],
              backend: SearchBackend, *, settings: RolloutSettings, batch_size: int = 64,
              seed: int = 0, noise_probability: float = 0.0,
-             eos_token_ids: Sequence[int] | None = None, progress: bool = False
-             ) -> dict[str, dict]:
+             eos_token_ids: Sequence[int] | None = None, progress: bool = False,
+             records: dict | None = None) -> dict[str, dict]:
     """Greedy rollouts of every question, in batches; per dataset: n, exact_match,
     substring_match, f1 (means in [0, 1]), answered_fraction, searches_mean,
     response_tokens_mean and seconds. Question i of a dataset draws its noise from (seed, 0, i)
-    and its search calls are numbered by i (`SearchRequest.sample`), whatever the batch size."""
+    and its search calls are numbered by i (`SearchRequest.sample`), whatever the batch size.
+    `records`, a dict, gets each dataset's trajectories (`Trajectory.to_record`, with f1)."""
     from tqdm import tqdm
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -68,6 +70,9 @@ def evaluate(config, params, tokenizer, datasets: Mapping[str, Sequence[QARow]],
                                  trajectory_ids=range(lo, lo + len(batch)))
                 bar.update(len(batch))
         scores = rewards.score([t.answer for t in trajs], [t.golden_answers for t in trajs])
+        if records is not None:
+            records[name] = [{**t.to_record(), "f1": float(f1)}
+                             for t, f1 in zip(trajs, scores["f1"])]
         results[name] = {
             "n": len(trajs),
             "exact_match": float(scores["em"].mean()),
@@ -78,6 +83,34 @@ def evaluate(config, params, tokenizer, datasets: Mapping[str, Sequence[QARow]],
             "response_tokens_mean": float(np.mean([len(t.response_ids) for t in trajs])),
             "seconds": time.time() - t0}
     return results
+
+
+def answer_without_search(config, params, tokenizer, rows: Sequence[QARow], *,
+                          max_new_tokens: int = 16, batch_size: int | None = None,
+                          eos_token_ids: Sequence[int] | None = None) -> dict:
+    """Scores of answering at once, what the policy "knows" without searching: the policy
+    prompt followed by a forced `<answer>`, greedy to `</answer>`; keys as `evaluate`'s
+    (searches_mean 0). `batch_size`: rows per generation (None: all at once)."""
+    from zsjax.sampling import generate
+    from zsjax.search.rollout import prompt_ids
+    if not rows:
+        raise ValueError("answer_without_search: no rows")
+    t0 = time.time()
+    forced = tokenizer.encode("<answer>", add_special_tokens=False)
+    prompts = [prompt_ids(tokenizer, r.question) + forced for r in rows]
+    step = batch_size or len(prompts)
+    answers = []
+    for lo in range(0, len(prompts), step):
+        out = generate(config, params, prompts[lo:lo + step], max_new_tokens=max_new_tokens,
+                       stop_strings=["</answer>"], tokenizer=tokenizer,
+                       eos_token_ids=eos_token_ids)
+        answers += [tokenizer.decode(t, skip_special_tokens=True).split("</answer>")[0].strip()
+                    for t in out.tokens]
+    scores = rewards.score(answers, [r.golden_answers for r in rows])
+    return {"n": len(rows), "exact_match": float(scores["em"].mean()),
+            "substring_match": float(scores["substring"].mean()),
+            "f1": float(scores["f1"].mean()), "answered_fraction": 1.0, "searches_mean": 0.0,
+            "response_tokens_mean": 0.0, "seconds": time.time() - t0}
 
 
 def format_table(results: Mapping[str, dict]) -> str:
@@ -223,11 +256,7 @@ def _check_config(config) -> None:
     if config.batch_size < 1:
         raise ValueError(f"config.batch_size must be >= 1; got {config.batch_size}")
     b = config.backend
-    if b.kind not in BACKENDS:
-        raise ValueError(f"config.backend.kind={b.kind!r} is unknown; choose one of {BACKENDS}")
-    if b.kind in ("simulator_url", "retriever_url") and not b.url:
-        raise ValueError(f"config.backend.kind={b.kind!r} needs config.backend.url "
-                         "(e.g. --config.backend.url=http://127.0.0.1:8000)")
+    check_backend(b.kind, url=b.url, corpus=b.corpus, top_k=b.top_k)
     if b.kind == "simulator":
         if not b.simulator_path:
             raise ValueError("config.backend.kind='simulator' needs "
@@ -237,33 +266,31 @@ def _check_config(config) -> None:
 
 
 def _make_backend(b, policy, seed: int, mesh):
-    """The search backend from config.backend; `policy` = (path, dtype, config, params,
-    tokenizer), reused when the simulator is the policy's own folder."""
-    from zsjax.search.http_backends import OpenAISimulatorBackend, RetrieverBackend
-    from zsjax.search.simulator import InProcessSimulator
-    if b.kind == "retriever_url":
-        return RetrieverBackend(b.url, topk=b.topk)
-    if b.kind == "simulator_url":
-        return OpenAISimulatorBackend(b.url, model=b.get("model") or None,
-                                      style=b.style or "finetuned",
-                                      temperature=b.temperature, max_new_tokens=b.max_new_tokens,
-                                      top_k_docs=b.top_k_docs)
-    path, dtype, *model = policy
-    if os.path.abspath(b.simulator_path) == os.path.abspath(path) and b.dtype == dtype:
-        config, params, tokenizer = model
-    else:
-        from zsjax.generate import load_tokenizer
-        from zsjax.models import load_hf
-        from zsjax.models.config import read_hf_config
-        tokenizer = load_tokenizer(b.simulator_path)
-        check_vocab(tokenizer, read_hf_config(b.simulator_path), f"simulator "
-                     f"{b.simulator_path}")
-        config, params = load_hf(b.simulator_path, dtype=b.dtype, mesh=mesh)
-    from zsjax.generate import eos_ids
-    return InProcessSimulator(config, params, tokenizer, style=b.style or "finetuned",
-                              temperature=b.temperature, max_new_tokens=b.max_new_tokens,
-                              top_k_docs=b.top_k_docs, seed=seed,
-                              eos_token_ids=eos_ids(b.simulator_path, config, tokenizer))
+    """The search backend from config.backend (`zsjax.search.factory`); `policy` = (path,
+    dtype, config, params, tokenizer), reused when the simulator is the policy's own folder."""
+    def simulator():
+        path, dtype, *model = policy
+        if os.path.abspath(b.simulator_path) == os.path.abspath(path) and b.dtype == dtype:
+            config, params, tokenizer = model
+        else:
+            from zsjax.generate import load_tokenizer
+            from zsjax.models import load_hf
+            from zsjax.models.config import read_hf_config
+            tokenizer = load_tokenizer(b.simulator_path)
+            check_vocab(tokenizer, read_hf_config(b.simulator_path), f"simulator "
+                         f"{b.simulator_path}")
+            config, params = load_hf(b.simulator_path, dtype=b.dtype, mesh=mesh)
+        from zsjax.generate import eos_ids
+        from zsjax.search.simulator import InProcessSimulator
+        return InProcessSimulator(config, params, tokenizer, style=b.style or "finetuned",
+                                  temperature=b.temperature, max_new_tokens=b.max_new_tokens,
+                                  top_k_docs=b.top_k_docs, seed=seed,
+                                  eos_token_ids=eos_ids(b.simulator_path, config, tokenizer))
+
+    return make_backend(b.kind, url=b.url, model=b.get("model") or "", corpus=b.corpus,
+                        top_k=b.top_k, style=b.style or "finetuned", temperature=b.temperature,
+                        max_new_tokens=b.max_new_tokens, top_k_docs=b.top_k_docs,
+                        simulator=simulator)
 
 
 def run(config, workdir: str) -> dict[str, dict]:

@@ -3,6 +3,7 @@
     python -m zsjax.infer --policy DIR --simulator DIR --question "Who wrote Hamlet?"
     python -m zsjax.infer --policy DIR --simulator-url http://127.0.0.1:8000 --question ...
     python -m zsjax.infer --policy DIR --retriever-url http://127.0.0.1:8000 --question ...
+    python -m zsjax.infer --policy DIR --corpus corpus.jsonl --question ...   # local BM25
 
 On a terminal, the simulator's documents are shown in colour, set apart from the policy's text.
 """
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument("--simulator", help="simulator: Hugging Face model folder (in-process)")
     backend.add_argument("--simulator-url", help="OpenAI-compatible simulator server URL")
     backend.add_argument("--retriever-url", help="Search-R1 retriever URL (POST /retrieve)")
+    backend.add_argument("--corpus", help="a JSONL corpus of {id, title, text} passages: "
+                         "search it with BM25 (zsjax.search.bm25; the index is cached beside it)")
     p.add_argument("--question", required=True)
     p.add_argument("--answer", action="append", default=[],
                    help="golden answer(s): the simulator prompt uses the first")
@@ -44,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "server lists at /v1/models)")
     p.add_argument("--simulator-temperature", type=float, default=0.8)
     p.add_argument("--simulator-max-new-tokens", type=int, default=600)
-    p.add_argument("--topk", type=int, default=3, help="documents per retriever query")
+    p.add_argument("--topk", type=int, default=3,
+                   help="documents per query, for --retriever-url and --corpus")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -53,28 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_backend(args, policy_dir, policy_model):
-    from zsjax.search.http_backends import OpenAISimulatorBackend, RetrieverBackend
-    from zsjax.search.simulator import InProcessSimulator
-    if args.retriever_url:
-        return RetrieverBackend(args.retriever_url, topk=args.topk)
-    style = args.simulator_style
-    if args.simulator_url:
-        return OpenAISimulatorBackend(args.simulator_url, model=args.simulator_model,
-                                      style=style,
-                                      temperature=args.simulator_temperature,
-                                      max_new_tokens=args.simulator_max_new_tokens)
-    from zsjax.generate import load_tokenizer
-    from zsjax.models import load_hf
-    if os.path.abspath(args.simulator) == os.path.abspath(policy_dir):
-        config, params, tokenizer = policy_model
-    else:
-        config, params = load_hf(args.simulator, dtype=args.dtype)
-        tokenizer = load_tokenizer(args.simulator)
-    from zsjax.generate import eos_ids
-    return InProcessSimulator(config, params, tokenizer, style=style,
-                              temperature=args.simulator_temperature,
-                              max_new_tokens=args.simulator_max_new_tokens, seed=args.seed,
-                              eos_token_ids=eos_ids(args.simulator, config, tokenizer))
+    from zsjax.search.factory import make_backend as make
+
+    def simulator():
+        from zsjax.generate import eos_ids, load_tokenizer
+        from zsjax.models import load_hf
+        from zsjax.search.simulator import InProcessSimulator
+        if os.path.abspath(args.simulator) == os.path.abspath(policy_dir):
+            config, params, tokenizer = policy_model
+        else:
+            config, params = load_hf(args.simulator, dtype=args.dtype)
+            tokenizer = load_tokenizer(args.simulator)
+        return InProcessSimulator(config, params, tokenizer, style=args.simulator_style,
+                                  temperature=args.simulator_temperature,
+                                  max_new_tokens=args.simulator_max_new_tokens, seed=args.seed,
+                                  eos_token_ids=eos_ids(args.simulator, config, tokenizer))
+
+    kind = ("retriever_url" if args.retriever_url else "simulator_url" if args.simulator_url
+            else "bm25" if args.corpus else "simulator")
+    return make(kind, url=args.retriever_url or args.simulator_url or "",
+                model=args.simulator_model or "", corpus=args.corpus or "", top_k=args.topk,
+                style=args.simulator_style, temperature=args.simulator_temperature,
+                max_new_tokens=args.simulator_max_new_tokens, simulator=simulator)
 
 
 def main(argv=None) -> int:
@@ -86,6 +90,17 @@ def main(argv=None) -> int:
         parser.error(f"--top-p must be in (0, 1]; got {args.top_p}")
     if args.temperature < 0:
         parser.error(f"--temperature must be >= 0 (0: greedy); got {args.temperature}")
+    if not args.question.strip():
+        parser.error("--question is empty")
+    if args.topk < 1:
+        parser.error(f"--topk must be >= 1; got {args.topk}")
+    if args.corpus:  # a missing or malformed corpus is reported before any model loads
+        from zsjax.search.bm25 import read_corpus
+        try:
+            read_corpus(args.corpus)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from zsjax.search import RolloutSettings
     try:  # before any model loads
         settings = RolloutSettings(max_turns=args.max_turns,

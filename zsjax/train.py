@@ -93,12 +93,14 @@ def _meshes(config, mesh):
         raise InputError(f"config.rollout_mesh / simulator_mesh: {e}") from None
 
 
-def _paths(config, workdir: str, backend=None) -> dict[str, str]:
-    """The policy, reference, simulator and training-data paths; the tiny fixture is built for
-    the empty ones when `config.fixture` is set (configs/tiny.py)."""
+def _paths(config, workdir: str, external: bool = False) -> dict[str, str]:
+    """The policy, reference, simulator and training-data paths (no simulator when the search
+    backend is `external` to this program: a given one, or config.backend.kind other than
+    simulator); the tiny fixture is built for the empty ones when `config.fixture` is set
+    (configs/tiny.py)."""
     paths = {"policy": config.policy.path, "reference": config.reference.path,
              "simulator": config.simulator.path, "train": config.data.train_path}
-    needed = ("policy", "train") if backend is not None else ("policy", "simulator", "train")
+    needed = ("policy", "train") if external else ("policy", "simulator", "train")
     missing = [k for k in needed if not paths[k]]
     if missing and config.get("smollm2", False):
         import jax
@@ -289,11 +291,13 @@ class _NaNGuard:
 def run(config, workdir: str, *, backend=None) -> list[dict]:
     """Trains per `config`; returns the per-step metrics. Importable (tests, notebooks).
 
-    `backend`: a `zsjax.search.SearchBackend` to search instead of the in-process simulator
-    (a retriever, or the demo world's perfect search engine); the simulator model is then not
-    loaded (nor its path required), and evaluation during training uses this backend too. The
-    curriculum still marks requests noisy with its probability; a backend that ignores the flag
-    serves useful documents regardless, so set the curriculum to 0 for an honest
+    `backend`: a `zsjax.search.SearchBackend` to search instead of the one `config.backend`
+    names (the in-process simulator by default; a simulator server, a Search-R1 retriever or a
+    local BM25 corpus: `zsjax.search.factory`), such as the demo world's perfect search engine.
+    With any backend but the in-process simulator, the simulator model is not loaded (nor its
+    path required), and evaluation during training uses that backend too. The curriculum still
+    marks requests noisy with its probability; a backend that ignores the flag (a retriever,
+    BM25) serves the same documents regardless, so set the curriculum to 0 for an honest
     `noisy_fraction`.
 
     One run at a time holds a workdir (a lock file, `WORKDIR/.lock`, on process 0): a second
@@ -333,6 +337,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
     from zsjax.rl import update as U
     from zsjax.search import ModelTurnGenerator, RolloutSettings, StepCache, rollout
     from zsjax.search.curriculum import draw_rng, noise_probability
+    from zsjax.search.factory import check_backend, make_backend
     from zsjax.search.simulator import InProcessSimulator
 
     rl, tc = config.rl, config.train
@@ -343,7 +348,13 @@ def _run(config, workdir: str, backend) -> list[dict]:
     except ValueError as e:
         raise InputError(f"config.mesh: {e}") from None
     _check_batch(config, mesh)
-    paths = _paths(config, workdir, backend)
+    b = config.backend
+    try:
+        check_backend(b.kind, url=b.url, corpus=b.corpus, top_k=b.top_k)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from None
+    external = backend is not None or b.kind != "simulator"
+    paths = _paths(config, workdir, external)
     rows = _load_rows(paths["train"])
     eval_sets = _eval_sets(config)
     if jax.process_count() > 1 and (mesh is None or mesh.size != jax.device_count()):
@@ -357,14 +368,14 @@ def _run(config, workdir: str, backend) -> list[dict]:
     rollout_mesh, sim_mesh = _meshes(config, mesh)
     use_ref = bool(rl.kl_coef) or rl.algorithm in ("reinforce_pp", "ppo")
     roles = {"policy": paths["policy"]}
-    if backend is None:
+    if not external:
         roles["simulator"] = paths["simulator"]
     if use_ref:
         roles["reference"] = paths["reference"]
     model_configs = {role: _check_model_dir(p, role) for role, p in roles.items()}
     tokenizer = load_tokenizer(paths["policy"])
     _check_tokenizer(tokenizer, model_configs["policy"], paths["policy"], "policy")
-    if backend is None:
+    if not external:
         sim_tokenizer = load_tokenizer(paths["simulator"])
         _check_tokenizer(sim_tokenizer, model_configs["simulator"], paths["simulator"],
                          "simulator")
@@ -385,6 +396,11 @@ def _run(config, workdir: str, backend) -> list[dict]:
                                  param_dtype=config.policy.param_dtype, mesh=mesh)
     ref_params = (load("reference", dtype=config.policy.dtype, mesh=mesh)[1]
                   if use_ref else None)
+    if backend is None and external:  # config.backend: a server or a local engine
+        sc = config.simulator
+        backend = make_backend(b.kind, url=b.url, model=b.model, corpus=b.corpus,
+                               top_k=b.top_k, style=sc.style, temperature=sc.temperature,
+                               max_new_tokens=sc.max_new_tokens, top_k_docs=sc.top_k_docs)
     if backend is None:
         sim_config, sim_params = load("simulator", dtype=config.simulator.dtype, mesh=sim_mesh)
         sim_model = InProcessSimulator(

@@ -179,8 +179,9 @@ def test_retriever_backend_formats_documents():
 
     with _Server(handler) as srv:
         docs = RetrieverBackend(srv.url, topk=2).search(REQS[:2])
-    assert docs[0] == "Doc 1: (Title: Title q1) Text about q1.\nDoc 2: (Title: Other) More on q1."
-    assert docs[1].startswith("Doc 1: (Title: Title q2)")
+    # Search-R1's format of retrieved passages: f"Doc {i}(Title: {title}) {text}"
+    assert docs[0] == "Doc 1(Title: Title q1) Text about q1.\nDoc 2(Title: Other) More on q1."
+    assert docs[1].startswith("Doc 1(Title: Title q2)")
 
 
 def test_retriever_result_count_mismatch():

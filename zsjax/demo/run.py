@@ -206,16 +206,8 @@ def policy_rows(world: W.World, questions: list[W.Question], docs: int, seed: in
 # --- 5-6. RL and evaluation ------------------------------------------------------------------
 
 def _config(name: str, arg: str = ""):
-    """configs/NAME.py's get_config(arg), found beside the package (any working directory)."""
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(W.__file__))))
-    if root not in sys.path:  # the config files import each other as `configs.*`
-        sys.path.append(root)
-    path = os.path.join(root, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"zsjax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    from zsjax.cli import repo_config
+    return repo_config(name, arg)
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> str:
@@ -263,7 +255,7 @@ def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Q
     """Test F1/EM per backend (simulator, perfect search engine) and question type, plus the
     score of answering without searching."""
     from zsjax.data.qa import QARow
-    from zsjax.evaluate import evaluate, load_policy
+    from zsjax.evaluate import answer_without_search, evaluate, load_policy
     from zsjax.search import RolloutSettings
     from zsjax.search.simulator import InProcessSimulator
     config, params, tok = load_policy(model_dir)
@@ -287,23 +279,6 @@ def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Q
                       for k in ("f1", "exact_match", "substring_match", "searches_mean")}
         res["all"]["n"] = n
     return out
-
-
-def answer_without_search(config, params, tok, rows) -> dict:
-    """Scores of answering at once: the policy prompt followed by a forced `<answer>`, greedy
-    to `</answer>` (what the policy "knows" without searching)."""
-    from zsjax.rl import rewards
-    from zsjax.sampling import generate
-    from zsjax.search.rollout import prompt_ids
-    forced = tok.encode("<answer>", add_special_tokens=False)
-    out = generate(config, params, [prompt_ids(tok, r.question, False) + forced for r in rows],
-                   max_new_tokens=16, stop_strings=["</answer>"], tokenizer=tok)
-    answers = [tok.decode(t, skip_special_tokens=True).split("</answer>")[0].strip()
-               for t in out.tokens]
-    scores = rewards.score(answers, [r.golden_answers for r in rows])
-    return {"n": len(rows), "f1": float(scores["f1"].mean()),
-            "exact_match": float(scores["em"].mean()),
-            "substring_match": float(scores["substring"].mean()), "searches_mean": 0.0}
 
 
 def simulator_accuracy(sim_dir: str, world: W.World, docs: int, n: int = 64,

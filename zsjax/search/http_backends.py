@@ -4,7 +4,8 @@
   concurrent requests, per-request timeouts, bounded retries with exponential backoff, and a
   clear error naming the URL when the server is down (the reference retries forever).
 - `RetrieverBackend`: the Search-R1 retriever API, `POST /retrieve` with
-  `{"queries": [...], "topk": k}`; documents are formatted as `Doc i:` lines. For evaluation.
+  `{"queries": [...], "topk": k}`; documents are formatted as the reference formats them,
+  `Doc i(Title: ...) text` lines.
 """
 
 from __future__ import annotations
@@ -122,14 +123,16 @@ class OpenAISimulatorBackend:
 
 
 def format_retrieved(items: list) -> str:
-    """Search-R1 retriever results -> `Doc i: (Title: ...) text` lines."""
-    lines = []
-    for i, item in enumerate(items, 1):
+    """Search-R1 retriever results (`contents` = "title\ntext") -> the reference's
+    `Doc i(Title: ...) text` lines (`zsjax.search.bm25.format_passages`)."""
+    from zsjax.search.bm25 import Passage, format_passages
+    passages = []
+    for item in items:
         doc = item.get("document", item) if isinstance(item, dict) else {"contents": str(item)}
-        contents = str(doc.get("contents", "")).strip()
-        title, _, text = contents.partition("\n")
-        lines.append(f"Doc {i}: (Title: {title.strip()}) {text.strip()}".rstrip())
-    return "\n".join(lines)
+        title, _, text = str(doc.get("contents", "")).strip().partition("\n")
+        passages.append(Passage("", title.strip(), text.strip()) if text.strip()
+                        else Passage("", "", title.strip()))
+    return format_passages(passages)
 
 
 class RetrieverBackend:

@@ -1,0 +1,1 @@
+"""End-to-end recipes on real data: `python -m zsjax.recipes.hotpotqa --workdir DIR [--quick]`."""
