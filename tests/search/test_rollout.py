@@ -267,3 +267,25 @@ def test_split_batch_samples_what_the_whole_batch_does(smollm2_short, tokenizer)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
     shifted = run([0, 1], [2, 3])  # other ids: other draws
     assert [t.token_ids for t in shifted] != [t.token_ids for t in whole[:2]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prompt_prefix_changes_nothing(smollm2_short, tokenizer, temperature):
+    """The first turn prefills the prompts' common prefix once (share_prefix): the same tokens
+    and logprobs as prefilling each prompt whole, greedy or sampled."""
+    config, params = smollm2_short
+    settings = RolloutSettings(max_turns=2, max_response_tokens=12, temperature=temperature)
+    qs = ["What is the capital of France?", "Who wrote Hamlet?", "Name a colour.", "Why?",
+          "Who painted the Mona Lisa?"]
+    runs = {}
+    for share in (False, True):
+        gen = ModelTurnGenerator(config, params, tokenizer, settings, share_prefix=share)
+        runs[share] = [rollout(qs[lo:hi], [["x"]] * (hi - lo), tokenizer=tokenizer,
+                               generate_fn=gen, backend=FunctionBackend(_docs),
+                               settings=settings, seed=2, trajectory_ids=range(lo, hi))
+                       for lo, hi in ((0, 3), (3, 5))]  # two batches: the prefix is reused
+        if share:
+            assert len(gen._prefix[0]) >= 100  # the chat template and the instructions
+    for a, b in zip(sum(runs[False], []), sum(runs[True], [])):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-4)

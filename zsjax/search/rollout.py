@@ -149,18 +149,45 @@ class TurnGenerator(Protocol):
         """One generation per row of `inputs`, in order."""
 
 
+MIN_SHARED_PREFIX = 32  # tokens: a shorter common prefix is prefilled with each row
+
+
 class ModelTurnGenerator:
     """Generates turns with `zsjax.sampling`, re-prefilling or reusing the KV cache.
-    `shrink_above`: see `zsjax.sampling.generate` (0: the batch never shrinks)."""
+    `shrink_above`: see `zsjax.sampling.generate` (0: the batch never shrinks).
+
+    With KV reuse, the first turn prefills the rows' common prefix once (the policy prompt's
+    instructions, 150 of SmolLM2's 170 prompt tokens) and copies its cache to every row, which
+    then prefills only its own question: `share_prefix`. The prefix's cache is kept for the
+    generator's next batches."""
 
     def __init__(self, config, params, tokenizer, settings: RolloutSettings, *,
                  kv_reuse: bool = True, eos_token_ids: Sequence[int] | None = None,
-                 shrink_above: int = SHRINK_ABOVE):
+                 shrink_above: int = SHRINK_ABOVE, share_prefix: bool = True):
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.settings, self.kv_reuse, self.eos_token_ids = settings, kv_reuse, eos_token_ids
-        self.shrink_above = shrink_above
+        self.shrink_above, self.share_prefix = shrink_above, share_prefix
         self._session = None
         self._rows: list[int] = []
+        self._prefix: tuple[tuple[int, ...], object] | None = None  # (tokens, its session)
+
+    def _shared_prefix(self, contexts: list[list[int]]):
+        """(the session of the contexts' common prefix, its length), or (None, 0) when it is
+        shorter than MIN_SHARED_PREFIX; each row keeps at least one token of its own."""
+        n = min(len(c) for c in contexts) - 1
+        first = contexts[0]
+        for c in contexts[1:]:
+            n = next((i for i in range(n) if c[i] != first[i]), n)
+        if n < MIN_SHARED_PREFIX:
+            return None, 0
+        key = tuple(first[:n])
+        if self._prefix is None or self._prefix[0] != key:
+            # A one-token generation fills the prefix's cache; the token is then forgotten.
+            _, session = continue_generate(self.config, self.params, [list(key)], session=None,
+                                           max_new_tokens=1, tokenizer=self.tokenizer,
+                                           eos_token_ids=self.eos_token_ids, shrink_above=0)
+            self._prefix = (key, session.drop_last_token([0]))
+        return self._prefix[1], n
 
     def _kwargs(self, inputs: TurnInputs):
         s = self.settings
@@ -174,6 +201,11 @@ class ModelTurnGenerator:
             return generate(self.config, self.params, inputs.contexts, **self._kwargs(inputs))
         if inputs.turn == 0 or any(inputs.truncated) or self._session is None:
             session, chunks = None, inputs.contexts  # (re)start from whole contexts
+            prefix, n = (self._shared_prefix(chunks) if self.share_prefix and len(chunks) > 1
+                         else (None, 0))
+            if prefix is not None:  # select() copies: the prefix's own cache stays as it is
+                session = prefix.select([0] * len(chunks), mesh=_mesh_of(self.params))
+                chunks = [c[n:] for c in chunks]
         else:
             where = {r: k for k, r in enumerate(self._rows)}
             session = self._session.drop_last_token(
