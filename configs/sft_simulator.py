@@ -25,6 +25,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "steps": 1000, "batch_size": 32, "micro_batches": 1, "lr": 1e-6, "warmup_steps": 0,
         "weight_decay": 0.01, "grad_clip": 1.0, "seed": 0, "remat": False,
         "log_every": 10, "checkpoint_every": 200, "keep_checkpoints": 3,
+        # a regex over param paths left out of training and of the backward pass (see
+        # configs/common.py's rl.freeze)
+        "freeze": "",
     })
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.resume = True  # pick up the latest checkpoint in workdir/checkpoints

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -68,8 +69,12 @@ def run(config, workdir: str) -> dict:
                                            use_chat_template=chat) for r in rows]
     except (FileNotFoundError, ValueError) as e:  # ConfigError, CheckpointError among them
         raise InputError(str(e)) from None
-    tx = U.make_optimizer(tc.lr, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
-                          grad_clip=tc.grad_clip)
+    try:
+        tx = U.make_optimizer(tc.lr, warmup_steps=tc.warmup_steps,
+                              weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
+                              freeze=tc.freeze)
+    except (ValueError, re.error) as e:  # a bad pattern, or one matching nothing
+        raise InputError(f"train.freeze: {e}") from None
     state = U.init_state(params, tx)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     ckpt.check_resume(config.resume, workdir)
@@ -102,7 +107,8 @@ def run(config, workdir: str) -> dict:
             if key not in steps_fns:
                 steps_fns[key] = U.jit_step(U.supervised_step, state, batch, mesh=mesh,
                                             config=model_config, tx=tx, n_micro=tc.micro_batches,
-                                            remat=tc.remat, logits_from=key[1])
+                                            remat=tc.remat, logits_from=key[1],
+                                            freeze=tc.freeze)
             state, m = U.run_step(steps_fns[key], state, batch)
             last = {"step": step + 1, **{k: round(v, 6) for k, v in m.items()}}
             with open(metrics_path, "a") as f:

@@ -585,7 +585,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
                         step_fns[key] = U.make_policy_step(
                             state, mb, config=policy_config, tx=tx, cfg=loss_cfg,
                             n_micro=size // micro, mesh=mesh, remat=rl.remat,
-                            logits_from=logits_from)
+                            logits_from=logits_from, freeze=rl.freeze)
                     state, m = U.run_step(step_fns[key], state, mb)
                     if critic_state is not None:
                         if ("critic", width, size) not in step_fns:

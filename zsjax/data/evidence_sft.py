@@ -114,9 +114,10 @@ def simulator_pairs(rows: Sequence[EvidenceRow], index: BM25Index, *, docs: int 
     return out
 
 
-THINK_SEARCH = "<think> I need more information to answer this question. </think>\n"
+# Short thoughts: every token a turn decodes costs rollout time.
+THINK_SEARCH = "<think> I need to search for this. </think>\n"
 THINK_AGAIN = "<think> I should also look up {entity}. </think>\n"
-THINK_ANSWER = "<think> The documents mention {span}. </think>\n"
+THINK_ANSWER = "<think> I can answer now. </think>\n"
 
 
 def _answer_candidates(row: EvidenceRow, documents: Sequence[Passage]) -> list[str]:
@@ -170,7 +171,6 @@ def cold_start_rows(rows: Sequence[EvidenceRow], index: BM25Index, *, per_questi
                 span = row.golden_answers[0]
             else:
                 span = rng.choice(wrong)
-            segments.append({"text": THINK_ANSWER.format(span=span)
-                             + f"<answer> {span} </answer>", "loss": 1})
+            segments.append({"text": f"{THINK_ANSWER}<answer> {span} </answer>", "loss": 1})
             out.append({"question": row.question, "segments": segments})
     return out

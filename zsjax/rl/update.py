@@ -85,19 +85,24 @@ def make_optimizer(lr: float = 1e-6, *, warmup_steps: int = 0, weight_decay: flo
                      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
     if not freeze:
         return tx
-    pattern = re.compile(freeze)
 
     def labels(params):
-        out = jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if pattern.search(jax.tree_util.keystr(path)) else "train",
-            params)
-        if "frozen" not in jax.tree.leaves(out):
-            first = jax.tree_util.tree_flatten_with_path(params)[0][0][0]
-            raise ValueError(f"freeze={freeze!r} matches no parameter; paths look like "
-                             f"{jax.tree_util.keystr(first)}")
-        return out
+        return jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask(params, freeze))
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def frozen_mask(params, freeze: str):
+    """A pytree of bools like `params`: True where the regex `freeze` is found in the param's
+    path (`jax.tree_util.keystr`); an error when it matches nothing."""
+    pattern = re.compile(freeze)
+    out = jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(pattern.search(jax.tree_util.keystr(path))), params)
+    if not any(jax.tree.leaves(out)):
+        first = jax.tree_util.tree_flatten_with_path(params)[0][0][0]
+        raise ValueError(f"freeze={freeze!r} matches no parameter; paths look like "
+                         f"{jax.tree_util.keystr(first)}")
+    return out
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
@@ -242,19 +247,36 @@ def _split(batch, n_micro: int):
     return jax.tree.map(split, batch)
 
 
-def _accumulate(loss_fn, params, batch, n_micro: int):
-    """Sums (grads, metric sums) of loss_fn over micro-batches with a scan."""
+def _accumulate(loss_fn, params, batch, n_micro: int, freeze: str = ""):
+    """Sums (grads, metric sums) of loss_fn over micro-batches with a scan.
+
+    `freeze`: the params whose path matches it (`frozen_mask`) get zero gradients without
+    computing them: the loss is differentiated with respect to the others only, so no backward
+    pass runs through what depends on frozen params alone (frozen lower layers and embeddings
+    cost their forward pass only)."""
     micro = _split(batch, n_micro)
+    leaves, treedef = jax.tree.flatten(params)
+    flags = jax.tree.leaves(frozen_mask(params, freeze)) if freeze else [False] * len(leaves)
+    frozen = [x for x, f in zip(leaves, flags) if f]
+
+    def merge(trained, fixed):
+        t, x = iter(trained), iter(fixed)
+        return treedef.unflatten([next(x) if f else next(t) for f in flags])
+
+    def loss_of_trained(trained, mb):
+        return loss_fn(merge(trained, frozen), mb)
 
     def body(acc, mb):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+        (_, metrics), grads = jax.value_and_grad(loss_of_trained, has_aux=True)(trained, mb)
         return jax.tree.map(jnp.add, acc, (grads, metrics)), None
 
+    trained = [x for x, f in zip(leaves, flags) if not f]
     first = jax.tree.map(lambda x: x[0], micro)
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda p, b: (jax.grad(lambda q: loss_fn(q, b)[0])(p), loss_fn(p, b)[1]), params, first))
+        lambda p, b: (jax.grad(lambda q: loss_of_trained(q, b)[0])(p),
+                      loss_of_trained(p, b)[1]), trained, first))
     (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-    return grads, metrics
+    return merge(grads, [jnp.zeros_like(x) for x in frozen]), metrics
 
 
 def _apply(state: TrainState, grads, tx, metrics: dict):
@@ -272,13 +294,14 @@ def _apply(state: TrainState, grads, tx, metrics: dict):
 
 def policy_gradients(params, batch: Batch, *, config: ModelConfig, cfg: LossConfig,
                      n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES,
-                     remat: bool = False, logits_from: int = 0):
+                     remat: bool = False, logits_from: int = 0, freeze: str = ""):
     """Gradient of the batch's loss (its global mean under cfg.aggregation) and metrics.
 
     `logits_from` (static) skips the logits of positions < logits_from: every row's loss mask
     must be 0 at t <= logits_from (those tokens' logprobs would be taken as 0). A batch whose
     prompts fill the first P positions of every row can use any logits_from <= P - 1 and get
-    the same step with less work; see `loss_start`."""
+    the same step with less work; see `loss_start`. `freeze`: params left out of the
+    gradient (zeros; see `_accumulate`)."""
     model = Decoder(config, mesh, sharding.as_rules(rules), remat=remat)
     denom = L.aggregate(batch.loss_mask, batch.loss_mask, cfg.aggregation)[1]
 
@@ -287,7 +310,7 @@ def policy_gradients(params, batch: Batch, *, config: ModelConfig, cfg: LossConf
                                         cfg.temperature, logits_from)
         return policy_terms(logp, entropy, mb, cfg)
 
-    grads, sums = _accumulate(loss_fn, params, batch, n_micro)
+    grads, sums = _accumulate(loss_fn, params, batch, n_micro, freeze)
     scale = 1.0 / jnp.maximum(denom, 1.0)
     grads = jax.tree.map(lambda g: g * scale, grads)
     metrics = {k: v * scale for k, v in sums.items()}
@@ -298,12 +321,13 @@ def policy_gradients(params, batch: Batch, *, config: ModelConfig, cfg: LossConf
 
 def policy_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg: LossConfig,
                 n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False,
-                logits_from: int = 0):
+                logits_from: int = 0, freeze: str = ""):
     """One optimizer step on the policy; returns (new state, metrics). Unjitted: see
-    `make_policy_step` for the sharded, jitted, donated version."""
+    `make_policy_step` for the sharded, jitted, donated version. `freeze`: the optimizer's
+    (`make_optimizer`), whose params are then not differentiated at all."""
     grads, metrics = policy_gradients(state.params, batch, config=config, cfg=cfg,
                                       n_micro=n_micro, mesh=mesh, rules=rules, remat=remat,
-                                      logits_from=logits_from)
+                                      logits_from=logits_from, freeze=freeze)
     return _apply(state, grads, tx, metrics), metrics
 
 
@@ -342,10 +366,12 @@ def jit_step(step_fn, state: TrainState, batch_like: Batch, *, mesh=None,
 
 def make_policy_step(state: TrainState, batch_like: Batch, *, config: ModelConfig, tx,
                      cfg: LossConfig, n_micro: int = 1, mesh=None,
-                     rules=sharding.DEFAULT_RULES, remat: bool = False, logits_from: int = 0):
+                     rules=sharding.DEFAULT_RULES, remat: bool = False, logits_from: int = 0,
+                     freeze: str = ""):
     """`policy_step`, jitted and sharded (see `jit_step`)."""
     return jit_step(policy_step, state, batch_like, mesh=mesh, rules=rules, config=config, tx=tx,
-                    cfg=cfg, n_micro=n_micro, remat=remat, logits_from=logits_from)
+                    cfg=cfg, n_micro=n_micro, remat=remat, logits_from=logits_from,
+                    freeze=freeze)
 
 
 def loss_start(loss_mask_bt, multiple: int = 16) -> int:
@@ -486,10 +512,10 @@ def run_step(step_fn, state, batch: Batch):
 
 def supervised_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx,
                     n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES,
-                    remat: bool = False, logits_from: int = 0):
+                    remat: bool = False, logits_from: int = 0, freeze: str = ""):
     """One step of masked next-token cross-entropy: the mean over tokens with loss_mask 1
     (e.g. the simulator's documents). Uses batch.tokens, attention_mask and loss_mask only.
-    `logits_from` as in `policy_gradients`."""
+    `logits_from` and `freeze` as in `policy_gradients`."""
     model = Decoder(config, mesh, sharding.as_rules(rules), remat=remat)
     denom = batch.loss_mask.sum()
 
@@ -499,7 +525,7 @@ def supervised_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx,
         nll = -(logp * mb.loss_mask).sum()
         return nll, {"loss": nll}
 
-    grads, sums = _accumulate(loss_fn, state.params, batch, n_micro)
+    grads, sums = _accumulate(loss_fn, state.params, batch, n_micro, freeze)
     scale = 1.0 / jnp.maximum(denom, 1.0)
     grads = jax.tree.map(lambda g: g * scale, grads)
     metrics = {"loss": sums["loss"] * scale, "grad_norm": optax.global_norm(grads),
