@@ -12,6 +12,8 @@ from collections import Counter
 
 import jax
 import numpy as np
+
+import zsjax.search
 import pytest
 
 from configs import evaluate as eval_configs
@@ -242,6 +244,26 @@ def test_run_end_to_end_from_a_checkpoint(trained, fixture, tmp_path, capsys):
         assert name in out
 
 
+def test_run_with_a_local_bm25_engine(fixture, tmp_path):
+    """backend.kind=bm25: the corpus's passages reach the trajectories, in the reference's
+    format, and no simulator is loaded."""
+    rows = tiny_fixture.qa_rows()
+    qa = _write_qa(tmp_path / "capitals.jsonl", rows)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "title": r["golden_answers"][0],
+                                          "text": f"{r['golden_answers'][0]} is a capital."})
+                              + "\n" for i, r in enumerate(rows)))
+    config = _config(fixture["policy"], str(tmp_path / "no_simulator"), qa,
+                     backend__kind="bm25", backend__corpus=str(corpus), backend__top_k=2)
+    config.tiny_fixture = False
+    backend = E._make_backend(config.backend, ("", "float32", None, None, None), 0, None)
+    docs = backend.search([zsjax.search.SearchRequest("Vex capital", "q", ("Vex",))])
+    assert docs[0].splitlines()[0] == "Doc 1(Title: Vex) Vex is a capital."
+    results = E.run(config, str(tmp_path / "eval"))
+    assert results["capitals"]["n"] == len(rows)
+    assert json.load(open(tmp_path / "eval" / "eval.json"))["backend"] == "bm25"
+
+
 def test_simulator_prompt_defaults_to_training_s_even_with_a_chat_template(fixture, tmp_path):
     """A fine-tuned simulator keeps its base model's chat template (Qwen2.5-Instruct): the
     evaluation must still prompt it as training does (`finetuned`), not switch to the
@@ -285,6 +307,8 @@ def test_help_and_one_line_errors(tmp_path):
     ("missing url", ValueError, "kind='simulator_url' needs config.backend.url"),
     ("missing simulator", FileNotFoundError, "model dir .*nowhere does not exist"),
     ("no policy", ValueError, "config.policy.path is empty"),
+    ("bm25 without corpus", ValueError, "kind='bm25' needs config.backend.corpus"),
+    ("malformed corpus", ValueError, r"corpus.jsonl:2: not valid JSON"),
 ])
 def test_run_rejects_bad_input_before_loading_models(fixture, tmp_path, monkeypatch, case,
                                                      error, match):
@@ -311,6 +335,11 @@ def test_run_rejects_bad_input_before_loading_models(fixture, tmp_path, monkeypa
         simulator = str(tmp_path / "nowhere")
     elif case == "no policy":
         policy = ""
+    elif case == "bm25 without corpus":
+        changes["backend__kind"] = "bm25"
+    elif case == "malformed corpus":
+        (tmp_path / "corpus.jsonl").write_text('{"id": "1", "text": "a"}\n{"id": \n')
+        changes.update(backend__kind="bm25", backend__corpus=str(tmp_path / "corpus.jsonl"))
     config = _config(policy, simulator, paths, **changes)
     config.tiny_fixture = False
     with pytest.raises(error, match=match):

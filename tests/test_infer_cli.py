@@ -25,3 +25,17 @@ def test_infer_cli_needs_exactly_one_backend(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "zsjax.infer", "--policy", str(tmp_path),
                            "--question", "q"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "one of the arguments" in proc.stderr
+
+
+def test_infer_cli_bad_corpus_is_one_line_before_any_model_loads(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "1", "text": "a"}\n["not", "a", "passage"]\n')
+    proc = subprocess.run([sys.executable, "-m", "zsjax.infer", "--policy",
+                           str(tmp_path / "no_model"), "--corpus", str(corpus), "--question",
+                           "q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "corpus.jsonl:2: a passage is an object" in proc.stderr
+    empty = subprocess.run([sys.executable, "-m", "zsjax.infer", "--policy", str(tmp_path),
+                            "--corpus", str(corpus), "--question", " "], capture_output=True,
+                           text=True, timeout=300)
+    assert empty.returncode == 2 and "--question is empty" in empty.stderr

@@ -195,6 +195,34 @@ def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):
     assert _lines(os.path.join(workdir, "metrics.jsonl"))[0]["kl"] is None  # not 0.0
 
 
+def test_backend_by_name_bm25(tmp_path, monkeypatch):
+    """`backend.kind=bm25` searches a local corpus: its passages reach the trajectories in the
+    reference's format, and no simulator model is loaded (its path is bogus); a corpus with a
+    bad line is refused before anything runs."""
+    import zsjax.search
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+    corpus = tmp_path / "corpus.jsonl"
+    from zsjax.tools.tiny_fixture import COUNTRIES
+    corpus.write_text("".join(json.dumps({"id": str(i), "title": c, "text": f"{c} is a land."})
+                              + "\n" for i, c in enumerate(COUNTRIES)))
+    config = tiny.get_config()
+    config.train.steps = 1
+    config.simulator.path = str(tmp_path / "no_such_simulator")
+    config.rl.kl_coef = 0.0
+    config.backend.update(kind="bm25", corpus=str(corpus), top_k=2)
+    workdir = str(tmp_path / "bm25")
+    train.run(config, workdir)
+    trajs = _lines(os.path.join(workdir, "trajectories.jsonl"))
+    assert trajs and all(t["searches"] for t in trajs)
+    for t in trajs:  # the scripted policy searches its question: "What is the capital of C"
+        country = t["question"].split()[-1].rstrip("?")
+        docs = t["searches"][0]["documents"].splitlines()
+        assert docs == [f"Doc 1(Title: {country}) {country} is a land."]  # no other matches
+    corpus.write_text('{"id": "1", "text": "fine"}\n{"id": "2"}\n')
+    with pytest.raises(InputError, match=r"corpus.jsonl:2: a passage needs a non-empty 'text'"):
+        train.run(config, str(tmp_path / "bad"))
+
+
 def test_unknown_algorithm(tmp_path):
     config = tiny.get_config()
     config.rl.algorithm = "dpo"

@@ -133,3 +133,16 @@ def test_cold_start_rows_teach_the_format_not_the_answers(hotpot):
 def test_information_blocks_are_the_rollouts_own():
     docs = "Doc 1: x"
     assert P.information_block(docs) == "\n\n<information>Doc 1: x</information>\n\n"
+
+
+def test_build_corpus_tool(tmp_path, capsys):
+    from zsjax.tools import build_corpus
+    src = _write(tmp_path / "a.jsonl", [_row(0, [("T", "One."), ("T", "Two."), ("", "Three.")])])
+    out = str(tmp_path / "c.jsonl")
+    assert build_corpus.main([src, "--out", out]) == 0
+    assert "2 passages" in capsys.readouterr().out
+    assert [json.loads(x)["text"] for x in open(out)] == ["One. Two.", "Three."]
+    assert os.path.isdir(out + ".bm25")
+    bad = _write(tmp_path / "bad.jsonl", ['{"question": "q?", "golden_answers": ["a"]}'])
+    assert build_corpus.main([bad, "--out", out]) == 2
+    assert "bad.jsonl:1: a row needs an 'evidence' list" in capsys.readouterr().err

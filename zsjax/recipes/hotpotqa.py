@@ -35,6 +35,7 @@ import sys
 import time
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TOP_10_OF_30 = r"embed|layers_([0-9]|1[0-9])'"  # param paths of SmolLM2's layers 0-19
 BACKENDS = ("bm25", "simulator", "none")
 OOD = ("nq", "popqa", "bamboogle")
 
@@ -45,7 +46,10 @@ def settings_for(quick: bool) -> dict:
     s = {
         "docs": 3,  # documents per search, from BM25 and from the simulator
         "sim_steps": 60, "sim_batch": 8, "sim_lr": 5e-5,
-        "cold_steps": 30, "cold_batch": 8, "cold_lr": 5e-5, "gold_fraction": 0.25,
+        "cold_steps": 60, "cold_batch": 8, "cold_lr": 5e-5, "gold_fraction": 0.3,
+        # Fine-tunes and RL train SmolLM2's top 10 of 30 layers: the frozen embeddings and
+        # lower layers need no backward pass (2.8x faster steps on a CPU).
+        "freeze": TOP_10_OF_30,
         "test_rows": 700, "ood_rows": 125, "quality_rows": 100, "rl_bm25": True,
         "eval_batch": 64, "dtype": "bfloat16",
         # token budgets: a policy turn, the simulator's documents, an SFT row
@@ -155,7 +159,8 @@ def finetune(model_dir: str, rows_path: str, workdir: str, export: str, *, steps
     c.data.update(path=rows_path, max_length=s["max_length"],
                   length_multiple=s["length_multiple"])
     c.train.update(steps=steps, batch_size=batch, micro_batches=2, lr=lr, warmup_steps=5,
-                   weight_decay=0.0, log_every=5, checkpoint_every=10, keep_checkpoints=1)
+                   weight_decay=0.0, log_every=5, checkpoint_every=10, keep_checkpoints=1,
+                   freeze=s["freeze"])
     c.mesh.update(data=1)
     c.export_dir = export
     c.lock()
