@@ -118,11 +118,15 @@ def test_cold_start_rows_teach_the_format_not_the_answers(hotpot):
     gold = 0
     for r, q in zip(rows, [q for q in train for _ in range(2)]):
         segs = r["segments"]
-        assert [s["loss"] for s in segs] == [1, 0] * ((len(segs) - 1) // 2) + [1]
-        for s in segs:
+        assert [s["loss"] for s in segs] == [1, 0] * ((len(segs) - 3) // 2) + [1, 0, 1]
+        for s in segs[:-3]:
             assert s["text"].startswith("\n\n<information>") == (s["loss"] == 0)
-        answer = re.fullmatch(r".*<answer> (.*) </answer>", segs[-1]["text"], re.DOTALL).group(1)
-        seen = " ".join(s["text"] for s in segs if s["loss"] == 0)
+        text = "".join(s["text"] for s in segs[-3:])
+        # the answer's words are out of the loss, the tags around them in
+        assert segs[-3]["text"].endswith("<answer>") and segs[-1]["text"] == " </answer>"
+        answer = re.fullmatch(r".*<answer> (.*) </answer>", text, re.DOTALL).group(1)
+        assert segs[-2]["text"] == f" {answer}"
+        seen = " ".join(s["text"] for s in segs[:-3] if s["loss"] == 0)
         if answer in q.golden_answers:
             gold += 1
         else:  # a span of the documents it saw, or yes/no

@@ -8,8 +8,9 @@ over the training rows' evidence (`zsjax.search.bm25`), for `zsjax.sft`:
   so the two labels are balanced.
 - `cold_start_rows`: format-only trajectories for a policy that does not emit the interaction
   format: think, search, the engine's documents (loss 0, as in RL), answer. The answer is a
-  span of the documents; only a minority of rows (`gold_fraction`) answer with the golden
-  answer, so the cold start teaches the format, and choosing the right span is left to RL.
+  span of the documents, only a minority of rows (`gold_fraction`) answer with the golden
+  answer, and the answer's words are out of the loss (the tags around them are in): the cold
+  start teaches the format, and choosing the answer is left to the model and then to RL.
 
 Only the rows given are used: pass training rows, never test rows.
 """
@@ -143,7 +144,8 @@ def cold_start_rows(rows: Sequence[EvidenceRow], index: BM25Index, *, per_questi
     the index's top `docs` passages as an information block (loss 0), with probability
     `second_search` a second search for an entity of those documents, then think and answer.
     The answer is the golden answer with probability `gold_fraction`, else a span of the
-    documents that is not a golden answer."""
+    documents that is not a golden answer; its words have loss 0, `<answer>` and `</answer>`
+    around them loss 1."""
     rng = random.Random(seed)
     out = []
     for row in rows:
@@ -171,6 +173,9 @@ def cold_start_rows(rows: Sequence[EvidenceRow], index: BM25Index, *, per_questi
                 span = row.golden_answers[0]
             else:
                 span = rng.choice(wrong)
-            segments.append({"text": f"{THINK_ANSWER}<answer> {span} </answer>", "loss": 1})
+            # The answer's words stay out of the loss: the rows teach where an answer goes
+            # and that it is short, not which span it is.
+            segments += [{"text": f"{THINK_ANSWER}<answer>", "loss": 1},
+                         {"text": f" {span}", "loss": 0}, {"text": " </answer>", "loss": 1}]
             out.append({"question": row.question, "segments": segments})
     return out
