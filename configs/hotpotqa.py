@@ -18,7 +18,7 @@ import ml_collections
 
 from configs import common
 
-STEPS = {"full": 24, "quick": 8}
+STEPS = {"full": 20, "quick": 8}
 
 
 def get_config(arg: str = "simulator") -> ml_collections.ConfigDict:
@@ -47,11 +47,12 @@ def get_config(arg: str = "simulator") -> ml_collections.ConfigDict:
     # 8 questions x 4 rollouts a step, one on-policy update; no reference model (kl 0): on a
     # 135M model and a few dozen steps the KL term only slows learning, and the reference
     # forward pass is a third of the update's time. A rate far above the 3B recipe's 1e-6: a
-    # 135M model and a handful of steps.
+    # 135M model, its top layers only, and a handful of steps (at 2e-5, 16 steps against BM25
+    # left held-out F1 where it was: 0.083 -> 0.082 on 96 questions).
     # SmolLM2's top 10 of 30 layers are trained: the frozen embeddings and lower layers need
     # no backward pass (2.8x faster updates on a CPU).
     c.rl.update(algorithm="grpo", questions_per_step=8, rollouts_per_question=4, mini_batches=1,
-                micro_batches=4, lr=2e-5, warmup_steps=2, kl_coef=0.0, entropy_coef=0.0,
+                micro_batches=4, lr=5e-5, warmup_steps=2, kl_coef=0.0, entropy_coef=0.0,
                 old_logprobs="sampler", weight_decay=0.0,
                 freeze=r"embed|layers_([0-9]|1[0-9])'")
     c.data.length_multiple = 128  # few compiled update shapes (each costs a minute to compile)

@@ -50,7 +50,7 @@ def settings_for(quick: bool) -> dict:
         # Fine-tunes and RL train SmolLM2's top 10 of 30 layers: the frozen embeddings and
         # lower layers need no backward pass (2.8x faster steps on a CPU).
         "freeze": TOP_10_OF_30,
-        "test_rows": 700, "ood_rows": 125, "quality_rows": 100, "rl_bm25": True,
+        "test_rows": 700, "ood_rows": 100, "quality_rows": 64, "rl_bm25": True,
         "eval_batch": 64, "dtype": "bfloat16",
         # token budgets: a policy turn, the simulator's documents, an SFT row
         "response_tokens": 64, "sim_tokens": 160, "max_length": 768, "length_multiple": 128,
