@@ -81,11 +81,16 @@ def test_recipe_end_to_end_on_tiny_models(tmp_path, capsys):
     assert again["headline"] == summary["headline"]
 
 
-def test_a_quick_workdir_is_not_finished_as_a_full_one(tmp_path):
+def test_a_workdir_is_not_finished_with_other_options(tmp_path):
+    from zsjax.cli import InputError
     work = str(tmp_path / "w")
-    H._claim(work, quick=True) if os.makedirs(work) is None else None
-    with pytest.raises(Exception, match="holds a quick run"):
-        H._claim(work, quick=False)
+    os.makedirs(work)
+    H._claim(work, True, "data", None)
+    H._claim(work, True, "data", None)  # the same options: the same run, continued
+    with pytest.raises(InputError, match="holds a run of the recipe with quick True"):
+        H._claim(work, False, "data", None)
+    with pytest.raises(InputError, match="data '.*data'"):
+        H._claim(work, True, "other", None)
 
 
 def test_missing_data_is_a_usage_error(tmp_path, capsys):

@@ -122,6 +122,12 @@ def run_config_program(run: Callable[[object, str], object], *,
         except FloatingPointError as e:  # the trainer's stop on repeated non-finite updates
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+        except RuntimeError as e:  # a search server that fails mid-run (SearchBackendError)
+            from zsjax.search.http_backends import SearchBackendError
+            if not isinstance(e, SearchBackendError):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(3)
         except KeyboardInterrupt:  # Ctrl-C outside the steps (loading, compiling, exporting)
             print("interrupted", file=sys.stderr)
             sys.exit(130)

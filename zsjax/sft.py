@@ -75,6 +75,8 @@ def run(config, workdir: str) -> dict:
                               freeze=tc.freeze)
     except (ValueError, re.error) as e:  # a bad pattern, or one matching nothing
         raise InputError(f"train.freeze: {e}") from None
+    if tc.freeze:
+        print(f"[sft] train.freeze: {U.describe_frozen(params, tc.freeze)}", file=sys.stderr)
     state = U.init_state(params, tx)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     ckpt.check_resume(config.resume, workdir)

@@ -109,13 +109,14 @@ def _paths(config, workdir: str, external: bool = False) -> dict[str, str]:
         from zsjax.data import trivia
         from zsjax.tools import fetch_smollm2
         # The first process fetches and writes; with several, the others then read.
+        need_model = any(k in missing for k in ("policy", "simulator"))
         if jax.process_index() == 0:
-            if not (paths["policy"] and paths["simulator"]):
+            if need_model:
                 fetch_smollm2.fetch()
             if not paths["train"]:
                 trivia.write_jsonl(os.path.join(workdir, "data", "trivia.jsonl"))
         distributed.barrier("zsjax_smollm2")
-        model = fetch_smollm2.fetch() if not (paths["policy"] and paths["simulator"]) else ""
+        model = fetch_smollm2.fetch() if need_model else ""
         paths["policy"] = paths["policy"] or model
         paths["simulator"] = paths["simulator"] or model
         paths["train"] = paths["train"] or os.path.join(workdir, "data", "trivia.jsonl")
@@ -337,6 +338,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
     from zsjax.rl import update as U
     from zsjax.search import ModelTurnGenerator, RolloutSettings, StepCache, rollout
     from zsjax.search.curriculum import draw_rng, noise_probability
+    from zsjax.search.bm25 import BM25Index
     from zsjax.search.factory import check_backend, make_backend
     from zsjax.search.simulator import InProcessSimulator
 
@@ -398,9 +400,18 @@ def _run(config, workdir: str, backend) -> list[dict]:
                   if use_ref else None)
     if backend is None and external:  # config.backend: a server or a local engine
         sc = config.simulator
-        backend = make_backend(b.kind, url=b.url, model=b.model, corpus=b.corpus,
-                               top_k=b.top_k, style=sc.style, temperature=sc.temperature,
-                               max_new_tokens=sc.max_new_tokens, top_k_docs=sc.top_k_docs)
+        if b.kind == "bm25" and jax.process_index() == 0:  # one process builds the index
+            try:
+                BM25Index(b.corpus)
+            except (OSError, ValueError) as e:
+                raise InputError(f"backend.corpus: {e}") from None
+        distributed.barrier("zsjax_bm25_index")
+        try:
+            backend = make_backend(b.kind, url=b.url, model=b.model, corpus=b.corpus,
+                                   top_k=b.top_k, style=sc.style, temperature=sc.temperature,
+                                   max_new_tokens=sc.max_new_tokens, top_k_docs=sc.top_k_docs)
+        except (OSError, ValueError) as e:
+            raise InputError(f"config.backend: {e}") from None
     if backend is None:
         sim_config, sim_params = load("simulator", dtype=config.simulator.dtype, mesh=sim_mesh)
         sim_model = InProcessSimulator(
@@ -432,6 +443,8 @@ def _run(config, workdir: str, backend) -> list[dict]:
         state = U.init_state(params, tx)
     except (ValueError, re.error) as e:  # rl.freeze: a bad pattern, or one matching nothing
         raise InputError(f"rl.freeze: {e}") from None
+    if rl.freeze:
+        print(f"[train] rl.freeze: {U.describe_frozen(params, rl.freeze)}", file=sys.stderr)
     critic_tx = critic_state = None
     if rl.algorithm == "ppo":
         critic_tx = U.make_optimizer(rl.critic_lr, warmup_steps=rl.warmup_steps,

@@ -10,7 +10,6 @@ import pytest
 
 from zsjax.data import corpus as C
 from zsjax.data import evidence_sft as E
-from zsjax.search import prompts as P
 from zsjax.search.bm25 import BM25Index
 
 DATA = os.path.join(os.path.dirname(E.__file__), "..", "recipes", "data", "hotpotqa")
@@ -132,11 +131,6 @@ def test_cold_start_rows_teach_the_format_not_the_answers(hotpot):
         else:  # a span of the documents it saw, or yes/no
             assert answer in seen or answer in ("yes", "no")
     assert 0.15 < gold / len(rows) < 0.4  # a minority carries the golden answer
-
-
-def test_information_blocks_are_the_rollouts_own():
-    docs = "Doc 1: x"
-    assert P.information_block(docs) == "\n\n<information>Doc 1: x</information>\n\n"
 
 
 def test_build_corpus_tool(tmp_path, capsys):

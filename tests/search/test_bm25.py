@@ -114,3 +114,10 @@ def test_backend_selection_errors(tmp_path):
         check_backend("google")
     with pytest.raises(ValueError, match="needs config.backend.url"):
         check_backend("retriever_url")
+
+
+def test_a_corpus_of_stop_words_is_a_clear_error(tmp_path):
+    corpus = _write(tmp_path / "c.jsonl", [{"id": "1", "text": "The and of."},
+                                           {"id": "2", "text": "it is."}])
+    with pytest.raises(ValueError, match="no passage has a word BM25 can index"):
+        B.BM25Index(corpus, verbose=False)

@@ -280,12 +280,22 @@ def test_shared_prompt_prefix_changes_nothing(smollm2_short, tokenizer, temperat
     runs = {}
     for share in (False, True):
         gen = ModelTurnGenerator(config, params, tokenizer, settings, share_prefix=share)
+        prefills = []
+        shared = gen._shared_prefix
+
+        def counted(contexts, shared=shared, gen=gen):
+            before = gen._prefix
+            out = shared(contexts)
+            prefills.append(gen._prefix is not before)
+            return out
+        gen._shared_prefix = counted
         runs[share] = [rollout(qs[lo:hi], [["x"]] * (hi - lo), tokenizer=tokenizer,
                                generate_fn=gen, backend=FunctionBackend(_docs),
                                settings=settings, seed=2, trajectory_ids=range(lo, hi))
                        for lo, hi in ((0, 3), (3, 5))]  # two batches: the prefix is reused
         if share:
             assert len(gen._prefix[0]) >= 100  # the chat template and the instructions
+            assert prefills == [True, False]  # prefilled for the first batch, then reused
     for a, b in zip(sum(runs[False], []), sum(runs[True], [])):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-4)

@@ -99,18 +99,20 @@ def simulator_pairs(rows: Sequence[EvidenceRow], index: BM25Index, *, docs: int 
             continue
         queries = policy_queries(row)
         keep = queries[:1] + rng.sample(queries[1:], min(len(queries) - 1, max_queries - 1))
+        evidence = list(dict.fromkeys(row.evidence))
         for query, hits in zip(keep, index.search(keep, docs * 8 + 8)):
-            rank = {p.text: i for i, (p, _) in enumerate(hits)}
-            gold = sorted(dict.fromkeys(e.text for e in row.evidence),
-                          key=lambda t: rank.get(t, len(rank)))[:docs]
+            def rank(e):  # the first hit holding this evidence sentence
+                return next((i for i, (p, _) in enumerate(hits) if e.text in p.text),
+                            len(hits))
+            gold = sorted(evidence, key=rank)[:docs]
             noisy = [p for p, _ in hits if not _own_passage(p, row)
                      and not contains_answer(f"{p.title} {p.text}", row.golden_answers)][:docs]
             if len(noisy) < docs:
                 continue
             common = {"query": query, "question": row.question,
                       "golden_answers": list(row.golden_answers)}
-            out.append({**common, "label": "useful",
-                        "documents": format_passages([Passage("", "", t) for t in gold])})
+            out.append({**common, "label": "useful", "documents": format_passages(
+                [Passage("", e.title, e.text) for e in gold])})
             out.append({**common, "label": "noisy", "documents": format_passages(noisy)})
     return out
 

@@ -13,7 +13,8 @@ Stages (a rerun skips the finished ones; an interrupted fine-tune or RL run resu
    how often its useful and its noisy documents contain the golden answer, against the
    prompt-only simulator (SmolLM2 as it is, with the prompt-only prompts).
 3. cold_start: a short format SFT of the policy on train-split trajectories (think, search, BM25's
-   documents with loss 0, answer a span of them; a quarter answer with the golden answer).
+   documents with loss 0, answer a span of them, 30% with the golden answer, the answer's
+   words out of the loss: the format is taught, the answer is left to the model).
 4. rl: GRPO from the cold start against the fine-tuned simulator with the noise curriculum
    (configs/hotpotqa.py), and (not with --quick) the same run against BM25.
 5. eval: greedy, on the held-out test rows (all 700; --quick: the first 150), per question type:
@@ -131,9 +132,10 @@ def prepare_data(data_dir: str, workdir: str, s: dict) -> dict:
                        for r in rows]
     _write_jsonl(os.path.join(out, "train.jsonl"), qa(train))
     test = test[:s["test_rows"]]
-    for kind in ("bridge", "comparison"):
+    types = sorted({r.type or "untyped" for r in test})
+    for kind in types:  # evaluated and reported by question type
         _write_jsonl(os.path.join(out, f"test_{kind}.jsonl"),
-                     qa([r for r in test if r.type == kind]))
+                     qa([r for r in test if (r.type or "untyped") == kind]))
     n = write_corpus([src["train"], src["test"]], os.path.join(out, "corpus.jsonl"))
     n_train = write_corpus([src["train"]], os.path.join(out, "train_corpus.jsonl"))
     for name in ("corpus", "train_corpus"):
@@ -142,7 +144,7 @@ def prepare_data(data_dir: str, workdir: str, s: dict) -> dict:
          f"{len(test)} test questions")
     return {"passages": n, "train_passages": n_train, "train_questions": len(train),
             "test_questions": len(test),
-            "test_types": {k: sum(r.type == k for r in test) for k in ("bridge", "comparison")}}
+            "test_types": {k: sum((r.type or "untyped") == k for r in test) for k in types}}
 
 
 # --- 2-3. fine-tunes -----------------------------------------------------------------------
@@ -301,10 +303,9 @@ class Evaluator:
 
 
 def evaluate_all(ev: Evaluator, policies: list[str], data_dir: str, workdir: str,
-                 s: dict) -> dict:
+                 s: dict, types: list[str]) -> dict:
     from zsjax.data.qa import read_qa
-    test = {k: read_qa(os.path.join(workdir, "data", f"test_{k}.jsonl"))
-            for k in ("bridge", "comparison")}
+    test = {k: read_qa(os.path.join(workdir, "data", f"test_{k}.jsonl")) for k in types}
     table = {}
     for policy in policies:
         table[policy] = {}
@@ -321,10 +322,10 @@ def evaluate_all(ev: Evaluator, policies: list[str], data_dir: str, workdir: str
     return {"hotpotqa_test": table, "other_datasets": ood}
 
 
-def example_trajectories(ev: Evaluator, n_types=("bridge", "comparison")) -> dict:
+def example_trajectories(ev: Evaluator, types: list[str]) -> dict:
     """One held-out question, with BM25: the cold start's trajectory and the RL policy's, on a
-    question the RL policy answered better (the first such)."""
-    for kind in n_types:
+    question the RL policy answered right and the cold start did not (the first such)."""
+    for kind in types:
         before = ev.records("cold_start", "bm25", kind)
         after = ev.records("policy", "bm25", kind)
         for b, a in zip(before, after):
@@ -386,7 +387,8 @@ def plot_results(table: dict, out: str) -> None:
     import numpy as np
     labels = {"cold_start": "cold start (before RL)", "policy": "RL vs simulator",
               "policy_bm25": "RL vs BM25"}
-    cols = [(b, t) for b in BACKENDS for t in ("all", "bridge", "comparison")]
+    types = [t for t in next(iter(table.values()))["bm25"] if t != "all"]
+    cols = [(b, t) for b in BACKENDS for t in ["all"] + types]
     fig, ax = plt.subplots(figsize=(13, 4.2))
     width = 0.8 / len(table)
     for i, (policy, by_backend) in enumerate(table.items()):
@@ -429,7 +431,7 @@ def run(workdir: str, *, quick: bool = False, data_dir: str = DATA,
     t_start = time.time()
     s = {**settings_for(quick), **(overrides or {})}
     os.makedirs(workdir, exist_ok=True)
-    _claim(workdir, quick)
+    _claim(workdir, quick, data_dir, model_dir)
     from zsjax.data.corpus import read_evidence_rows
     from zsjax.data import evidence_sft as E
     from zsjax.search.bm25 import BM25Index
@@ -489,9 +491,10 @@ def run(workdir: str, *, quick: bool = False, data_dir: str = DATA,
         policies.append("policy_bm25")
 
     ev = Evaluator(workdir, s, paths)
+    types = list(results["corpus"]["test_types"])
     results["eval"] = stages.run(
-        "eval", lambda: evaluate_all(ev, policies, data_dir, workdir, s))
-    example = example_trajectories(ev)
+        "eval", lambda: evaluate_all(ev, policies, data_dir, workdir, s, types))
+    example = example_trajectories(ev, types)
     runs = {"vs simulator": os.path.join(workdir, "rl_simulator", "metrics.jsonl"),
             "vs BM25": os.path.join(workdir, "rl_bm25", "metrics.jsonl")}
     plot_curves(runs, os.path.join(workdir, "curves.png"))
@@ -549,18 +552,20 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _claim(workdir: str, quick: bool) -> None:
-    """A workdir holds one recipe: a --quick one and a full one do not share stages."""
+def _claim(workdir: str, quick: bool, data_dir: str, model_dir: str | None) -> None:
+    """A workdir holds one recipe: a --quick one and a full one, or runs on other data or
+    another model, do not share stages."""
     from zsjax.cli import InputError
     path = os.path.join(workdir, "recipe.json")
-    mine = {"recipe": "hotpotqa", "quick": quick}
+    mine = {"recipe": "hotpotqa", "quick": quick, "data": os.path.abspath(data_dir),
+            "model": os.path.abspath(model_dir) if model_dir else None}
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f)
         if theirs != mine:
-            raise InputError(f"{workdir} holds a {'quick' if theirs.get('quick') else 'full'} "
-                             f"run of the recipe; pick another workdir for a "
-                             f"{'quick' if quick else 'full'} one")
+            diff = ", ".join(f"{k} {theirs.get(k)!r}" for k in mine if theirs.get(k) != mine[k])
+            raise InputError(f"{workdir} holds a run of the recipe with {diff}; rerun it with "
+                             "the same options, or pick another workdir")
         return
     _write_json(path, mine)
 

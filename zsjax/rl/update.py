@@ -105,6 +105,16 @@ def frozen_mask(params, freeze: str):
     return out
 
 
+def describe_frozen(params, freeze: str) -> str:
+    """How much of the model `freeze` leaves out of training, for the logs (a typo in part
+    of a pattern otherwise goes unnoticed when another part matches)."""
+    flags = jax.tree.leaves(frozen_mask(params, freeze))
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(params)]
+    frozen = sum(n for n, f in zip(sizes, flags) if f)
+    return (f"{sum(flags)} of {len(flags)} param arrays frozen, {frozen / 1e6:.1f}M of "
+            f"{sum(sizes) / 1e6:.1f}M params")
+
+
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
     """Optimizer state whose per-param leaves (Adam's moments) are sharded exactly like the
     params, with scalars (step, Adam's count) replicated over the params' mesh."""

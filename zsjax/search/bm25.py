@@ -93,19 +93,21 @@ def _indexed_text(p: Passage) -> str:
 
 
 def _fingerprint(path: str) -> str:
+    import bm25s
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    settings = {"k1": K1, "b": B, "method": "lucene", "tokenize": "en-stop-snowball"}
+    settings = {"k1": K1, "b": B, "method": "lucene", "tokenize": "en-stop-snowball",
+                "bm25s": bm25s.__version__}
     return digest.hexdigest() + json.dumps(settings, sort_keys=True)
 
 
 class BM25Index:
     """BM25 over a corpus file's passages. The index is built on first use and saved in
-    `cache_dir` (default: `CORPUS.bm25` beside the corpus, or `WORKDIR`-style folder given by
-    the caller when the corpus's folder is read-only); a later index of the same corpus file
-    and settings loads it instead."""
+    `cache_dir` (default: `CORPUS.bm25` beside the corpus; where that folder is read-only, the
+    index is built in memory each time, with a warning); a later index of the same corpus
+    file, settings and bm25s version loads it instead."""
 
     def __init__(self, corpus_path: str, *, cache_dir: str | None = None,
                  verbose: bool = True):
@@ -115,13 +117,20 @@ class BM25Index:
         self.cache_dir = cache_dir or corpus_path + ".bm25"
         key = _fingerprint(corpus_path)
         stamp = os.path.join(self.cache_dir, "zsjax_fingerprint.txt")
+        self.retriever, self.built = None, False
         if os.path.isfile(stamp) and open(stamp).read() == key:
-            self.retriever = bm25s.BM25.load(self.cache_dir, show_progress=False, verbosity=0)
-            self.built = False
-        else:
+            try:
+                self.retriever = bm25s.BM25.load(self.cache_dir, show_progress=False,
+                                                 verbosity=0)
+            except (OSError, ValueError):  # removed or rewritten meanwhile: build it again
+                self.retriever = None
+        if self.retriever is None:
+            tokens = tokenize([_indexed_text(p) for p in self.passages])
+            if not any(tokens):
+                raise ValueError(f"corpus {corpus_path}: no passage has a word BM25 can index "
+                                 "(all are English stop words or punctuation)")
             self.retriever = bm25s.BM25(k1=K1, b=B, method="lucene")
-            self.retriever.index(tokenize([_indexed_text(p) for p in self.passages]),
-                                 show_progress=False)
+            self.retriever.index(tokens, show_progress=False)
             self.built = True
             self._save(key, stamp, verbose)
 
@@ -135,6 +144,7 @@ class BM25Index:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             os.replace(tmp, self.cache_dir)  # a crash never leaves a half-written index
         except OSError as e:  # a read-only folder: the index works, it is just not cached
+            shutil.rmtree(tmp, ignore_errors=True)
             if verbose:
                 print(f"[bm25] could not cache the index in {self.cache_dir} ({e}); it will "
                       "be rebuilt next time", file=sys.stderr)
