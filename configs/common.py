@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
         "old_logprobs": "recompute",
         # A regex over param paths (e.g. "embed") that the policy update leaves unchanged; they
         # are not differentiated either, so frozen lower layers cost only their forward pass
-        # (e.g. "embed|layers_([0-9]|1[0-9])'" trains the top 10 of 30 layers, 1.6x faster).
+        # (e.g. "embed|layers_([0-9]|1[0-9])'" trains SmolLM2's top 10 of 30 layers: 2.9x the
+        # tokens/s of training all of them on a CPU, docs/PERFORMANCE.md).
         "freeze": "",
         # PPO's critic and GAE.
         "critic_lr": 1e-5, "value_clip": 0.5, "gamma": 1.0, "lam": 1.0})
