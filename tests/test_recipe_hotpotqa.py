@@ -97,3 +97,23 @@ def test_missing_data_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         H.main(["--workdir", str(tmp_path / "w"), "--data", str(tmp_path)])
     assert e.value.code == 2 and "train.jsonl not found" in capsys.readouterr().err
+
+
+def test_quick_is_the_full_recipe_smaller():
+    """--quick: the same stages and hyper-parameters, fewer steps and questions, no BM25-trained
+    run and no other datasets; its RL preset is the full one with fewer steps."""
+    from zsjax.cli import repo_config
+    full, quick = H.settings_for(False), H.settings_for(True)
+    assert quick["rl_bm25"] is False and quick["ood_rows"] == 0 and full["rl_bm25"] is True
+    assert quick["test_rows"] < full["test_rows"] == 700
+    assert quick["sim_steps"] < full["sim_steps"] and quick["cold_steps"] < full["cold_steps"]
+    same = {k for k in full if k not in ("sim_steps", "cold_steps", "test_rows", "ood_rows",
+                                         "quality_rows", "rl_bm25")}
+    assert {k: quick[k] for k in same} == {k: full[k] for k in same}
+    for backend in ("simulator", "bm25"):
+        c_full = repo_config("hotpotqa", backend).to_dict()
+        c_quick = repo_config("hotpotqa", backend + ",quick").to_dict()
+        assert c_quick["train"].pop("steps") < c_full["train"].pop("steps")
+        assert c_quick == c_full
+    with pytest.raises(ValueError, match="unknown preset"):
+        repo_config("hotpotqa", "simulator,fast")
