@@ -58,8 +58,10 @@ def settings_for(quick: bool) -> dict:
         "rl": {},  # overrides of configs/hotpotqa.py's values, {"group.key": value}
     }
     if quick:
-        s.update(sim_steps=30, cold_steps=20, test_rows=150, ood_rows=0, quality_rows=32,
-                 rl_bm25=False)
+        # The cold start keeps its 60 steps: after 20, SmolLM2 wrote the format's template
+        # sentences into its searches and answers ("<answer> I can answer now. </answer>") and
+        # scored F1 0.000 on 131 held-out questions with BM25.
+        s.update(sim_steps=30, test_rows=150, ood_rows=0, quality_rows=32, rl_bm25=False)
     return s
 
 
