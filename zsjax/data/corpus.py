@@ -14,6 +14,8 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from zsjax.data.jsonl import read_objects
+
 
 @dataclasses.dataclass(frozen=True)
 class Evidence:
@@ -35,43 +37,33 @@ def read_evidence_rows(path: str) -> list[EvidenceRow]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"QA file {path} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})"
-                                 ) from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: a row is an object; got a {type(row).__name__}")
-            question, answers = row.get("question"), row.get("golden_answers")
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: a row needs a non-empty 'question' string")
-            if isinstance(answers, str):
-                answers = [answers]
-            if (not isinstance(answers, list) or not answers
-                    or not all(isinstance(a, str) and a.strip() for a in answers)):
-                raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of "
-                                 "non-empty strings")
-            evidence = row.get("evidence")
-            if not isinstance(evidence, list):
-                raise ValueError(f"{where}: a row needs an 'evidence' list of {{title, text}} "
-                                 f"(got {type(evidence).__name__}); rows without evidence "
-                                 "cannot build a corpus")
-            items = []
-            for k, e in enumerate(evidence):
-                text = e.get("text") if isinstance(e, dict) else None
-                title = e.get("title", "") if isinstance(e, dict) else None
-                if not isinstance(text, str) or not isinstance(title, str):
-                    raise ValueError(f"{where}: evidence[{k}] must be {{title: str, text: str}}")
-                if text.strip():
-                    items.append(Evidence(" ".join(title.split()), " ".join(text.split())))
-            rows.append(EvidenceRow(str(row.get("id", n)), question.strip(),
-                                    tuple(a.strip() for a in answers), tuple(items),
-                                    str(row.get("type", ""))))
+    for n, row in read_objects(path):
+        where = f"{path}:{n}"
+        question, answers = row.get("question"), row.get("golden_answers")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: a row needs a non-empty 'question' string")
+        if isinstance(answers, str):
+            answers = [answers]
+        if (not isinstance(answers, list) or not answers
+                or not all(isinstance(a, str) and a.strip() for a in answers)):
+            raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of "
+                             "non-empty strings")
+        evidence = row.get("evidence")
+        if not isinstance(evidence, list):
+            raise ValueError(f"{where}: a row needs an 'evidence' list of {{title, text}} "
+                             f"(got {type(evidence).__name__}); rows without evidence "
+                             "cannot build a corpus")
+        items = []
+        for k, e in enumerate(evidence):
+            text = e.get("text") if isinstance(e, dict) else None
+            title = e.get("title", "") if isinstance(e, dict) else None
+            if not isinstance(text, str) or not isinstance(title, str):
+                raise ValueError(f"{where}: evidence[{k}] must be {{title: str, text: str}}")
+            if text.strip():
+                items.append(Evidence(" ".join(title.split()), " ".join(text.split())))
+        rows.append(EvidenceRow(str(row.get("id", n)), question.strip(),
+                                tuple(a.strip() for a in answers), tuple(items),
+                                str(row.get("type", ""))))
     if not rows:
         raise ValueError(f"{path} has no rows")
     return rows

@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 
+from zsjax.data.jsonl import read_objects
 from zsjax.search.backend import SearchRequest
 from zsjax.search.simulator import encode_prompt, simulator_prompt
 
@@ -30,28 +30,21 @@ class Example:
 def read_rows(path: str) -> list[dict]:
     """Reads and validates the jsonl rows; errors name the file and line."""
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            if "segments" in row:
-                _check_segments(row, f"{path}:{n}")
-                rows.append(row)
-                continue
-            missing = [k for k in REQUIRED if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing field(s) {missing}; each row needs "
-                                 f"{list(REQUIRED)}")
-            if row["label"] not in ("useful", "noisy"):
-                raise ValueError(f"{path}:{n}: label must be 'useful' or 'noisy', got "
-                                 f"{row['label']!r}")
-            if isinstance(row["golden_answers"], str):
-                row["golden_answers"] = [row["golden_answers"]]
+    for n, row in read_objects(path):
+        if "segments" in row:
+            _check_segments(row, f"{path}:{n}")
             rows.append(row)
+            continue
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing field(s) {missing}; each row needs "
+                             f"{list(REQUIRED)}")
+        if row["label"] not in ("useful", "noisy"):
+            raise ValueError(f"{path}:{n}: label must be 'useful' or 'noisy', got "
+                             f"{row['label']!r}")
+        if isinstance(row["golden_answers"], str):
+            row["golden_answers"] = [row["golden_answers"]]
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} has no rows")
     return rows

@@ -20,6 +20,7 @@ import shutil
 import sys
 from typing import Sequence
 
+from zsjax.data.jsonl import read_objects
 from zsjax.search.backend import SearchRequest
 
 K1, B = 1.5, 0.75  # bm25s's defaults (Lucene's BM25)
@@ -41,29 +42,18 @@ def read_corpus(path: str) -> list[Passage]:
                                 "{id, title, text} passages (zsjax.tools.build_corpus makes "
                                 "one from QA files with evidence)")
     passages, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})"
-                                 ) from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: a passage is an object {{id, title, text}}; got "
-                                 f"a {type(row).__name__}")
-            text, title = row.get("text"), row.get("title", "")
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{n}: a passage needs a non-empty 'text' string")
-            if not isinstance(title, str):
-                raise ValueError(f"{path}:{n}: 'title' must be a string; got "
-                                 f"{type(title).__name__}")
-            pid = str(row.get("id", n))
-            if pid in seen:
-                raise ValueError(f"{path}:{n}: id {pid!r} was already used on line {seen[pid]}")
-            seen[pid] = n
-            passages.append(Passage(pid, title.strip(), " ".join(text.split())))
+    for n, row in read_objects(path, "a passage is an object {id, title, text}"):
+        text, title = row.get("text"), row.get("title", "")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{n}: a passage needs a non-empty 'text' string")
+        if not isinstance(title, str):
+            raise ValueError(f"{path}:{n}: 'title' must be a string; got "
+                             f"{type(title).__name__}")
+        pid = str(row.get("id", n))
+        if pid in seen:
+            raise ValueError(f"{path}:{n}: id {pid!r} was already used on line {seen[pid]}")
+        seen[pid] = n
+        passages.append(Passage(pid, title.strip(), " ".join(text.split())))
     if not passages:
         raise ValueError(f"corpus {path} has no passages")
     return passages
