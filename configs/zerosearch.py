@@ -48,8 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.name = f"{model},{algorithm}"
     c.policy.dtype = c.simulator.dtype = "bfloat16"
     # The reference's mini-batches: 320 trajectories a step cut into 256 + 64 (docs/METHOD.md);
-    # a warm-up of 10 training steps (20 updates; 5 steps before session 16, when it counted
-    # updates)
+    # a warm-up of 10 training steps (20 updates), counted in steps as veRL's scheduler counts
     c.rl.update(algorithm=algorithm, mini_batch_size=256, micro_batches=micro, remat=True,
                 warmup_steps=10)
     if algorithm == "ppo":
