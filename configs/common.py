@@ -53,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
         "shrink_above": 8})
     c.curriculum = ml_collections.ConfigDict({"start": 0.0, "end": 0.5, "base": 4.0})
     c.rl = ml_collections.ConfigDict({
-        "algorithm": "grpo",  # grpo | ppo | reinforce_pp
+        "algorithm": "grpo",  # grpo | dr_grpo | rloo | ppo | reinforce_pp (zsjax.rl.algorithms)
+        # the trajectory's reward: f1 (the paper's) | em | substring (zsjax.rl.rewards)
+        "reward": "f1",
         # 64 questions x 5 rollouts; 1 epoch. Mini-batches (one optimizer step each):
         # mini_batches equal ones, or (mini_batch_size > 0) chunks of mini_batch_size
         # trajectories, the last one holding the rest, as the reference cuts them

@@ -5,7 +5,8 @@
         --config.data.train_path=/data/zerosearch/train.parquet
 
 MODEL: qwen2.5-3b-base (default), qwen2.5-3b-instruct, qwen2.5-7b-base, qwen2.5-7b-instruct,
-llama3.2-3b-base, llama3.2-3b-instruct. ALGORITHM: grpo (default), ppo, reinforce_pp.
+llama3.2-3b-base, llama3.2-3b-instruct. ALGORITHM: grpo (default), dr_grpo, rloo, ppo,
+reinforce_pp, or any name registered in zsjax.rl.algorithms.
 The model folders are Hugging Face folders you provide; nothing is downloaded. Instruct models
 get their chat template automatically.
 
@@ -17,6 +18,7 @@ import itertools
 import ml_collections
 
 from configs import common
+from zsjax.rl import algorithms
 
 MODELS = {
     # name: (params in billions, micro-batches per mini-batch of 256 trajectories: 8 and 4
@@ -28,16 +30,15 @@ MODELS = {
     "llama3.2-3b-base": (3, 32),
     "llama3.2-3b-instruct": (3, 32),
 }
-ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
 
 
 def parse_arg(arg: str) -> tuple[str, str]:
     parts = [p.strip() for p in arg.split(",")] if arg else []
     model = parts[0] if parts else "qwen2.5-3b-base"
     algorithm = parts[1] if len(parts) > 1 else "grpo"
-    if model not in MODELS or algorithm not in ALGORITHMS or len(parts) > 2:
+    if model not in MODELS or algorithm not in algorithms.names() or len(parts) > 2:
         raise ValueError(f"configs/zerosearch.py:{arg}: expected MODEL[,ALGORITHM] with MODEL in "
-                         f"{sorted(MODELS)} and ALGORITHM in {ALGORITHMS}")
+                         f"{sorted(MODELS)} and ALGORITHM in {algorithms.names()}")
     return model, algorithm
 
 
@@ -51,7 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # a warm-up of 10 training steps (20 updates), counted in steps as veRL's scheduler counts
     c.rl.update(algorithm=algorithm, mini_batch_size=256, micro_batches=micro, remat=True,
                 warmup_steps=10)
-    if algorithm == "ppo":
+    if algorithms.get(algorithm).kl == "reward":
         c.rl.kl_coef = 0.001  # in the reward, not the loss
     c.train.update(steps=200, checkpoint_every=25, eval_every=50)
     c.data.eval_limit = 512
@@ -64,10 +65,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str = "") -> list[dict]:
     """Override sets (`{"rl.lr": 1e-6, ...}`), one per run. arg names the sweep:
-    `algorithms` (GRPO / PPO / REINFORCE++), `lr_kl` (learning rate x KL coefficient),
+    `algorithms` (every registered one), `lr_kl` (learning rate x KL coefficient),
     `curriculum` (the noise schedule's end point and base), `turns` (max_turns 2 / 5)."""
     sweeps = {
-        "algorithms": {"rl.algorithm": list(ALGORITHMS)},
+        "algorithms": {"rl.algorithm": list(algorithms.names())},
         "lr_kl": {"rl.lr": [5e-7, 1e-6, 2e-6], "rl.kl_coef": [0.0, 0.001]},
         "curriculum": {"curriculum.end": [0.25, 0.5, 0.75], "curriculum.base": [2.0, 4.0, 10.0]},
         "turns": {"rollout.max_turns": [2, 5]},

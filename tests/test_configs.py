@@ -9,10 +9,11 @@ import pytest
 
 from configs import common, smollm2, tiny, zerosearch
 from zsjax import train
+from zsjax.rl import algorithms
 
 
 @pytest.mark.parametrize("model", sorted(zerosearch.MODELS))
-@pytest.mark.parametrize("algorithm", zerosearch.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", algorithms.names())
 def test_recipes_at_reference_hyperparameters(model, algorithm):
     c = zerosearch.get_config(f"{model},{algorithm}")
     assert c.rl.algorithm == algorithm
@@ -58,7 +59,7 @@ def test_sweeps_expand_and_launch_script_prints_runs(tmp_path):
     runs = zerosearch.get_sweep("lr_kl")
     assert len(runs) == 6 and {"rl.lr", "rl.kl_coef"} == set(runs[0])
     assert {r["rl.algorithm"] for r in zerosearch.get_sweep("algorithms")} == set(
-        zerosearch.ALGORITHMS)
+        algorithms.names())
     out = subprocess.run([sys.executable, "launch/sweep.py", "--config",
                           "configs/tiny.py", "--sweep", "x", "--workdir", str(tmp_path)],
                          capture_output=True, text=True)

@@ -62,7 +62,7 @@ def test_tiny_run_logs_metrics_resumes_and_exports(tmp_path):
     assert [r["step"] for r in _lines(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "reinforce_pp"])
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo", "ppo", "reinforce_pp"])
 def test_noise_fraction_and_rewards_logged_per_step(tmp_path, monkeypatch, algorithm):
     import zsjax.search
     monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
@@ -221,6 +221,45 @@ def test_backend_by_name_bm25(tmp_path, monkeypatch):
     corpus.write_text('{"id": "1", "text": "fine"}\n{"id": "2"}\n')
     with pytest.raises(InputError, match=r"corpus.jsonl:2: a passage needs a non-empty 'text'"):
         train.run(config, str(tmp_path / "bad"))
+
+
+def test_an_estimator_and_a_reward_registered_from_outside_the_package(tmp_path, monkeypatch):
+    """Extending zsjax as the README shows: one function and one registration each, no file of
+    the package edited."""
+    import zsjax.search
+    from zsjax.rl import algorithms, rewards
+    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+    seen = []
+
+    def centred(x):  # every trajectory against the batch's mean reward
+        seen.append(np.asarray(x.rewards))
+        return (x.rewards - x.rewards.mean())[:, None] * x.mask, None
+
+    def answer_length(predictions, golden):  # 0.1 per character of the answer
+        return np.array([0.1 * len(p or "") for p in predictions], np.float32)
+
+    monkeypatch.setitem(algorithms.ALGORITHMS, "centred", None)  # removed after the test
+    algorithms.register("centred", algorithms.Algorithm(centred))
+    monkeypatch.setitem(rewards.REWARDS, "answer_length", None)
+    rewards.register_reward("answer_length", answer_length)
+    config = tiny.get_config()
+    config.rl.update(algorithm="centred", reward="answer_length", questions_per_step=8)
+    config.train.steps = 2
+    history = train.run(config, str(tmp_path))
+    assert len(seen) == 2 and all(r.shape == (16,) for r in seen)
+    # the scripted policy answers "Vex" for the 2 Zorland rollouts of 16, "x" for the others
+    for r, h in zip(seen, history):
+        np.testing.assert_allclose(np.sort(r), [0.1] * 14 + [0.3] * 2, rtol=1e-6)
+        assert h["reward"] == "answer_length"
+        assert h["reward_mean"] == pytest.approx((14 * 0.1 + 2 * 0.3) / 16)
+        assert h["f1_mean"] == pytest.approx(2 / 16)
+
+
+def test_unknown_reward(tmp_path):
+    config = tiny.get_config()
+    config.rl.reward = "bleu"
+    with pytest.raises(InputError, match="config.rl.reward='bleu' is not available"):
+        train.run(config, str(tmp_path))
 
 
 def test_unknown_algorithm(tmp_path):

@@ -33,30 +33,7 @@ import sys
 import time
 
 from zsjax.cli import InputError, check_workdir
-
-ALGORITHMS = ("grpo", "ppo", "reinforce_pp")
-
-
-def _pad_batch(trajs, length_multiple: int = 64, width: int = 0):
-    """Right-padded tokens, attention and loss masks, and the sampler's model logprobs (0 off
-    the policy's tokens); `width` (if larger) overrides the batch's own padded length (every
-    process pads to the global one)."""
-    import numpy as np
-    width = max(width, _width(trajs, length_multiple))
-    b = len(trajs)
-    tokens = np.zeros((b, width), np.int32)
-    attn = np.zeros((b, width), bool)
-    mask = np.zeros((b, width), np.float32)
-    logprobs = np.zeros((b, width), np.float32)
-    for i, t in enumerate(trajs):
-        n = len(t.token_ids)
-        tokens[i, :n], attn[i, :n], mask[i, :n] = t.token_ids, True, t.loss_mask
-        logprobs[i, :n] = t.model_logprobs
-    return tokens, attn, mask, logprobs
-
-
-def _width(trajs, length_multiple: int) -> int:
-    return -(-max(len(t.token_ids) for t in trajs) // length_multiple) * length_multiple
+from zsjax.rl import algorithms
 
 
 def _meshes(config, mesh):
@@ -248,9 +225,11 @@ def _check_batch(config, mesh) -> None:
     rl = config.rl
     if config.data.length_multiple < 1:
         raise InputError(f"data.length_multiple must be >= 1; got {config.data.length_multiple}")
-    if rl.algorithm == "grpo" and rl.rollouts_per_question < 2:
-        raise InputError("GRPO normalises rewards within a question's group: set "
-                         "rl.rollouts_per_question >= 2")
+    algo = algorithms.get(rl.algorithm)
+    if rl.rollouts_per_question < algo.min_group_size:
+        raise InputError(f"rl.algorithm={rl.algorithm!r} ({algo.description or 'registered'}) "
+                         f"compares the rollouts of a question: set rl.rollouts_per_question >= "
+                         f"{algo.min_group_size}")
     _, micro = _update_plan(rl)
     for group in ("rollout", "simulator"):
         if config[group].shrink_above < 0:
@@ -306,9 +285,12 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     """
     from zsjax.checkpointing import WorkdirLock
     rl = config.rl
-    if rl.algorithm not in ALGORITHMS:
-        raise InputError(f"config.rl.algorithm={rl.algorithm!r} is not available in "
-                         f"zsjax.train; choose one of {ALGORITHMS}")
+    from zsjax.rl import rewards
+    try:
+        algorithms.get(rl.algorithm)
+        rewards.get_reward(rl.reward)
+    except ValueError as e:
+        raise InputError(f"config.{e}") from None
     _check_values(config)
     check_workdir(workdir)
     if "://" in workdir:
@@ -332,8 +314,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
     from zsjax.data.qa import QuestionStream
     from zsjax.generate import eos_ids, load_tokenizer
     from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
-    from zsjax.rl import advantages as A
-    from zsjax.rl import losses as L
+    from zsjax.rl import batch as B
     from zsjax.rl import rewards as R
     from zsjax.rl import update as U
     from zsjax.search import ModelTurnGenerator, RolloutSettings, StepCache, rollout
@@ -368,7 +349,9 @@ def _run(config, workdir: str, backend) -> list[dict]:
         raise InputError(f"rl.questions_per_step={rl.questions_per_step} does not split over "
                          f"{jax.process_count()} processes")
     rollout_mesh, sim_mesh = _meshes(config, mesh)
-    use_ref = bool(rl.kl_coef) or rl.algorithm in ("reinforce_pp", "ppo")
+    algo = algorithms.get(rl.algorithm)
+    use_ref = algo.needs_reference(rl.kl_coef)
+    reward_fn = R.get_reward(rl.reward)
     roles = {"policy": paths["policy"]}
     if not external:
         roles["simulator"] = paths["simulator"]
@@ -432,7 +415,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
         max_obs_tokens=config.rollout.max_obs_tokens, temperature=config.rollout.temperature,
         top_p=config.rollout.top_p)
     loss_cfg = U.LossConfig(clip_low=rl.clip, entropy_coef=rl.entropy_coef,
-                            kl_coef=rl.kl_coef if rl.algorithm == "grpo" else 0.0,
+                            kl_coef=algo.loss_kl_coef(rl.kl_coef),
                             kl_kind=rl.kl_kind, aggregation=rl.aggregation,
                             temperature=config.rollout.temperature, value_clip=rl.value_clip)
     mb_sizes, micro = _update_plan(rl)  # the optimizer steps' mini-batches (checked above)
@@ -446,7 +429,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
     if rl.freeze:
         print(f"[train] rl.freeze: {U.describe_frozen(params, rl.freeze)}", file=sys.stderr)
     critic_tx = critic_state = None
-    if rl.algorithm == "ppo":
+    if algo.critic:
         critic_tx = U.make_optimizer(rl.critic_lr, warmup_steps=rl.warmup_steps,
                                      weight_decay=rl.weight_decay, grad_clip=rl.grad_clip,
                                      updates_per_step=updates)
@@ -533,19 +516,18 @@ def _run(config, workdir: str, backend) -> list[dict]:
                             trajectory_ids=range(my_rows.start, my_rows.stop))
             del gen, gen_params  # the rollout copy and its KV caches are not needed past here
             t_rollout = time.perf_counter() - t0
-            scores = R.score([t.answer for t in trajs], [t.golden_answers for t in trajs])
+            answers, golden = [t.answer for t in trajs], [t.golden_answers for t in trajs]
+            scores = R.score(answers, golden)
+            reward = np.asarray(reward_fn(answers, golden), np.float32)
             # Per-trajectory statistics of every process, for the metrics.
-            stats = distributed.gather(np.array(
-                [[f1, em, sub, len(t.response_ids), t.num_searches, t.answer is not None,
-                  sum(t.noisy), len(t.noisy), len(t.token_ids)]
-                 for t, f1, em, sub in zip(trajs, scores["f1"], scores["em"],
-                                           scores["substring"])], np.float64))
+            stats = B.by_name(distributed.gather(B.trajectory_stats(trajs, reward, scores)))
             cache_hits = int(distributed.gather(np.array([simulator.hits])).sum())
 
             # --- Old and reference logprobs, values, advantages. ----------------------------------
             t1 = time.perf_counter()
-            width = distributed.global_max(_width(trajs, config.data.length_multiple))
-            tokens, attn, mask, sampled_lp = _pad_batch(trajs, config.data.length_multiple, width)
+            multiple = config.data.length_multiple
+            width = distributed.global_max(B.padded_width(trajs, multiple))
+            tokens, attn, mask, sampled_lp = B.pad_batch(trajs, multiple, width)
             # Logits are computed from the position before the earliest policy token of any row
             # in any process (rounded down, so steps with similar prompts share programs).
             logits_from = U.compiled_start(step_fns, width,
@@ -562,23 +544,13 @@ def _run(config, workdir: str, backend) -> list[dict]:
                                    logits_from=logits_from)
                    if ref_params is not None else None)
             mask_j = mask
-            f1 = to_global(np.asarray(scores["f1"], np.float32))
-            old_values = returns = None
-            if rl.algorithm == "grpo":
-                adv = A.group_normalized(f1.reshape(-1, k), eps=rl.std_eps)
-                adv = adv.reshape(-1)[:, None] * mask_j
-            elif rl.algorithm == "ppo":
-                # KL to the reference in the reward, GAE (skipping document tokens), whitened.
-                old_values = U.values_pass(policy_config, critic_state.params, tokens, attn,
-                                           micro_batch=micro, mesh=mesh) * mask_j
-                kl = L.kl_estimate(old, ref, "k1") * mask_j
-                token_rewards = A.place_on_last_token(f1, mask_j) - rl.kl_coef * kl
-                adv, returns = A.gae(token_rewards, old_values, mask_j, gamma=rl.gamma, lam=rl.lam)
-                adv = A.masked_whiten(adv, mask_j)
-            else:
-                kl = L.kl_estimate(old, ref, "k1") * mask_j
-                adv = A.reinforce_plus_plus(A.place_on_last_token(f1, mask_j), kl, mask_j,
-                                            kl_coef=rl.kl_coef)
+            rewards = to_global(reward)
+            old_values = (U.values_pass(policy_config, critic_state.params, tokens, attn,
+                                        micro_batch=micro, mesh=mesh) * mask_j
+                          if critic_state is not None else None)
+            adv, returns = algo.advantages(algorithms.AdvantageInputs(
+                rewards=rewards, group_size=k, mask=mask_j, old_logprobs=old, ref_logprobs=ref,
+                values=old_values, rl=rl))
             batch = U.Batch(tokens=tokens, attention_mask=attn, loss_mask=mask_j, old_logprobs=old,
                             advantages=adv, ref_logprobs=ref, old_values=old_values,
                             returns=returns)
@@ -625,23 +597,14 @@ def _run(config, workdir: str, backend) -> list[dict]:
                 value = float(np.mean([m[key] for m in ms]))
                 return value if np.isfinite(value) else None
 
-            searches = stats[:, 7].sum()
             record = {
-                "step": step + 1, "reward_mean": float(stats[:, 0].mean()),
-                "reward_std": float(stats[:, 0].std()),
-                "f1_mean": float(stats[:, 0].mean()), "em_mean": float(stats[:, 1].mean()),
-                "substring_mean": float(stats[:, 2].mean()), "noise_prob": p,
-                "noisy_fraction": float(stats[:, 6].sum() / searches) if searches else None,
-                "kl": mean("kl"), "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
+                "step": step + 1, "reward": rl.reward, **B.rollout_metrics(stats),
+                "noise_prob": p, "kl": mean("kl"), "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
                 "clip_fraction": mean("clip_fraction"), "grad_norm": mean("grad_norm"),
                 "approx_kl_old": mean("approx_kl_old"),
                 "value_loss": mean("value_loss") if critic_state is not None else None,
-                "skipped_updates": skipped,
-                "response_tokens_mean": float(stats[:, 3].mean()),
-                "searches_mean": float(stats[:, 4].mean()),
-                "valid_answer_rate": float(stats[:, 5].mean()),
-                "cache_hits": cache_hits,
-                "tokens_per_s": float(stats[:, 8].sum() * rl.epochs / seconds),
+                "skipped_updates": skipped, "cache_hits": cache_hits,
+                "tokens_per_s": float(stats["tokens"].sum() * rl.epochs / seconds),
                 "time_rollout_s": t_rollout - simulator.seconds,
                 "time_simulator_s": simulator.seconds, "time_logprobs_s": t_logprobs,
                 "time_update_s": t_update, "step_s": seconds}

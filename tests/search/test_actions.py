@@ -2,8 +2,9 @@
 
 from hypothesis import given, strategies as st
 
-from zsjax.rl.rewards import extract_answer, normalize_answer
+from zsjax.rl.rewards import normalize_answer
 from zsjax.search import parse_action
+from zsjax.search.actions import extract_answer
 from zsjax.search import prompts as P
 
 TAGS = st.sampled_from(["<search>", "</search>", "<answer>", "</answer>", "<think>", "x", " ",

@@ -18,13 +18,18 @@ def group_normalized(rewards_qk: jax.Array, *, eps: float = 1e-6, scale: bool = 
 
     The std is the unbiased one (ddof=1), as torch.std in the reference; a group of one gets
     mean 0 and std 1. `scale=False` is the Dr.GRPO variant: r - group mean, no division.
+
+    A group whose rewards are all equal gets exactly 0. The float32 mean of equal values such
+    as 2/7 is not always exact, and dividing by (std + eps) would blow the rounding up into
+    small, sign-random advantages on every token of the group (the reference has this noise).
     """
     k = rewards_qk.shape[-1]
     r = rewards_qk.astype(jnp.float32)
     if k == 1:
         return r
     mean = r.mean(-1, keepdims=True)
-    centred = r - mean
+    same = jnp.all(r == r[..., :1], axis=-1, keepdims=True)
+    centred = jnp.where(same, 0.0, r - mean)
     if not scale:
         return centred
     std = jnp.sqrt((centred ** 2).sum(-1, keepdims=True) / (k - 1))
@@ -32,12 +37,14 @@ def group_normalized(rewards_qk: jax.Array, *, eps: float = 1e-6, scale: bool = 
 
 
 def rloo(rewards_qk: jax.Array) -> jax.Array:
-    """REINFORCE leave-one-out: r_i minus the mean of the other K-1 rewards of its group."""
+    """REINFORCE leave-one-out: r_i minus the mean of the other K-1 rewards of its group
+    (exactly 0 for a group of equal rewards, as in `group_normalized`)."""
     k = rewards_qk.shape[-1]
     r = rewards_qk.astype(jnp.float32)
     if k == 1:
         return jnp.zeros_like(r)
-    return (r - (r.sum(-1, keepdims=True) - r) / (k - 1))
+    same = jnp.all(r == r[..., :1], axis=-1, keepdims=True)
+    return jnp.where(same, 0.0, r - (r.sum(-1, keepdims=True) - r) / (k - 1))
 
 
 def masked_mean(x, mask, axis=None):

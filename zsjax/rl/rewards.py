@@ -1,23 +1,24 @@
-"""Answer extraction and SQuAD-style normalisation (the reward computation lands with the RL
-core issue)."""
+"""Rewards by name (`rl.reward`): F1 (the paper's), exact match and substring match of the
+policy's answer against the golden answers, after SQuAD-style normalisation, scored on device.
+
+A reward is a function (predictions: list[str | None], golden_answers: list[list[str]]) ->
+[N] float array; None is a trajectory that never answered. Add one with `register_reward`:
+
+    from zsjax.rl import rewards
+    rewards.register_reward("length_penalised_f1",
+                            lambda p, g: rewards.f1_scores(p, g) - 0.01 * ...)
+
+The answer itself is read by `zsjax.search.actions.extract_answer`.
+"""
 
 from __future__ import annotations
 
 import re
 import string
+from typing import Callable
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
-
-
-def extract_answer(response: str) -> str | None:
-    """The content of the last <answer>...</answer> in the response (pass the response only,
-    never the prompt, whose instructions contain an example answer). None when there is none."""
-    if not isinstance(response, str):
-        return None
-    matches = _ANSWER.findall(response)
-    return matches[-1].strip() if matches else None
 
 
 def normalize_answer(text: str) -> str:
@@ -143,3 +144,25 @@ def substring_match_scores(predictions, golden_answers) -> np.ndarray:
     """1.0 where a normalised golden answer is a substring of the normalised prediction (the
     reference's "EM")."""
     return score(predictions, golden_answers)["substring"]
+
+
+RewardFn = Callable[[list, list], np.ndarray]
+REWARDS: dict[str, RewardFn] = {"f1": f1_scores, "em": exact_match_scores,
+                                "substring": substring_match_scores}
+
+
+def register_reward(name: str, fn: RewardFn) -> RewardFn:
+    """Adds (or replaces) a reward under `name`, selectable as `rl.reward=name`."""
+    if not callable(fn):
+        raise TypeError(f"register_reward({name!r}, ...) takes a function; got "
+                        f"{type(fn).__name__}")
+    REWARDS[name] = fn
+    return fn
+
+
+def get_reward(name: str) -> RewardFn:
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise ValueError(f"rl.reward={name!r} is not available; choose one of "
+                         f"{tuple(REWARDS)}") from None

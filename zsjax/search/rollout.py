@@ -20,11 +20,10 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from zsjax.rl.rewards import extract_answer
 from zsjax.sampling import GenerateResult, continue_generate, generate
 from zsjax.sampling.sampler import SHRINK_ABOVE
 from zsjax.search import prompts as P
-from zsjax.search.actions import parse_action
+from zsjax.search.actions import extract_answer, parse_action
 from zsjax.search.backend import SearchBackend, SearchRequest
 
 
