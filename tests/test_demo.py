@@ -34,7 +34,7 @@ def test_quick_demo_rl_improves_held_out_f1(quick_run):
     # digits at step 100, apart by step 200; the RL code of either version gave the same gains
     # from the same fine-tunes). So the bar is on their mean, with a floor for each, both well
     # above a broken pipeline's zero. Other worlds (`--seed`): seed 1 +0.50 /
-    # +0.46, seed 2 +0.04 / 0.00, so the quick demo's RL is not robust (see the README).
+    # +0.46, seed 2 +0.04 / 0.00, so the quick demo's RL is not robust (docs/DEMO.md).
     gains = {b: after[b]["all"]["f1"] - before[b]["all"]["f1"]
              for b in ("search_engine", "simulator")}
     assert sum(gains.values()) / 2 >= 0.1, gains

@@ -806,3 +806,22 @@ def test_ctrl_c_is_a_stop_request_like_sigterm():
             stopped = stop.stopped("checkpointed step 3")
         assert stopped.code == code and str(stopped) == f"{name}: checkpointed step 3"
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_smollm2_config_reports_bad_paths_and_missing_packages_before_a_fetch(tmp_path,
+                                                                            monkeypatch):
+    from configs import smollm2
+    from zsjax.tools import fetch_smollm2
+    fetched = []
+    monkeypatch.setattr(fetch_smollm2, "fetch", lambda *a, **k: fetched.append(1))
+    config = smollm2.get_config()
+    config.policy.path = str(tmp_path / "no_such_model")
+    with pytest.raises(InputError, match="policy model"):
+        train.run(config, str(tmp_path / "a"))
+    assert not fetched
+
+    def missing(*a, **k):
+        raise fetch_smollm2.MissingConverter("fetching SmolLM2 ... needs torch")
+    monkeypatch.setattr(fetch_smollm2, "fetch", missing)
+    with pytest.raises(InputError, match="needs torch.*--config.policy.path"):
+        train.run(smollm2.get_config(), str(tmp_path / "b"))

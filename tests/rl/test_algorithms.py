@@ -151,3 +151,29 @@ def test_rewards_by_name_match_plain_python():
                                rtol=1e-6)
     np.testing.assert_array_equal(rewards.get_reward("em")(preds, golds), [1, 0, 0, 1])
     np.testing.assert_array_equal(rewards.get_reward("substring")(preds, golds), [1, 1, 0, 1])
+
+
+def test_readme_extension_examples_run(monkeypatch):
+    """The README's "Extending zsjax" snippets run as written and register what they say."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    section = readme.split("## Extending zsjax", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 3
+    monkeypatch.setitem(algorithms.ALGORITHMS, "leave_best_out", None)
+    monkeypatch.setitem(rewards.REWARDS, "short_f1", None)
+    scope = {}
+    for block in blocks:
+        exec(block, scope)
+    x = _inputs(rng.random(Q * K))
+    adv, _ = algorithms.get("leave_best_out").advantages(x)
+    g = _groups(x.rewards)
+    np.testing.assert_allclose(adv, (g - g.max(1, keepdims=True)).reshape(-1)[:, None] * MASK,
+                               rtol=1e-6)
+    np.testing.assert_allclose(rewards.get_reward("short_f1")(["Paris France", None],
+                                                              [["Paris"], ["x"]]),
+                               [2 / 3 - 0.02, 0.0], rtol=1e-5)
+    request = types.SimpleNamespace(query="q")
+    assert scope["backend"].search([request]) == ["Doc 1: q is ..."]

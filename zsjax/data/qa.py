@@ -134,15 +134,6 @@ def read_qa(path: str) -> list[QARow]:
     return out
 
 
-def load_qa(spec: str) -> list[QARow]:
-    """Rows of a QA file (`read_qa`) or of a tensorflow-datasets set given as
-    `tfds:NAME[:VERSION]/SPLIT@DATA_DIR` (zsjax.data.tfds_qa; imported only for such specs)."""
-    if spec.startswith("tfds:"):
-        from zsjax.data import tfds_qa
-        return tfds_qa.load_qa(spec)
-    return read_qa(spec)
-
-
 def dataset_name(spec: str) -> str:
     """`nq.test` for .../nq.test.jsonl, `NAME_SPLIT` for a tfds spec: how metrics name a set."""
     if spec.startswith("tfds:"):

@@ -1,7 +1,7 @@
 """The built-in demo: in a generated world no model could know, a small policy learns to search
 a small LLM simulator, with the whole ZeroSearch loop, on a CPU in minutes.
 
-    python -m zsjax.demo --workdir runs/demo [--quick] [--algorithm grpo|ppo|reinforce_pp]
+    python -m zsjax.demo --workdir runs/demo [--quick] [--algorithm grpo|dr_grpo|rloo|ppo|reinforce_pp]
 
 1. world: fictional people, cities, countries and occupations; one- and two-hop questions,
    train / validation / test disjoint (zsjax/demo/world.py).
@@ -361,7 +361,7 @@ PREPARED = "prepared.json"  # the seed and stage settings a workdir's fine-tunes
 
 
 def _claim_workdir(workdir: str, seed: int, s: dict) -> None:
-    from zsjax.cli import InputError
+    from zsjax.errors import InputError
     mine = {"seed": seed, "settings": {k: v for k, v in s.items() if not k.startswith("rl_")
                                        and k not in ("questions", "rollouts", "entropy_coef",
                                                      "kl_coef")}}
@@ -487,12 +487,13 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--quick", action="store_true",
                    help="the same stages with fewer RL steps (70 instead of 120)")
-    p.add_argument("--algorithm", default="grpo", choices=("grpo", "ppo", "reinforce_pp"))
+    from zsjax.rl import algorithms
+    p.add_argument("--algorithm", default="grpo", choices=algorithms.names())
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.seed < 0:
         p.error(f"--seed must be >= 0; got {args.seed}")
-    from zsjax.cli import InputError, Stopped
+    from zsjax.errors import InputError, Stopped
     try:
         run(args.workdir, quick=args.quick, algorithm=args.algorithm, seed=args.seed)
     except InputError as e:

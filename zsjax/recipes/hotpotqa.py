@@ -557,7 +557,7 @@ def format_summary(summary: dict) -> str:
 def _claim(workdir: str, quick: bool, data_dir: str, model_dir: str | None) -> None:
     """A workdir holds one recipe: a --quick one and a full one, or runs on other data or
     another model, do not share stages."""
-    from zsjax.cli import InputError
+    from zsjax.errors import InputError
     path = os.path.join(workdir, "recipe.json")
     mine = {"recipe": "hotpotqa", "quick": quick, "data": os.path.abspath(data_dir),
             "model": os.path.abspath(model_dir) if model_dir else None}
@@ -592,7 +592,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
         os.environ.get("ZSJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zsjax")),
         "jax_compile"))
-    from zsjax.cli import InputError, Stopped
+    from zsjax.errors import InputError, Stopped
     try:
         run(args.workdir, quick=args.quick, data_dir=args.data, model_dir=args.model)
     except (InputError, FileNotFoundError, ValueError) as e:

