@@ -21,10 +21,10 @@ from configs import tiny
 from zsjax import evaluate as E
 from zsjax import sharding
 from zsjax.data.qa import QARow
-from zsjax.generate import load_tokenizer
+from zsjax.models.tokenizer import load_tokenizer
 from zsjax.sampling import GenerateResult
 from zsjax.search import FunctionBackend, RolloutSettings
-from zsjax.tools import tiny_fixture
+from zsjax.data import tiny_fixture
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "evaluate.py")
 
@@ -117,14 +117,14 @@ class ScriptedGenerator:
         return out
 
 
-def test_scores_match_a_plain_python_reference(fixture, monkeypatch, capsys):
-    monkeypatch.setattr(E, "ModelTurnGenerator", ScriptedGenerator)
+def test_scores_match_a_plain_python_reference(fixture, capsys):
     rows = [QARow(r["question"], tuple(r["golden_answers"])) for r in tiny_fixture.qa_rows()]
     datasets = {"first": rows[:3], "rest": rows[3:]}
     backend = FunctionBackend(lambda r: f"Doc 1: {r.query}.")
     settings = RolloutSettings(max_turns=2, max_response_tokens=32, temperature=1.0)
     results = E.evaluate(None, None, load_tokenizer(fixture["policy"]), datasets, backend,
-                         settings=settings, batch_size=2, progress=True)
+                         settings=settings, batch_size=2, progress=True,
+                         generator=ScriptedGenerator)
     assert ScriptedGenerator.temperatures[-1] == 0.0  # greedy, whatever the settings say
     assert list(results) == ["first", "rest"]
     for name, ds in datasets.items():

@@ -8,7 +8,7 @@ import sys
 def test_infer_cli_json(tmp_path):
     """The CLI end to end on the tiny generated policy and simulator (the agent loop itself is
     tested on SmolLM2 in tests/search)."""
-    from zsjax.tools import tiny_fixture
+    from zsjax.data import tiny_fixture
     fx = tiny_fixture.make(str(tmp_path / "fx"))
     proc = subprocess.run(
         [sys.executable, "-m", "zsjax.infer", "--policy", fx["policy"], "--simulator",

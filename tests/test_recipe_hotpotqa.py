@@ -7,7 +7,7 @@ import os
 import pytest
 
 from zsjax.recipes import hotpotqa as H
-from zsjax.tools import tiny_fixture
+from zsjax.data import tiny_fixture
 
 TINY = {
     "sim_steps": 2, "sim_batch": 4, "cold_steps": 2, "cold_batch": 4, "test_rows": 8,

@@ -153,9 +153,9 @@ def test_rollouts_stop_on_generation_config_eos_ids(tmp_path, monkeypatch):
     """The policy's and the simulator's generation stop on the EOS ids of config.json, of
     generation_config.json and of the tokenizer, as zsjax.evaluate and zsjax.generate do
     (Qwen2.5-Instruct lists <|endoftext|> only in generation_config.json)."""
-    from zsjax.generate import load_tokenizer
+    from zsjax.models.tokenizer import load_tokenizer
     from zsjax.models.config import read_hf_config
-    from zsjax.tools import tiny_fixture
+    from zsjax.data import tiny_fixture
     fx = tiny_fixture.make(str(tmp_path / "fx"))
     for role, extra in (("policy", 7), ("simulator", 9)):
         with open(os.path.join(fx[role], "generation_config.json"), "w") as f:
@@ -202,7 +202,7 @@ def test_backend_by_name_bm25(tmp_path, monkeypatch):
     import zsjax.search
     monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
     corpus = tmp_path / "corpus.jsonl"
-    from zsjax.tools.tiny_fixture import COUNTRIES
+    from zsjax.data.tiny_fixture import COUNTRIES
     corpus.write_text("".join(json.dumps({"id": str(i), "title": c, "text": f"{c} is a land."})
                               + "\n" for i, c in enumerate(COUNTRIES)))
     config = tiny.get_config()
@@ -367,7 +367,7 @@ def _break(path, how):
     ("truncated", "policy model: .*truncated"),
 ])
 def test_bad_model_folders_fail_before_compute(tmp_path, how, match):
-    from zsjax.tools import tiny_fixture
+    from zsjax.data import tiny_fixture
     fx = tiny_fixture.make(str(tmp_path / "fx"))
     _break(fx["policy"], how)
     config = tiny.get_config()
@@ -378,7 +378,7 @@ def test_bad_model_folders_fail_before_compute(tmp_path, how, match):
 
 
 def test_other_bad_inputs(tmp_path):
-    from zsjax.tools import tiny_fixture
+    from zsjax.data import tiny_fixture
     fx = tiny_fixture.make(str(tmp_path / "fx"))
     # a tokenizer from another model: SmolLM2-sized vocab against a 640-entry embedding
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -60,7 +60,7 @@ def make_backend(args, policy_dir, policy_model):
     from zsjax.search.factory import make_backend as make
 
     def simulator():
-        from zsjax.generate import eos_ids, load_tokenizer
+        from zsjax.models.tokenizer import eos_ids, load_tokenizer
         from zsjax.models import load_hf
         from zsjax.search.simulator import InProcessSimulator
         if os.path.abspath(args.simulator) == os.path.abspath(policy_dir):
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                                    temperature=args.temperature, top_p=args.top_p)
     except ValueError as e:
         parser.error(str(e))
-    from zsjax.generate import load_tokenizer
+    from zsjax.models.tokenizer import load_tokenizer
     from zsjax.models import load_hf
     from zsjax.search import ModelTurnGenerator, rollout
     from zsjax.search.curriculum import draw_rng
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:  # Config-, Checkpoint-, SafetensorsError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from zsjax.generate import eos_ids
+    from zsjax.models.tokenizer import eos_ids
     gen = ModelTurnGenerator(config, params, tokenizer, settings,
                              eos_token_ids=eos_ids(args.policy, config, tokenizer))
     try:

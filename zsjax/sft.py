@@ -11,7 +11,6 @@ or Ctrl-C ends the run after the step in progress, with a checkpoint of it and e
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -23,11 +22,10 @@ def run(config, workdir: str) -> dict:
     import jax
 
     from zsjax import sharding
-    from zsjax.checkpointing import (Checkpointer, IncompleteCheckpoint, StopOnSignal,
-                                     truncate_jsonl)
     from zsjax.errors import InputError
+    from zsjax.loop import TrainingLoop
     from zsjax.data import sft_data
-    from zsjax.generate import load_tokenizer
+    from zsjax.models.tokenizer import load_tokenizer
     from zsjax.models import load_hf, save_hf
     from zsjax.models.config import DTYPES
     from zsjax.rl import update as U
@@ -78,29 +76,21 @@ def run(config, workdir: str) -> dict:
     if tc.freeze:
         print(f"[sft] train.freeze: {U.describe_frozen(params, tc.freeze)}", file=sys.stderr)
     state = U.init_state(params, tx)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-    ckpt.check_resume(config.resume, workdir)
-    start_step, position = 0, 0
-    if config.resume and ckpt.latest_step() is not None:
-        try:
-            state, meta = ckpt.restore(state)
-        except IncompleteCheckpoint as e:
-            raise InputError(str(e)) from None
-        # The loop's step, not the optimizer's count, which skipped non-finite updates leave
-        # behind.
-        start_step, position = meta["step"], meta["data_position"]
-        print(f"[sft] resumed from step {start_step}", file=sys.stderr)
+    loop = TrainingLoop(workdir, steps=tc.steps, checkpoint_every=tc.checkpoint_every,
+                        keep=tc.keep_checkpoints, resume=config.resume)
+    # The loop's step, not the optimizer's count, which skipped non-finite updates leave behind.
+    state, meta = loop.restore(state)
+    position = meta["data_position"] if meta else 0
+    if meta:
+        print(f"[sft] resumed from step {loop.start}", file=sys.stderr)
 
     steps_fns = {}
     stream = sft_data.batches(examples, tc.batch_size, seed=tc.seed, start=position,
-                                length_multiple=config.data.length_multiple)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    truncate_jsonl(metrics_path, start_step)  # steps after the checkpoint are run again
+                              length_multiple=config.data.length_multiple)
     last = {}
     t0 = time.time()
-    stopped_at = None
-    with StopOnSignal() as stop:
-        for step in range(start_step, tc.steps):
+    with loop:
+        for step in range(loop.start, tc.steps):
             position, tokens, attn, mask = next(stream)
             batch = U.sft_batch(tokens, attn, mask)
             # One compiled step per (padded width, first position whose logits the loss needs).
@@ -113,24 +103,13 @@ def run(config, workdir: str) -> dict:
                                             freeze=tc.freeze)
             state, m = U.run_step(steps_fns[key], state, batch)
             last = {"step": step + 1, **{k: round(v, 6) for k, v in m.items()}}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+            loop.log(last)
             if (tc.log_every and (step + 1) % tc.log_every == 0) or step + 1 == tc.steps:
                 print(f"[sft] step {step + 1}/{tc.steps} loss {m['loss']:.4f} grad_norm "
                       f"{m['grad_norm']:.3f} {m['tokens_per_s']:.0f} tok/s "
                       f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-            stopping = step + 1 < tc.steps and stop.requested()  # SIGTERM: see zsjax.train
-            if (stopping or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0)
-                    or step + 1 == tc.steps):
-                ckpt.save(step + 1, state, {"data_position": position, "step": step + 1})
-            if stopping:
-                stopped_at = step + 1
-                break
-        ckpt.wait()  # the last save, with SIGTERM still caught
-    ckpt.close()
-    if stopped_at is not None:
-        raise stop.stopped(f"checkpointed step {stopped_at} of {tc.steps} in {workdir}; the "
-                           "same command resumes from it")
+            if loop.end_step(step, state, {"data_position": position}):
+                break  # SIGTERM or Ctrl-C: checkpointed; leaving the block raises Stopped
     export = config.export_dir or os.path.join(workdir, "simulator_hf")
     save_hf(model_config, jax.device_get(state.params), export,
             tokenizer_dir=config.model.path)

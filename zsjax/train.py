@@ -25,12 +25,14 @@ or one split over other processes, reach the same params as an uninterrupted one
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import re
 import sys
 import time
+from typing import Any
 
 from zsjax.errors import InputError, check_workdir
 from zsjax.rl import algorithms
@@ -108,7 +110,7 @@ def _paths(config, workdir: str, external: bool = False) -> dict[str, str]:
         import jax
 
         from zsjax import distributed
-        from zsjax.tools import tiny_fixture
+        from zsjax.data import tiny_fixture
         # The first process builds it; with several, the others wait (a shared workdir).
         if jax.process_index() == 0:
             fx = tiny_fixture.make(os.path.join(workdir, "fixture"), seed=config.seed)
@@ -141,7 +143,7 @@ def _check_model_dir(path: str, role: str):
 
 
 def _check_tokenizer(tokenizer, config, path: str, role: str):
-    from zsjax.generate import check_vocab
+    from zsjax.models.tokenizer import check_vocab
     try:
         check_vocab(tokenizer, config, f"{role} model {path}")
     except ValueError as e:
@@ -309,36 +311,126 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
         return _run(config, workdir, backend)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What a training run sets up once and every step reads (`_setup`)."""
+    config: Any
+    workdir: str
+    mesh: Any
+    paths: dict
+    algo: algorithms.Algorithm
+    reward_fn: Any
+    policy_config: Any
+    tokenizer: Any
+    policy_eos: tuple
+    ref_params: Any
+    sim_model: Any  # what evaluation searches with
+    simulator: Any  # sim_model behind the step's cache
+    settings: Any
+    loss_cfg: Any
+    mb_sizes: list
+    micro: int
+    tx: Any
+    critic_tx: Any
+    loop: Any
+    rows: list
+    eval_sets: dict
+    gen_shardings: Any
+    step_fns: dict = dataclasses.field(default_factory=dict)  # compiled steps by shape
+
+
 def _run(config, workdir: str, backend) -> list[dict]:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from tqdm import tqdm
 
-    from zsjax import distributed, sharding
-    from zsjax.checkpointing import (Checkpointer, IncompleteCheckpoint, StopOnSignal,
-                                     truncate_jsonl)
+    from zsjax import distributed
     from zsjax.data.qa import QuestionStream
-    from zsjax.generate import eos_ids, load_tokenizer
-    from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
-    from zsjax.rl import batch as B
-    from zsjax.rl import rewards as R
-    from zsjax.rl import update as U
-    from zsjax.search import ModelTurnGenerator, RolloutSettings, StepCache, rollout
-    from zsjax.search.curriculum import draw_rng, noise_probability
-    from zsjax.search.bm25 import BM25Index
-    from zsjax.search.factory import check_backend, make_backend
-    from zsjax.search.simulator import InProcessSimulator
+    from zsjax.models import save_hf
+    from zsjax.search.curriculum import noise_probability
 
     rl, tc = config.rl, config.train
+    r, state, critic_state = _setup(config, workdir, backend)
+    state, critic_state, position = _resume(r, state, critic_state)
+    loop, lead = r.loop, jax.process_index() == 0
+    if lead:  # the effective config (overrides applied) of the latest start in this workdir
+        with open(os.path.join(workdir, "run_config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1) + "\n")
+    n_global, my_rows, to_global = _batch_layout(r)
+    n_local = my_rows.stop - my_rows.start
+    stream = QuestionStream(r.rows, rl.questions_per_step, seed=config.seed, start=position,
+                            process_index=my_rows.start // n_local,
+                            process_count=n_global // n_local)
+    # Each process writes its own trajectories; process 0 the metrics.
+    traj_file = os.path.join(workdir, "trajectories.jsonl" if lead else
+                             f"trajectories.process{jax.process_index()}.jsonl")
+    history: list[dict] = []
+    guard = _NaNGuard(tc.max_nonfinite_steps)
+    bar = tqdm(total=tc.steps, initial=loop.start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (lead and tc.progress), file=sys.stderr)
+    with loop:
+        for step in range(loop.start, tc.steps):
+            t0 = time.perf_counter()
+            p = noise_probability(step, tc.steps, config.curriculum.start, config.curriculum.end,
+                                  config.curriculum.base)
+            trajs = _rollout_step(r, state, stream.next(), step, p, my_rows)
+            t_rollout = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            batch, stats, logits_from = _training_batch(r, trajs, state, critic_state,
+                                                        to_global)
+            t_logprobs = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            state, critic_state, updates = _updates(r, state, critic_state, batch, logits_from)
+            seconds = time.perf_counter() - t0
+            record = _step_record(r, step, p, stats, updates, seconds, {
+                "time_rollout_s": t_rollout - r.simulator.seconds,
+                "time_simulator_s": r.simulator.seconds, "time_logprobs_s": t_logprobs,
+                "time_update_s": time.perf_counter() - t2, "step_s": seconds})
+            if r.eval_sets and tc.eval_every and ((step + 1) % tc.eval_every == 0
+                                                  or step + 1 == tc.steps):
+                t3 = time.perf_counter()
+                record.update(_evaluate(r, state.params, step + 1, workdir if lead else None))
+                record["time_eval_s"] = time.perf_counter() - t3
+            history.append(record)
+            loop.log(record)
+            with open(traj_file, "a") as f:
+                for t in trajs:
+                    f.write(json.dumps({"step": step + 1, **t.to_record()}) + "\n")
+            _show_progress(bar, record, p, seconds, step, tc, lead)
+            # after the step's records are written, before its checkpoint
+            guard.observe(record["skipped_updates"], len(updates), step + 1)
+            # SIGTERM (preemption) or SIGINT: checkpoint this step and stop; a rerun resumes.
+            if loop.end_step(step, (state, critic_state),
+                             _checkpoint_meta(r, stream.position, p, rl.algorithm)):
+                break
+        bar.close()
+    final_params = distributed.fetch_to_lead(state.params)  # every process takes part
+    if lead:
+        save_hf(r.policy_config, final_params, os.path.join(workdir, "policy_hf"),
+                tokenizer_dir=r.paths["policy"])
+    return history
 
-    # --- Everything that can be wrong with the input is checked before any model loads. -----
+
+def _setup(config, workdir: str, backend):
+    """Every check of the input (before any model loads), then the models, the search backend,
+    the rollout settings, the loss and the optimizers: (the run, the fresh policy state, the
+    fresh critic state or None)."""
+    import jax
+    import jax.numpy as jnp
+
+    from zsjax import distributed, sharding
+    from zsjax.loop import TrainingLoop
+    from zsjax.models import decoder
+    from zsjax.rl import rewards as R
+    from zsjax.rl import update as U
+    from zsjax.search import RolloutSettings, StepCache
+    from zsjax.search.factory import check_backend
+
+    rl, tc, b = config.rl, config.train, config.backend
     try:
         mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     except ValueError as e:
         raise InputError(f"config.mesh: {e}") from None
     _check_batch(config, mesh)
-    b = config.backend
     try:
         check_backend(b.kind, url=b.url, corpus=b.corpus, top_k=b.top_k)
     except (FileNotFoundError, ValueError) as e:
@@ -358,64 +450,25 @@ def _run(config, workdir: str, backend) -> list[dict]:
     rollout_mesh, sim_mesh = _meshes(config, mesh)
     algo = algorithms.get(rl.algorithm)
     use_ref = algo.needs_reference(rl.kl_coef)
-    reward_fn = R.get_reward(rl.reward)
-    roles = {"policy": paths["policy"]}
-    if not external:
-        roles["simulator"] = paths["simulator"]
-    if use_ref:
-        roles["reference"] = paths["reference"]
-    model_configs = {role: _check_model_dir(p, role) for role, p in roles.items()}
-    tokenizer = load_tokenizer(paths["policy"])
-    _check_tokenizer(tokenizer, model_configs["policy"], paths["policy"], "policy")
-    if not external:
-        sim_tokenizer = load_tokenizer(paths["simulator"])
-        _check_tokenizer(sim_tokenizer, model_configs["simulator"], paths["simulator"],
-                         "simulator")
-    if use_ref and model_configs["reference"].vocab_size != model_configs["policy"].vocab_size:
-        raise InputError(f"the reference model {paths['reference']} has a vocabulary of "
-                         f"{model_configs['reference'].vocab_size}, the policy "
-                         f"{model_configs['policy'].vocab_size}")
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-    ckpt.check_resume(config.resume, workdir)
+    tokenizers = _check_models(paths, external, use_ref)
+    loop = TrainingLoop(
+        workdir, steps=tc.steps, checkpoint_every=tc.checkpoint_every,
+        keep=tc.keep_checkpoints, resume=config.resume, lead=jax.process_index() == 0,
+        tensorboard=tc.tensorboard,
+        logs=(("metrics.jsonl", "eval.jsonl", "trajectories.jsonl")
+              if jax.process_index() == 0 else
+              (f"trajectories.process{jax.process_index()}.jsonl",)),
+        # every process has its part of the checkpoint on disk before any exits (a scheduler
+        # such as srun --kill-on-bad-exit stops the others when the first one does)
+        on_stop=lambda: distributed.barrier("zsjax_stopped"))
 
-    # --- Models, optimizer, state. -----------------------------------------------------------
-    def load(role, **kwargs):
-        try:
-            return load_hf(paths[role], **kwargs)
-        except ValueError as e:  # a truncated or mismatched safetensors file
-            raise InputError(f"{role} model: {e}") from None
-    policy_config, params = load("policy", dtype=config.policy.dtype,
-                                 param_dtype=config.policy.param_dtype, mesh=mesh)
-    ref_params = (load("reference", dtype=config.policy.dtype, mesh=mesh)[1]
+    # --- Models, search, losses, optimizers. -------------------------------------------------
+    policy_config, params = _load(paths, "policy", dtype=config.policy.dtype,
+                                  param_dtype=config.policy.param_dtype, mesh=mesh)
+    ref_params = (_load(paths, "reference", dtype=config.policy.dtype, mesh=mesh)[1]
                   if use_ref else None)
-    if backend is None and external:  # config.backend: a server or a local engine
-        sc = config.simulator
-        if b.kind == "bm25" and jax.process_index() == 0:  # one process builds the index
-            try:
-                BM25Index(b.corpus)
-            except (OSError, ValueError) as e:
-                raise InputError(f"backend.corpus: {e}") from None
-        distributed.barrier("zsjax_bm25_index")
-        try:
-            backend = make_backend(b.kind, url=b.url, model=b.model, corpus=b.corpus,
-                                   top_k=b.top_k, style=sc.style, temperature=sc.temperature,
-                                   max_new_tokens=sc.max_new_tokens, top_k_docs=sc.top_k_docs)
-        except (OSError, ValueError) as e:
-            raise InputError(f"config.backend: {e}") from None
-    if backend is None:
-        sim_config, sim_params = load("simulator", dtype=config.simulator.dtype, mesh=sim_mesh)
-        sim_model = InProcessSimulator(
-            sim_config, sim_params, sim_tokenizer, style=config.simulator.style,
-            temperature=config.simulator.temperature,
-            max_new_tokens=config.simulator.max_new_tokens,
-            top_k_docs=config.simulator.top_k_docs, seed=config.seed,
-            shrink_above=config.simulator.shrink_above,
-            eos_token_ids=eos_ids(paths["simulator"], sim_config, sim_tokenizer))
-    else:
-        sim_model = backend
-    simulator = StepCache(sim_model, share=config.simulator.share_documents)
-    # config.json's, generation_config.json's and the tokenizer's, as evaluation stops on
-    policy_eos = eos_ids(paths["policy"], policy_config, tokenizer)
+    sim_model = _search_backend(config, paths, backend, external, sim_mesh,
+                                tokenizers.get("simulator"))
     settings = RolloutSettings(
         max_turns=config.rollout.max_turns, max_response_tokens=config.rollout.max_response_tokens,
         max_prompt_tokens=config.rollout.max_prompt_tokens,
@@ -442,34 +495,115 @@ def _run(config, workdir: str, backend) -> list[dict]:
                                      updates_per_step=updates)
         critic_params = U.init_critic(policy_config, jax.tree.map(jnp.copy, params))
         critic_state = U.init_state(critic_params, critic_tx)
+    r = _Run(config=config, workdir=workdir, mesh=mesh, paths=paths, algo=algo,
+             reward_fn=R.get_reward(rl.reward), policy_config=policy_config,
+             tokenizer=tokenizers["policy"],
+             # config.json's, generation_config.json's and the tokenizer's, as evaluation
+             policy_eos=_eos(paths["policy"], policy_config, tokenizers["policy"]),
+             ref_params=ref_params, sim_model=sim_model,
+             simulator=StepCache(sim_model, share=config.simulator.share_documents),
+             settings=settings, loss_cfg=loss_cfg, mb_sizes=mb_sizes, micro=micro, tx=tx,
+             critic_tx=critic_tx, loop=loop, rows=rows, eval_sets=eval_sets,
+             gen_shardings=(None if rollout_mesh is mesh else
+                            decoder.param_shardings(policy_config, rollout_mesh)))
+    return r, state, critic_state
 
-    start, position = 0, 0
-    if config.resume and ckpt.latest_step() is not None:
+
+def _eos(path, model_config, tokenizer):
+    from zsjax.models.tokenizer import eos_ids
+    return eos_ids(path, model_config, tokenizer)
+
+
+def _load(paths: dict, role: str, **kwargs):
+    from zsjax.models import load_hf
+    try:
+        return load_hf(paths[role], **kwargs)
+    except ValueError as e:  # a truncated or mismatched safetensors file
+        raise InputError(f"{role} model: {e}") from None
+
+
+def _check_models(paths: dict, external: bool, use_ref: bool) -> dict:
+    """Each model folder, its tokenizer and the reference's vocabulary, before any weight
+    loads; returns the policy's (and the in-process simulator's) tokenizer."""
+    from zsjax.models.tokenizer import load_tokenizer
+    roles = ["policy"] + ([] if external else ["simulator"]) + (["reference"] if use_ref else [])
+    configs = {role: _check_model_dir(paths[role], role) for role in roles}
+    tokenizers = {}
+    for role in roles[:1] + ([] if external else ["simulator"]):
+        tokenizers[role] = load_tokenizer(paths[role])
+        _check_tokenizer(tokenizers[role], configs[role], paths[role], role)
+    if use_ref and configs["reference"].vocab_size != configs["policy"].vocab_size:
+        raise InputError(f"the reference model {paths['reference']} has a vocabulary of "
+                         f"{configs['reference'].vocab_size}, the policy "
+                         f"{configs['policy'].vocab_size}")
+    return tokenizers
+
+
+def _search_backend(config, paths, backend, external, sim_mesh, sim_tokenizer):
+    """What the rollouts search: the given backend, the one config.backend names (a server or
+    a local engine), or the in-process simulator."""
+    import jax
+
+    from zsjax import distributed
+    from zsjax.search.bm25 import BM25Index
+    from zsjax.search.factory import make_backend
+    from zsjax.search.simulator import InProcessSimulator
+    b, sc = config.backend, config.simulator
+    if backend is None and external:  # config.backend: a server or a local engine
+        if b.kind == "bm25" and jax.process_index() == 0:  # one process builds the index
+            try:
+                BM25Index(b.corpus)
+            except (OSError, ValueError) as e:
+                raise InputError(f"backend.corpus: {e}") from None
+        distributed.barrier("zsjax_bm25_index")
         try:
-            _check_resumable(ckpt, to_hf_dict(policy_config), rl.algorithm, workdir)
-            (state, critic_state), meta = ckpt.restore((state, critic_state))
-        except IncompleteCheckpoint as e:
-            raise InputError(str(e)) from None
-        except InputError:
-            raise
-        except (ValueError, KeyError) as e:  # orbax: the saved tree does not match this one
-            raise InputError(f"the checkpoint in {workdir} does not fit this run's model and "
-                             f"algorithm ({str(e).splitlines()[0][:200]}); resume it with the "
-                             "config that wrote it, or pick a new workdir") from None
-        start, position = meta["step"], meta["data_position"]
-        print(f"[train] resumed from step {start}", file=sys.stderr)
-    lead = jax.process_index() == 0
-    if lead:  # the effective config (overrides applied) of the latest start in this workdir
-        with open(os.path.join(workdir, "run_config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1) + "\n")
-    # Metrics have one writer (process 0); each process writes its own trajectories.
-    traj_file = ("trajectories.jsonl" if lead else
-                 f"trajectories.process{jax.process_index()}.jsonl")
-    for name in (("metrics.jsonl", "eval.jsonl") if lead else ()) + (traj_file,):
-        truncate_jsonl(os.path.join(workdir, name), start)
-    k = rl.rollouts_per_question
-    n_global = rl.questions_per_step * k
-    # Each process rolls out the questions whose trajectories its devices hold in the update.
+            return make_backend(b.kind, url=b.url, model=b.model, corpus=b.corpus,
+                                top_k=b.top_k, style=sc.style, temperature=sc.temperature,
+                                max_new_tokens=sc.max_new_tokens, top_k_docs=sc.top_k_docs)
+        except (OSError, ValueError) as e:
+            raise InputError(f"config.backend: {e}") from None
+    if backend is not None:
+        return backend
+    sim_config, sim_params = _load(paths, "simulator", dtype=sc.dtype, mesh=sim_mesh)
+    return InProcessSimulator(
+        sim_config, sim_params, sim_tokenizer, style=sc.style, temperature=sc.temperature,
+        max_new_tokens=sc.max_new_tokens, top_k_docs=sc.top_k_docs, seed=config.seed,
+        shrink_above=sc.shrink_above,
+        eos_token_ids=_eos(paths["simulator"], sim_config, sim_tokenizer))
+
+
+def _resume(r: _Run, state, critic_state):
+    """(policy state, critic state or None, data position): the fresh ones given, or those of
+    the latest checkpoint (which must have been written for this policy architecture and
+    algorithm) when the run resumes."""
+    from zsjax.models import to_hf_dict
+    if not (r.config.resume and r.loop.ckpt.latest_step() is not None):
+        r.loop.restore((state, critic_state))  # nothing to restore: cuts the logs to step 0
+        return state, critic_state, 0
+    try:
+        _check_resumable(r.loop.ckpt, to_hf_dict(r.policy_config), r.config.rl.algorithm,
+                         r.workdir)
+        (state, critic_state), meta = r.loop.restore((state, critic_state))
+    except InputError:
+        raise
+    except (ValueError, KeyError) as e:  # orbax: the saved tree does not match this one
+        raise InputError(f"the checkpoint in {r.workdir} does not fit this run's model and "
+                         f"algorithm ({str(e).splitlines()[0][:200]}); resume it with the "
+                         "config that wrote it, or pick a new workdir") from None
+    print(f"[train] resumed from step {r.loop.start}", file=sys.stderr)
+    return state, critic_state, meta["data_position"]
+
+
+def _batch_layout(r: _Run):
+    """(trajectories a step, this process's rows of them, a function that puts this process's
+    rows into the global batch on the training mesh). Each process rolls out the questions
+    whose trajectories its devices hold in the update."""
+    import jax
+    import jax.numpy as jnp
+
+    from zsjax import distributed, sharding
+    rl, mesh = r.config.rl, r.mesh
+    n_global = rl.questions_per_step * rl.rollouts_per_question
     rows_sharding = (None if mesh is None else
                      sharding.named_sharding(("batch",), (n_global,), mesh))
     my_rows = (slice(0, n_global) if mesh is None else
@@ -479,205 +613,167 @@ def _run(config, workdir: str, backend) -> list[dict]:
         raise InputError(f"the training mesh gives each process {n_local} of the step's "
                          f"{n_global} trajectories; each must get 1/{jax.process_count()} "
                          "(the batch axes, data x fsdp, must span the processes)")
-    stream = QuestionStream(rows, rl.questions_per_step, seed=config.seed, start=position,
-                            process_index=my_rows.start // n_local,
-                            process_count=n_global // n_local)
-    gen_shardings = (None if rollout_mesh is mesh else
-                     decoder.param_shardings(policy_config, rollout_mesh))
 
-    def to_global(x):  # this process's rows -> the global batch on the training mesh
+    def to_global(x):
         if mesh is None:
             return jnp.asarray(x)
         names = ("batch",) + ("length",) * (x.ndim - 1)
         return distributed.global_batch(
             x, sharding.named_sharding(names, (n_global,) + x.shape[1:], mesh))
-    writer = None
-    if lead and tc.tensorboard:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1)
+    return n_global, my_rows, to_global
 
-    step_fns: dict = {}
-    history: list[dict] = []
-    guard = _NaNGuard(tc.max_nonfinite_steps)
-    stopped_at = None
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (lead and tc.progress), file=sys.stderr)
-    with StopOnSignal() as stop:
-        for step in range(start, tc.steps):
-            t0 = time.perf_counter()
-            qs = stream.next()
-            p = noise_probability(step, tc.steps, config.curriculum.start, config.curriculum.end,
-                                  config.curriculum.base)
-            simulator.new_step(step)
-            gen_params = _rollout_copy(state.params, policy_config, gen_shardings)
-            gen = ModelTurnGenerator(policy_config, gen_params, tokenizer, settings,
-                                     eos_token_ids=policy_eos,
-                                     kv_reuse=config.rollout.kv_reuse,
-                                     shrink_above=config.rollout.shrink_above)
-            trajs = rollout([q.question for q in qs for _ in range(k)],
-                            [q.golden_answers for q in qs for _ in range(k)], tokenizer=tokenizer,
-                            generate_fn=gen, backend=simulator, settings=settings,
-                            noise_probability=p,
-                            noise_rng=functools.partial(draw_rng, config.seed, step),
-                            seed=config.seed * 1_000_003 + step,
-                            trajectory_ids=range(my_rows.start, my_rows.stop))
-            del gen, gen_params  # the rollout copy and its KV caches are not needed past here
-            t_rollout = time.perf_counter() - t0
-            answers, golden = [t.answer for t in trajs], [t.golden_answers for t in trajs]
-            scores = R.score(answers, golden)
-            reward = np.asarray(reward_fn(answers, golden), np.float32)
-            # Per-trajectory statistics of every process, for the metrics.
-            stats = B.by_name(distributed.gather(B.trajectory_stats(trajs, reward, scores)))
-            cache_hits = int(distributed.gather(np.array([simulator.hits])).sum())
 
-            # --- Old and reference logprobs, values, advantages. ----------------------------------
-            t1 = time.perf_counter()
-            multiple = config.data.length_multiple
-            width = distributed.global_max(B.padded_width(trajs, multiple))
-            tokens, attn, mask, sampled_lp = B.pad_batch(trajs, multiple, width)
-            # Logits are computed from the position before the earliest policy token of any row
-            # in any process (rounded down, so steps with similar prompts share programs).
-            logits_from = U.compiled_start(step_fns, width,
-                                           -distributed.global_max(-U.loss_start(mask)))
-            tokens, attn, mask = map(to_global, (tokens, attn, mask))
-            if rl.old_logprobs == "sampler":  # the rollouts' own: 0 off the policy's tokens
-                old = to_global(sampled_lp)
-            else:
-                old = U.logprobs_pass(policy_config, state.params, tokens, attn, micro_batch=micro,
-                                      temperature=loss_cfg.temperature, mesh=mesh,
-                                      logits_from=logits_from)
-            ref = (U.logprobs_pass(policy_config, ref_params, tokens, attn, micro_batch=micro,
-                                   temperature=loss_cfg.temperature, mesh=mesh,
-                                   logits_from=logits_from)
-                   if ref_params is not None else None)
-            mask_j = mask
-            rewards = to_global(reward)
-            old_values = (U.values_pass(policy_config, critic_state.params, tokens, attn,
-                                        micro_batch=micro, mesh=mesh) * mask_j
-                          if critic_state is not None else None)
-            adv, returns = algo.advantages(algorithms.AdvantageInputs(
-                rewards=rewards, group_size=k, mask=mask_j, old_logprobs=old, ref_logprobs=ref,
-                values=old_values, rl=rl))
-            batch = U.Batch(tokens=tokens, attention_mask=attn, loss_mask=mask_j, old_logprobs=old,
-                            advantages=adv, ref_logprobs=ref, old_values=old_values,
-                            returns=returns)
-            jax.block_until_ready(batch)
-            t_logprobs = time.perf_counter() - t1
+def _rollout_step(r: _Run, state, questions, step: int, p: float, my_rows: slice):
+    """This process's trajectories of the step: K rollouts of each question, searching the
+    backend with the curriculum's noise probability p."""
+    from zsjax.search import ModelTurnGenerator, rollout
+    from zsjax.search.curriculum import draw_rng
+    c, k = r.config, r.config.rl.rollouts_per_question
+    r.simulator.new_step(step)
+    gen_params = _rollout_copy(state.params, r.policy_config, r.gen_shardings)
+    gen = ModelTurnGenerator(r.policy_config, gen_params, r.tokenizer, r.settings,
+                             eos_token_ids=r.policy_eos, kv_reuse=c.rollout.kv_reuse,
+                             shrink_above=c.rollout.shrink_above)
+    return rollout([q.question for q in questions for _ in range(k)],
+                   [q.golden_answers for q in questions for _ in range(k)],
+                   tokenizer=r.tokenizer, generate_fn=gen, backend=r.simulator,
+                   settings=r.settings, noise_probability=p,
+                   noise_rng=functools.partial(draw_rng, c.seed, step),
+                   seed=c.seed * 1_000_003 + step,
+                   trajectory_ids=range(my_rows.start, my_rows.stop))
+    # the rollout copy and its KV caches are freed on return
 
-            # --- Updates: epochs x mini-batches optimizer steps (policy, and critic for PPO). ----
-            t2 = time.perf_counter()
-            update_metrics = []
-            for _ in range(rl.epochs):
-                for i, size in enumerate(mb_sizes):
-                    lo = sum(mb_sizes[:i])
-                    mb = jax.tree.map(lambda x: x[lo:lo + size], batch)
-                    width = mb.tokens.shape[1]
-                    key = (width, logits_from, size)
-                    if key not in step_fns:
-                        step_fns[key] = U.make_policy_step(
-                            state, mb, config=policy_config, tx=tx, cfg=loss_cfg,
-                            n_micro=size // micro, mesh=mesh, remat=rl.remat,
-                            logits_from=logits_from, freeze=rl.freeze)
-                    state, m = U.run_step(step_fns[key], state, mb)
-                    if critic_state is not None:
-                        if ("critic", width, size) not in step_fns:
-                            step_fns[("critic", width, size)] = U.jit_step(
-                                U.critic_step, critic_state, mb, mesh=mesh, config=policy_config,
-                                tx=critic_tx, cfg=loss_cfg, n_micro=size // micro,
-                                remat=rl.remat)
-                        critic_state, cm = U.run_step(step_fns[("critic", width, size)],
-                                                      critic_state, mb)
-                        m["nonfinite"] = max(m["nonfinite"], cm.pop("nonfinite"))
-                        m.update(cm)
-                    update_metrics.append(m)
-            t_update = time.perf_counter() - t2
-            skipped = int(sum(m["nonfinite"] for m in update_metrics))
 
-            seconds = time.perf_counter() - t0
-            finite = [m for m in update_metrics if not m["nonfinite"]] or update_metrics
+def _training_batch(r: _Run, trajs, state, critic_state, to_global):
+    """The update's batch: rewards, padded tokens and masks, old and reference logprobs,
+    values and advantages; with every process's per-trajectory statistics (by name) and the
+    first position whose logits the loss needs."""
+    import jax
+    import numpy as np
 
-            def mean(key, ms=finite):
-                """None (JSON null) when every update was non-finite, or none measured it (kl
-                without a reference model)."""
-                if not all(key in m for m in ms):
-                    return None
-                value = float(np.mean([m[key] for m in ms]))
-                return value if np.isfinite(value) else None
+    from zsjax import distributed
+    from zsjax.rl import batch as B
+    from zsjax.rl import rewards as R
+    from zsjax.rl import update as U
+    c, mesh, micro = r.config, r.mesh, r.micro
+    answers, golden = [t.answer for t in trajs], [t.golden_answers for t in trajs]
+    scores = R.score(answers, golden)
+    reward = np.asarray(r.reward_fn(answers, golden), np.float32)
+    stats = B.by_name(distributed.gather(B.trajectory_stats(trajs, reward, scores)))
+    stats["cache_hits"] = int(distributed.gather(np.array([r.simulator.hits])).sum())
+    multiple = c.data.length_multiple
+    width = distributed.global_max(B.padded_width(trajs, multiple))
+    tokens, attn, mask, sampled_lp = B.pad_batch(trajs, multiple, width)
+    # Logits are computed from the position before the earliest policy token of any row in any
+    # process (rounded down, so steps with similar prompts share programs).
+    logits_from = U.compiled_start(r.step_fns, width,
+                                   -distributed.global_max(-U.loss_start(mask)))
+    tokens, attn, mask = map(to_global, (tokens, attn, mask))
+    temperature = r.loss_cfg.temperature
 
-            record = {
-                "step": step + 1, "reward": rl.reward, **B.rollout_metrics(stats),
-                "noise_prob": p, "kl": mean("kl"), "entropy": mean("entropy"), "policy_loss": mean("policy_loss"),
-                "clip_fraction": mean("clip_fraction"), "grad_norm": mean("grad_norm"),
-                "approx_kl_old": mean("approx_kl_old"),
-                "value_loss": mean("value_loss") if critic_state is not None else None,
-                "skipped_updates": skipped, "cache_hits": cache_hits,
-                "tokens_per_s": float(stats["tokens"].sum() * rl.epochs / seconds),
-                "time_rollout_s": t_rollout - simulator.seconds,
-                "time_simulator_s": simulator.seconds, "time_logprobs_s": t_logprobs,
-                "time_update_s": t_update, "step_s": seconds}
-            if eval_sets and tc.eval_every and ((step + 1) % tc.eval_every == 0
-                                                or step + 1 == tc.steps):
-                t3 = time.perf_counter()
-                eval_params = _rollout_copy(state.params, policy_config, gen_shardings)
-                record.update(_evaluate(config, policy_config, eval_params, tokenizer, eval_sets,
-                                        sim_model, settings, step + 1, workdir if lead else None,
-                                        policy_eos))
-                record["time_eval_s"] = time.perf_counter() - t3
-            history.append(record)
-            if lead:
-                with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for key, value in record.items():
-                        if isinstance(value, (int, float)) and key != "step" and np.isfinite(value):
-                            writer.add_scalar(key, value, step + 1)
-                    writer.flush()
-            with open(os.path.join(workdir, traj_file), "a") as f:
-                for t in trajs:
-                    f.write(json.dumps({"step": step + 1, **t.to_record()}) + "\n")
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", noise=f"{p:.2f}",
-                            searches=f"{record['searches_mean']:.2f}", step_s=f"{seconds:.1f}")
-            if lead and tc.log_every and (step + 1) % tc.log_every == 0:
-                tqdm.write(f"[train] step {step + 1}/{tc.steps} reward "
-                           f"{record['reward_mean']:.3f} noise_p {p:.3f} searches "
-                           f"{record['searches_mean']:.2f} kl "
-                           f"{'-' if record['kl'] is None else format(record['kl'], '.4f')} "
-                           f"{seconds:.1f}s", file=sys.stderr)
-            # after the step's records are written, before its checkpoint
-            guard.observe(skipped, len(update_metrics), step + 1)
-            # SIGTERM (preemption) or SIGINT: checkpoint this step and stop; a rerun resumes.
-            stopping = step + 1 < tc.steps and stop.requested()
-            if (stopping or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0)
-                    or step + 1 == tc.steps):
-                ckpt.save(step + 1, (state, critic_state), {
-                    "step": step + 1, "data_position": stream.position,
-                    "rng": {"seed": config.seed,
-                            "scheme": "every draw is keyed by (seed, step, trajectory)"},
-                    "curriculum": {"noise_prob": p, "start": config.curriculum.start,
-                                   "end": config.curriculum.end, "base": config.curriculum.base,
-                                   "total_steps": tc.steps},
-                    "policy_config": to_hf_dict(policy_config), "algorithm": rl.algorithm,
-                    "tokenizer_dir": os.path.abspath(paths["policy"])})
-            if stopping:
-                stopped_at = step + 1
-                break
-        ckpt.wait()  # the last save, with SIGTERM still caught
-    bar.close()
-    ckpt.close()  # waits for the last save
-    if writer is not None:
-        writer.close()
-    if stopped_at is not None:
-        # every process has its part of the checkpoint on disk before any exits (a scheduler
-        # such as srun --kill-on-bad-exit stops the others when the first one does)
-        distributed.barrier("zsjax_stopped")
-        raise stop.stopped(f"checkpointed step {stopped_at} of {tc.steps} in {workdir}; the "
-                           "same command resumes from it")
-    final_params = distributed.fetch_to_lead(state.params)  # every process takes part
-    if lead:
-        save_hf(policy_config, final_params, os.path.join(workdir, "policy_hf"),
-                tokenizer_dir=paths["policy"])
-    return history
+    def logprobs(params):
+        return U.logprobs_pass(r.policy_config, params, tokens, attn, micro_batch=micro,
+                               temperature=temperature, mesh=mesh, logits_from=logits_from)
+    # the rollouts' own logprobs (0 off the policy's tokens), or recomputed
+    old = to_global(sampled_lp) if c.rl.old_logprobs == "sampler" else logprobs(state.params)
+    ref = logprobs(r.ref_params) if r.ref_params is not None else None
+    old_values = (U.values_pass(r.policy_config, critic_state.params, tokens, attn,
+                                micro_batch=micro, mesh=mesh) * mask
+                  if critic_state is not None else None)
+    adv, returns = r.algo.advantages(algorithms.AdvantageInputs(
+        rewards=to_global(reward), group_size=c.rl.rollouts_per_question, mask=mask,
+        old_logprobs=old, ref_logprobs=ref, values=old_values, rl=c.rl))
+    batch = U.Batch(tokens=tokens, attention_mask=attn, loss_mask=mask, old_logprobs=old,
+                    advantages=adv, ref_logprobs=ref, old_values=old_values, returns=returns)
+    jax.block_until_ready(batch)
+    return batch, stats, logits_from
+
+
+def _updates(r: _Run, state, critic_state, batch, logits_from):
+    """Epochs x mini-batches optimizer steps of the policy (and of the critic); one compiled
+    step per (width, first logits position, mini-batch size). Returns the new states and each
+    update's metrics."""
+    import jax
+
+    from zsjax.rl import update as U
+    rl, metrics = r.config.rl, []
+    for _ in range(rl.epochs):
+        for i, size in enumerate(r.mb_sizes):
+            lo = sum(r.mb_sizes[:i])
+            mb = jax.tree.map(lambda x: x[lo:lo + size], batch)
+            width = mb.tokens.shape[1]
+            key = (width, logits_from, size)
+            if key not in r.step_fns:
+                r.step_fns[key] = U.make_policy_step(
+                    state, mb, config=r.policy_config, tx=r.tx, cfg=r.loss_cfg,
+                    n_micro=size // r.micro, mesh=r.mesh, remat=rl.remat,
+                    logits_from=logits_from, freeze=rl.freeze)
+            state, m = U.run_step(r.step_fns[key], state, mb)
+            if critic_state is not None:
+                if ("critic", width, size) not in r.step_fns:
+                    r.step_fns[("critic", width, size)] = U.jit_step(
+                        U.critic_step, critic_state, mb, mesh=r.mesh, config=r.policy_config,
+                        tx=r.critic_tx, cfg=r.loss_cfg, n_micro=size // r.micro,
+                        remat=rl.remat)
+                critic_state, cm = U.run_step(r.step_fns[("critic", width, size)],
+                                              critic_state, mb)
+                m["nonfinite"] = max(m["nonfinite"], cm.pop("nonfinite"))
+                m.update(cm)
+            metrics.append(m)
+    return state, critic_state, metrics
+
+
+def _step_record(r: _Run, step: int, p: float, stats: dict, updates: list, seconds: float,
+                 times: dict) -> dict:
+    """The step's line of metrics.jsonl."""
+    import numpy as np
+
+    from zsjax.rl import batch as B
+    rl = r.config.rl
+    finite = [m for m in updates if not m["nonfinite"]] or updates
+
+    def mean(key):
+        """None (JSON null) when every update was non-finite, or none measured it (kl without a
+        reference model)."""
+        if not all(key in m for m in finite):
+            return None
+        value = float(np.mean([m[key] for m in finite]))
+        return value if np.isfinite(value) else None
+
+    return {
+        "step": step + 1, "reward": rl.reward, **B.rollout_metrics(stats),
+        "noise_prob": p, "kl": mean("kl"), "entropy": mean("entropy"),
+        "policy_loss": mean("policy_loss"), "clip_fraction": mean("clip_fraction"),
+        "grad_norm": mean("grad_norm"), "approx_kl_old": mean("approx_kl_old"),
+        "value_loss": mean("value_loss") if r.algo.critic else None,
+        "skipped_updates": int(sum(m["nonfinite"] for m in updates)),
+        "cache_hits": stats["cache_hits"],
+        "tokens_per_s": float(stats["tokens"].sum() * rl.epochs / seconds), **times}
+
+
+def _show_progress(bar, record: dict, p: float, seconds: float, step: int, tc, lead: bool):
+    from tqdm import tqdm
+    bar.update(1)
+    bar.set_postfix(reward=f"{record['reward_mean']:.3f}", noise=f"{p:.2f}",
+                    searches=f"{record['searches_mean']:.2f}", step_s=f"{seconds:.1f}")
+    if lead and tc.log_every and (step + 1) % tc.log_every == 0:
+        kl = "-" if record["kl"] is None else format(record["kl"], ".4f")
+        tqdm.write(f"[train] step {step + 1}/{tc.steps} reward {record['reward_mean']:.3f} "
+                   f"noise_p {p:.3f} searches {record['searches_mean']:.2f} kl {kl} "
+                   f"{seconds:.1f}s", file=sys.stderr)
+
+
+def _checkpoint_meta(r: _Run, position: int, p: float, algorithm: str) -> dict:
+    """The JSON record beside a checkpoint's arrays (the loop adds the step)."""
+    from zsjax.models import to_hf_dict
+    cur, steps = r.config.curriculum, r.config.train.steps
+    return {"data_position": position,
+            "rng": {"seed": r.config.seed,
+                    "scheme": "every draw is keyed by (seed, step, trajectory)"},
+            "curriculum": {"noise_prob": p, "start": cur.start, "end": cur.end,
+                           "base": cur.base, "total_steps": steps},
+            "policy_config": to_hf_dict(r.policy_config), "algorithm": algorithm,
+            "tokenizer_dir": os.path.abspath(r.paths["policy"])}
 
 
 def _check_resumable(ckpt, policy_hf: dict, algorithm: str, workdir: str) -> None:
@@ -738,19 +834,22 @@ def _eval_sets(config) -> dict:
     return out
 
 
-def _evaluate(config, policy_config, params, tokenizer, eval_sets, sim_model, settings, step,
-              workdir, eos_token_ids) -> dict:
-    """Greedy evaluation with the simulator's useful documents, decoded greedily as
-    `zsjax.evaluate` does by default (configs/evaluate.py); flat `eval/NAME/METRIC` keys."""
+def _evaluate(r: _Run, params, step: int, workdir: str | None) -> dict:
+    """Greedy evaluation of the policy's `params` with the simulator's useful documents,
+    decoded greedily as `zsjax.evaluate` does by default (configs/evaluate.py); flat
+    `eval/NAME/METRIC` keys. `workdir`: where eval.jsonl gets the full results (None: not
+    written, on processes other than 0)."""
     import copy
 
-    from zsjax.evaluate import evaluate
+    from zsjax.search.evaluation import evaluate
+    sim_model = r.sim_model
     if getattr(sim_model, "temperature", 0.0) > 0:  # the in-process simulator: a greedy twin
         sim_model = copy.copy(sim_model)
         sim_model.temperature = 0.0
-    results = evaluate(policy_config, params, tokenizer, eval_sets, sim_model, settings=settings,
-                       batch_size=config.train.eval_batch_size, seed=config.seed,
-                       eos_token_ids=eos_token_ids)
+    params = _rollout_copy(params, r.policy_config, r.gen_shardings)
+    results = evaluate(r.policy_config, params, r.tokenizer, r.eval_sets, sim_model,
+                       settings=r.settings, batch_size=r.config.train.eval_batch_size,
+                       seed=r.config.seed, eos_token_ids=r.policy_eos)
     if workdir is not None:
         with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, "results": results}) + "\n")

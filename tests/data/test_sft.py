@@ -119,7 +119,7 @@ def _tiny_simulator(smollm2_dir, path):
 def test_tiny_simulator_memorises_its_documents_and_resumes(smollm2_dir, tmp_path):
     from configs import sft_simulator
     from zsjax import sft
-    from zsjax.generate import load_tokenizer
+    from zsjax.models.tokenizer import load_tokenizer
     from zsjax.models import load_hf
     from zsjax.search import SearchRequest
     from zsjax.search.simulator import InProcessSimulator, postprocess_documents
@@ -260,7 +260,7 @@ def test_sft_refuses_a_used_workdir_without_resume(tmp_path):
     from zsjax import sft
     from zsjax.checkpointing import Checkpointer
     from zsjax.cli import InputError
-    from zsjax.tools import tiny_fixture
+    from zsjax.data import tiny_fixture
     fx = tiny_fixture.make(str(tmp_path / "fx"))
     workdir = tmp_path / "run"
     ckpt = Checkpointer(str(workdir / "checkpoints"), async_save=False)

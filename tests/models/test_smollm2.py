@@ -56,7 +56,7 @@ def test_generate_cli_help_and_bad_model(tmp_path):
 
 def test_generate_cli_chat_without_a_template_is_a_one_line_error(tmp_path, capsys):
     from zsjax.generate import main
-    from zsjax.tools import tiny_fixture
+    from zsjax.data import tiny_fixture
     fx = tiny_fixture.make(str(tmp_path / "fx"))  # its tokenizer has no chat template
     assert main(["--model", fx["policy"], "--prompt", "hi", "--chat"]) == 2
     assert "error: --chat given but the tokenizer has no chat template" in capsys.readouterr().err

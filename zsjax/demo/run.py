@@ -255,7 +255,8 @@ def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Q
     """Test F1/EM per backend (simulator, perfect search engine) and question type, plus the
     score of answering without searching."""
     from zsjax.data.qa import QARow
-    from zsjax.evaluate import answer_without_search, evaluate, load_policy
+    from zsjax.evaluate import load_policy
+    from zsjax.search.evaluation import answer_without_search, evaluate
     from zsjax.search import RolloutSettings
     from zsjax.search.simulator import InProcessSimulator
     config, params, tok = load_policy(model_dir)

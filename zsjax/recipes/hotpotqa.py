@@ -273,7 +273,8 @@ class Evaluator:
         todo = {name: rows for name, rows in datasets.items()
                 if not os.path.exists(self._path(policy, backend, name, "json"))}
         if todo:
-            from zsjax.evaluate import answer_without_search, evaluate, load_policy
+            from zsjax.evaluate import load_policy
+            from zsjax.search.evaluation import answer_without_search, evaluate
             config, params, tok = load_policy(self.paths[policy], dtype=self.s["dtype"])
             _log(f"eval: {policy} with {backend}: {', '.join(f'{k} ({len(v)})' for k, v in todo.items())}")
             for name, rows in todo.items():
