@@ -5,8 +5,8 @@
 
 What a training step's attention costs: `--layers` layers, each the forward pass and the
 gradient of a weighted sum of the outputs with respect to q, k and v, with a causal mask and
-ragged right padding. zsjax's `decoder._attention` over the whole [T, T] mask, then
-`decoder._causal_attention` with each block size, then PyTorch's
+ragged right padding. zsjax's `kernels.attention` over the whole [T, T] mask, then
+`kernels.causal_attention` with each block size, then PyTorch's
 `scaled_dot_product_attention(is_causal=True)` (its fused CPU kernel) on the same arrays, in
 one run. Reports the fastest of 5 calls after a compiling one, and the largest difference of
 the blocked loss and gradients from the whole ones, relative to each one's largest value.
@@ -43,7 +43,8 @@ def main():
     parser.add_argument("--blocks", type=int, nargs="+", default=[128, 64, 32])
     parser.add_argument("--no-reference", action="store_true", help="skip PyTorch")
     args = parser.parse_args()
-    from zsjax.models.decoder import _attention, _causal_attention
+    from zsjax.models.kernels import attention as _attention
+    from zsjax.models.kernels import causal_attention as _causal_attention
 
     b, t, kvh, g, dh = args.batch, args.length, args.kv_heads, args.group, args.head_dim
     rng = np.random.default_rng(0)

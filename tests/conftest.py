@@ -28,10 +28,10 @@ def hf_model_dir(tmp_path_factory):
     """Builds (once per session and variant) a saved transformers model; returns (dir, model)."""
     made = {}
 
-    def make(family, *, tied, rope=None, bias=True, max_shard_size=None):
-        key = (family, tied, repr(rope), bias, max_shard_size)
+    def make(family, *, tied, rope=None, bias=True, max_shard_size=None, act="silu"):
+        key = (family, tied, repr(rope), bias, max_shard_size, act)
         if key not in made:
-            model = build_torch_model(family, tied=tied, rope=rope, bias=bias)
+            model = build_torch_model(family, tied=tied, rope=rope, bias=bias, act=act)
             path = tmp_path_factory.mktemp(f"{family}_{'tied' if tied else 'untied'}")
             kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
             model.save_pretrained(path, **kwargs)

@@ -29,7 +29,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Generate a continuation of a prompt with a Hugging Face model folder "
-                    "(Llama / Qwen2 family) run by the zsjax decoder.")
+                    "(Llama, Qwen2 or Qwen3) run by the zsjax decoder.")
     parser.add_argument("--model", required=True, help="Hugging Face model folder")
     parser.add_argument("--prompt", required=True, action="append",
                         help="prompt text; repeat for a batch")

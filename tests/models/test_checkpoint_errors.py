@@ -55,11 +55,18 @@ def test_unsupported_architecture(folder):
         load_hf(str(folder))
 
 
+def test_qwen3_moe_is_a_clear_error(folder):
+    _edit_config(folder, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+    with pytest.raises(ConfigError, match="Qwen3-MoE .* is not supported.*dense Qwen3"):
+        load_hf(str(folder))
+
+
 @pytest.mark.parametrize("change,message", [
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
      "rope type 'yarn' is not supported"),
     ({"use_sliding_window": True}, "use_sliding_window=true is not supported"),
-    ({"hidden_act": "gelu"}, "only 'silu'"),
+    # gelu and gelu_pytorch_tanh are supported (test_parity.py); an unknown one is not
+    ({"hidden_act": "xielu"}, "hidden_act='xielu'; zsjax supports silu, gelu"),
     ({"num_hidden_layers": None}, "missing required field 'num_hidden_layers'"),
 ])
 def test_unsupported_config_fields(folder, change, message):

@@ -20,6 +20,12 @@ VARIANTS = {
     "llama3rope-tied": dict(family="llama", tied=True, rope=LLAMA3_ROPE, bias=False),
     "llama3rope-untied": dict(family="llama", tied=False, rope=LLAMA3_ROPE, bias=False),
     "llama-attnbias-untied": dict(family="llama", tied=False, bias=True),
+    # Qwen3: q/k norms, head_dim 32 against hidden / heads = 16, no biases
+    "qwen3-qknorm-tied": dict(family="qwen3", tied=True, bias=False),
+    "qwen3-qknorm-untied": dict(family="qwen3", tied=False, bias=False),
+    # the MLP's gate activation from config.json's hidden_act
+    "llama-gelu-tanh-untied": dict(family="llama", tied=False, bias=False,
+                                   act="gelu_pytorch_tanh"),
 }
 
 
@@ -74,18 +80,19 @@ def test_rope_inverse_frequencies_match_transformers(hf_model_dir):
 
 
 @pytest.mark.parametrize("variant,block", [("qwen2-bias-tied", 64), ("llama-attnbias-untied", 64),
-                                           ("qwen2-bias-tied", 8)])
+                                           ("qwen2-bias-tied", 8), ("qwen3-qknorm-untied", 64),
+                                           ("llama-gelu-tanh-untied", 64)])
 def test_gradients_match_torch(hf_model_dir, variant, block, tmp_path, monkeypatch):
     """The gradient of a weighted token log-likelihood plus an entropy term, with right padding,
     against PyTorch autograd on the transformers model: every weight, bias, norm and the (tied or
     untied) head. On a CPU the projections run through a hand-written backward pass
-    (`decoder._matmul`), which this checks; with 8-row blocks, so is causal attention by blocks
+    (`kernels.matmul`), which this checks; with 8-row blocks, so is causal attention by blocks
     of queries (30 tokens: 8 + 8 + 8 + 6 rows)."""
     import torch
     from safetensors.numpy import load_file
-    from zsjax.models import decoder
+    from zsjax.models import kernels
     from zsjax.rl.update import token_logprobs_from_logits
-    monkeypatch.setattr(decoder, "CAUSAL_BLOCK", block)
+    monkeypatch.setattr(kernels, "CAUSAL_BLOCK", block)
 
     path, model = hf_model_dir(**VARIANTS[variant])
     config, params = load_hf(path)
@@ -130,7 +137,8 @@ def test_causal_attention_by_blocks_matches_whole():
     whole product, values and gradients, with right padding and a left-padded row whose first
     query rows see no key (their outputs are unspecified, an average of values that nothing
     reads, so they get no weight here)."""
-    from zsjax.models.decoder import _attention, _causal_attention
+    from zsjax.models.kernels import attention as _attention
+    from zsjax.models.kernels import causal_attention as _causal_attention
     rng = np.random.RandomState(1)
     b, t, kvh, g, dh = 3, 21, 2, 2, 4
     q, k, v, w = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
@@ -161,7 +169,7 @@ def test_attention_backward_matches_autodiff(dtype):
     attention, with a ragged mask that leaves some query rows no visible key (left padding).
     In bfloat16 both are compared with the float32 reference, under jit with the arrays as
     arguments (as a training step sees them)."""
-    from zsjax.models.decoder import _attention
+    from zsjax.models.kernels import attention as _attention
     rng = np.random.RandomState(0)
     b, t, s, kvh, g, dh = 2, 5, 7, 2, 3, 4
     inputs = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
@@ -193,12 +201,12 @@ def test_attention_backward_matches_autodiff(dtype):
 
 @pytest.mark.parametrize("w_transposed", [False, True])
 def test_bfloat16_products_and_gradients_round_once(w_transposed):
-    """The CPU projections in bfloat16 (`decoder._matmul`, which multiplies with a float32
+    """The CPU projections in bfloat16 (`kernels.matmul`, which multiplies with a float32
     result and rounds once) and both gradient products, against float64: each result is within
     about one bfloat16 rounding of the exact value, as with float32 accumulation (a product
     accumulated in bfloat16 over K = 1536 terms misses by many roundings). Under jit, as a
     step runs them."""
-    from zsjax.models.decoder import _matmul
+    from zsjax.models.kernels import matmul as _matmul
     rng = np.random.RandomState(0)
     m, k, n = 24, 1536, 200
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
@@ -252,7 +260,8 @@ def test_kv_cache_decode_matches_full_forward(hf_model_dir):
 
 def test_round_trip_through_save_hf(hf_model_dir, tmp_path):
     import transformers
-    for variant in ("qwen2-bias-tied", "llama3rope-untied"):
+    for variant in ("qwen2-bias-tied", "llama3rope-untied", "qwen3-qknorm-tied",
+                    "llama-gelu-tanh-untied"):
         path, model = hf_model_dir(**VARIANTS[variant])
         config, params = load_hf(path)
         out = tmp_path / variant
@@ -337,3 +346,9 @@ def test_bfloat16_params_and_compute(hf_model_dir):
         save_hf(config, params, d)
         config2, params2 = load_hf(d, dtype="bfloat16")
         jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_every_activation_a_config_accepts_is_one_the_decoder_has():
+    from zsjax.models import config as C
+    from zsjax.models import decoder as D
+    assert set(C.ACTIVATIONS) == set(D.ACTIVATIONS)

@@ -1,4 +1,5 @@
-"""Llama / Qwen2 decoder, pure functions of a params pytree, and Hugging Face checkpoints."""
+"""The Llama / Qwen2 / Qwen3 decoder, pure functions of a params pytree, and Hugging Face
+checkpoints."""
 
 from zsjax.models.checkpoint import CheckpointError, load_hf, save_hf
 from zsjax.models.config import ConfigError, ModelConfig, RopeScaling, from_hf_dict, to_hf_dict

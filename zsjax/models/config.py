@@ -7,12 +7,21 @@ import json
 import os
 from typing import Any
 
-# Hugging Face architecture name -> our family name. Both families share one decoder and one
-# checkpoint mapping table; they differ only in config flags (q/k/v bias, rope scaling, tying).
+# Hugging Face architecture name -> our family name. The families share one decoder and one
+# checkpoint mapping table; they differ only in config flags (q/k/v bias, q/k norms, the
+# activation, rope scaling, tying), set from config.json by `from_hf_dict`.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
+# Architectures that are recognised but not supported, with the reason.
+UNSUPPORTED_ARCHITECTURES = {
+    "Qwen3MoeForCausalLM": "Qwen3-MoE (mixture-of-experts MLPs) is not supported; zsjax loads "
+                           "the dense Qwen3 models (0.6B to 32B)",
+}
+# The MLP's gate activation, by its Hugging Face `hidden_act` name (`zsjax.models.decoder`).
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -45,7 +54,9 @@ class ModelConfig:
     n_kv_heads: int
     head_dim: int
     d_ff: int
-    family: str = "llama"  # "llama" | "qwen2"
+    family: str = "llama"  # "llama" | "qwen2" | "qwen3"
+    activation: str = "silu"  # the MLP's gate activation (ACTIVATIONS); SwiGLU with silu
+    qk_norm: bool = False  # an RMSNorm over head_dim on each head's q and k, before RoPE
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
@@ -68,6 +79,8 @@ class ModelConfig:
                               f"n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r}; expected one of {ACTIVATIONS}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; expected float32, bfloat16 "
@@ -93,7 +106,7 @@ class ModelConfig:
         d, f, v = self.d_model, self.d_ff, self.vocab_size
         per_layer = (d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * d + 3 * d * f + 2 * d
                      + (self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0)
-                     + (d if self.o_bias else 0))
+                     + (d if self.o_bias else 0) + (2 * self.head_dim if self.qk_norm else 0))
         return v * d * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + d
 
 
@@ -149,15 +162,19 @@ def from_hf_dict(hf: dict[str, Any], *, dtype: str = "float32", source: str = "c
     model_type = hf.get("model_type")
     family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES),
                   None)
-    if family is None and not archs and model_type in ("llama", "qwen2"):
+    for arch in archs:
+        if arch in UNSUPPORTED_ARCHITECTURES:
+            raise ConfigError(f"{source}: {UNSUPPORTED_ARCHITECTURES[arch]}")
+    if family is None and not archs and model_type in set(SUPPORTED_ARCHITECTURES.values()):
         family = model_type
     if family is None:
         raise ConfigError(
             f"{source}: architecture {archs or model_type!r} is not supported; zsjax loads "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (the Llama and Qwen2/Qwen2.5 families)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) "
-                          "is supported")
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (the Llama, Qwen2/Qwen2.5 and dense Qwen3 "
+            "families)")
+    if hf.get("hidden_act", "silu") not in ACTIVATIONS:
+        raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r}; zsjax supports "
+                          f"{', '.join(ACTIVATIONS)}")
     if hf.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
     if hf.get("use_sliding_window"):
@@ -183,7 +200,10 @@ def from_hf_dict(hf: dict[str, Any], *, dtype: str = "float32", source: str = "c
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        # Qwen2 always has q/k/v bias and no o bias; Llama's attention_bias covers all four.
+        activation=hf.get("hidden_act", "silu"),
+        qk_norm=family == "qwen3",
+        # Qwen2 always has q/k/v bias and no o bias; Llama's and Qwen3's attention_bias covers
+        # all four.
         qkv_bias=True if family == "qwen2" else attention_bias,
         o_bias=False if family == "qwen2" else attention_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -216,7 +236,7 @@ def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": config.activation,
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_parameters": rope,
@@ -231,14 +251,18 @@ def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
     if config.rope_scaling is not None:
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         hf["rope_scaling"] = {**scaling, "type": scaling["rope_type"]}
-    if config.family == "llama":
+    if config.family in ("llama", "qwen3"):
         if config.qkv_bias != config.o_bias:
-            raise ConfigError("Llama checkpoints have one attention_bias flag for q/k/v/o; "
+            raise ConfigError(f"{arch} checkpoints have one attention_bias flag for q/k/v/o; "
                               f"got qkv_bias={config.qkv_bias}, o_bias={config.o_bias}")
         hf["attention_bias"] = config.qkv_bias
+    if config.family == "llama":
         hf["mlp_bias"] = False
     else:
         hf["use_sliding_window"] = False
+    if config.qk_norm != (config.family == "qwen3"):
+        raise ConfigError(f"{arch} checkpoints {'have' if config.family == 'qwen3' else 'have no'} "
+                          f"q/k norms; got qk_norm={config.qk_norm}")
     return hf
 
 

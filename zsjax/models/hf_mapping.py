@@ -37,7 +37,8 @@ class TensorRule:
 _L = r"model\.layers\.(\d+)\."
 _P = "layers_{layer}/"
 
-# Shared by LlamaForCausalLM and Qwen2ForCausalLM.
+# Shared by LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM (the `when` rows exist only
+# in the configs whose flag is set: biases, untied heads, q/k norms).
 DECODER_RULES: tuple[TensorRule, ...] = (
     TensorRule(r"model\.embed_tokens\.weight", "embed/embedding",
                ("vocab_size", "d_model"), ("vocab_size", "d_model")),
@@ -64,6 +65,10 @@ DECODER_RULES: tuple[TensorRule, ...] = (
                ("n_kv_heads", "head_dim"), when="qkv_bias"),
     TensorRule(_L + r"self_attn\.o_proj\.bias", _P + "attn/o_proj/bias", ("d_model",),
                ("d_model",), when="o_bias"),
+    TensorRule(_L + r"self_attn\.q_norm\.weight", _P + "attn/q_norm/scale", ("head_dim",),
+               ("head_dim",), when="qk_norm"),
+    TensorRule(_L + r"self_attn\.k_norm\.weight", _P + "attn/k_norm/scale", ("head_dim",),
+               ("head_dim",), when="qk_norm"),
     TensorRule(_L + r"mlp\.gate_proj\.weight", _P + "mlp/gate_proj/kernel",
                ("d_ff", "d_model"), ("d_model", "d_ff"), transpose=True),
     TensorRule(_L + r"mlp\.up_proj\.weight", _P + "mlp/up_proj/kernel",
@@ -72,7 +77,7 @@ DECODER_RULES: tuple[TensorRule, ...] = (
                ("d_model", "d_ff"), ("d_ff", "d_model"), transpose=True),
 )
 
-RULES_BY_FAMILY = {"llama": DECODER_RULES, "qwen2": DECODER_RULES}
+RULES_BY_FAMILY = {"llama": DECODER_RULES, "qwen2": DECODER_RULES, "qwen3": DECODER_RULES}
 
 # Tensors some checkpoints carry that hold nothing we need (recomputed or tied).
 IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
