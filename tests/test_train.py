@@ -242,10 +242,18 @@ def test_an_estimator_and_a_reward_registered_from_outside_the_package(tmp_path,
     algorithms.register("centred", algorithms.Algorithm(centred))
     monkeypatch.setitem(rewards.REWARDS, "answer_length", None)
     rewards.register_reward("answer_length", answer_length)
+    from zsjax.search import FunctionBackend, factory
+    monkeypatch.setitem(factory._KINDS, "echo", None)
+    factory.register_backend("echo", lambda s: FunctionBackend(
+        lambda request: f"Doc 1: {request.query} ({s.top_k})"))
     config = tiny.get_config()
     config.rl.update(algorithm="centred", reward="answer_length", questions_per_step=8)
+    config.backend.update(kind="echo", top_k=7)
     config.train.steps = 2
     history = train.run(config, str(tmp_path))
+    trajs = _lines(os.path.join(tmp_path, "trajectories.jsonl"))
+    docs = [d["documents"] for t in trajs for d in t["searches"]]  # 2 steps x 16, 1 search
+    assert len(docs) == 32 and all(d.startswith("Doc 1: ") and d.endswith("(7)") for d in docs)
     assert len(seen) == 2 and all(r.shape == (16,) for r in seen)
     # the scripted policy answers "Vex" for the 2 Zorland rollouts of 16, "x" for the others
     for r, h in zip(seen, history):

@@ -164,6 +164,8 @@ def test_readme_extension_examples_run(monkeypatch):
     assert len(blocks) == 3
     monkeypatch.setitem(algorithms.ALGORITHMS, "leave_best_out", None)
     monkeypatch.setitem(rewards.REWARDS, "short_f1", None)
+    from zsjax.search import factory
+    monkeypatch.setitem(factory._KINDS, "my_engine", None)
     scope = {}
     for block in blocks:
         exec(block, scope)
@@ -175,5 +177,7 @@ def test_readme_extension_examples_run(monkeypatch):
     np.testing.assert_allclose(rewards.get_reward("short_f1")(["Paris France", None],
                                                               [["Paris"], ["x"]]),
                                [2 / 3 - 0.02, 0.0], rtol=1e-5)
-    request = types.SimpleNamespace(query="q")
-    assert scope["backend"].search([request]) == ["Doc 1: q is ..."]
+    from zsjax.search import factory
+    assert "my_engine" in factory.kinds()
+    backend = factory.make_backend("my_engine", top_k=2)
+    assert backend.search([types.SimpleNamespace(query="q")]) == ["Doc 1: q is ... (top 2)"]

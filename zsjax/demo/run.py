@@ -250,6 +250,16 @@ def engine_backend(world: W.World, docs: int):
     return FunctionBackend(lambda r: world.documents(r.query, k=docs))
 
 
+ENGINE_KIND = "demo_world"
+
+
+def register_engine(world: W.World, docs: int) -> None:
+    """The world's engine as the search backend kind "demo_world" (`zsjax.search.factory`), so
+    a training config can choose it by name."""
+    from zsjax.search import factory
+    factory.register_backend(ENGINE_KIND, lambda settings: engine_backend(world, docs))
+
+
 def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Question],
                     docs: int) -> dict:
     """Test F1/EM per backend (simulator, perfect search engine) and question type, plus the

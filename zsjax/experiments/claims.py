@@ -91,9 +91,11 @@ def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
     c.curriculum.update(start=v["noise"][0], end=v["noise"][1], base=CURRICULUM_BASE)
     c.train.progress = False
     c.resume = True  # an interrupted run continues from its checkpoint
+    if v["backend"] == "engine":  # the world's engine, chosen by name like any backend
+        demo.register_engine(world, docs)
+        c.backend.kind = demo.ENGINE_KIND
     c.lock()
-    backend = demo.engine_backend(world, docs) if v["backend"] == "engine" else None
-    train.run(c, os.path.join(out_dir, "rl"), backend=backend)
+    train.run(c, os.path.join(out_dir, "rl"))
     evaluation = demo.evaluate_policy(os.path.join(out_dir, "rl", "policy_hf"), prep["sim_dir"],
                                       world, prep["splits"]["test"], docs)
     with open(os.path.join(out_dir, "rl", "metrics.jsonl")) as f:
