@@ -833,3 +833,27 @@ def test_smollm2_config_reports_bad_paths_and_missing_packages_before_a_fetch(tm
     monkeypatch.setattr(fetch_smollm2, "fetch", missing)
     with pytest.raises(InputError, match="needs torch.*--config.policy.path"):
         train.run(smollm2.get_config(), str(tmp_path / "b"))
+
+
+def test_bad_qa_data_fails_before_the_fixture_is_built(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q?", "golden_answers": ["a"]}\n{"question": \n')
+    config = tiny.get_config()
+    config.data.train_path = str(bad)
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: not valid JSON \(.*, column \d+\)$"):
+        train.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "fixture")
+
+
+def test_progress_in_a_log_file_is_short_lines(tmp_path, capsys):
+    """stderr not a terminal: plain lines, no carriage returns, at most one per interval."""
+    from zsjax import progress
+    bar = progress.bar(5, "train", "step", every=3600)
+    for _ in range(5):
+        bar.update(1)
+        bar.set_postfix(reward="0.5")
+    bar.close()
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "\r" not in err and len(lines) == 1  # the end only: the interval never passed
+    assert lines[0].startswith("train: 5/5 step (100%)") and lines[0].endswith("reward=0.5")

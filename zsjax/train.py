@@ -341,9 +341,8 @@ class _Run:
 
 def _run(config, workdir: str, backend) -> list[dict]:
     import jax
-    from tqdm import tqdm
 
-    from zsjax import distributed
+    from zsjax import distributed, progress
     from zsjax.data.qa import QuestionStream
     from zsjax.models import save_hf
     from zsjax.search.curriculum import noise_probability
@@ -365,8 +364,12 @@ def _run(config, workdir: str, backend) -> list[dict]:
                              f"trajectories.process{jax.process_index()}.jsonl")
     history: list[dict] = []
     guard = _NaNGuard(tc.max_nonfinite_steps)
-    bar = tqdm(total=tc.steps, initial=loop.start, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (lead and tc.progress), file=sys.stderr)
+    bar = progress.bar(tc.steps, "train", "step", initial=loop.start,
+                       disable=not (lead and tc.progress))
+    if lead and loop.start < tc.steps:
+        print(f"[train] step {loop.start + 1} compiles the rollout, logprob and update programs "
+              "(tens of seconds on a CPU); later steps of the same shapes reuse them",
+              file=sys.stderr, flush=True)
     with loop:
         for step in range(loop.start, tc.steps):
             t0 = time.perf_counter()
@@ -436,9 +439,11 @@ def _setup(config, workdir: str, backend):
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     external = backend is not None or b.kind != "simulator"
-    paths = _paths(config, workdir, external)
-    rows = _load_rows(paths["train"])
+    # QA files the user gave are read before a fixture or a fetched model is built
+    rows = _load_rows(config.data.train_path) if config.data.train_path else None
     eval_sets = _eval_sets(config)
+    paths = _paths(config, workdir, external)
+    rows = rows if rows is not None else _load_rows(paths["train"])
     if jax.process_count() > 1 and (mesh is None or mesh.size != jax.device_count()):
         raise InputError(f"with {jax.process_count()} processes the training mesh must span "
                          f"all {jax.device_count()} devices (e.g. --config.mesh.fsdp=-1); got "

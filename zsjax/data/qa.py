@@ -95,7 +95,8 @@ def read_qa(path: str) -> list[QARow]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column "
+                                         f"{e.colno})") from None
                     lines.append(n)
     else:
         raise ValueError(f"{path}: unknown QA file type; expected .jsonl, .json or .parquet")

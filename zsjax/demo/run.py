@@ -345,27 +345,57 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     return c
 
 
-def plot(metrics_path: str, out: str) -> None:
+def _smooth(xs, k: int = 5):
+    """Trailing mean over k steps (fewer at the start)."""
+    return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1])
+            for i in range(len(xs))]
+
+
+def plot(metrics_path: str, out: str, before: dict | None = None,
+         after: dict | None = None) -> None:
+    """The RL run's curves (sampled reward, the curriculum, searches per question), and, given
+    the evaluations before and after RL, held-out test F1 per backend and question type."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(x) for x in open(metrics_path)]
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax[0].plot(steps, [r["reward_mean"] for r in rows], label="reward (F1)")
-    ax[0].set_title("reward")
+    panels = 4 if before and after else 3
+    fig, ax = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
+    reward = [r["reward_mean"] for r in rows]
+    ax[0].plot(steps, reward, alpha=0.3, label="per step")
+    ax[0].plot(steps, _smooth(reward), label="mean of 5 steps")
+    ax[0].set(title="sampled training reward", ylabel="F1 (temperature 1)")
+    ax[0].legend()
     ax[1].plot(steps, [r["noise_prob"] for r in rows], label="noise probability")
     ax[1].plot(steps, [r["noisy_fraction"] or 0 for r in rows], ".", alpha=0.5,
                label="noisy fraction (realised)")
-    ax[1].set_title("curriculum")
+    ax[1].set(title="curriculum", ylabel="fraction of searches")
     ax[1].legend()
-    ax[2].plot(steps, [r["searches_mean"] for r in rows])
-    ax[2].set_title("searches per question")
-    for a in ax:
+    searches = [r["searches_mean"] for r in rows]
+    ax[2].plot(steps, searches, alpha=0.3, label="per step")
+    ax[2].plot(steps, _smooth(searches), label="mean of 5 steps")
+    ax[2].set(title="searches per question (training)", ylabel="searches")
+    ax[2].legend()
+    for a in ax[:3]:
         a.set_xlabel("RL step")
         a.grid(alpha=0.3)
+    if panels == 4:
+        groups = [(b, t) for b in ("simulator", "search_engine") for t in ("one_hop", "two_hop")]
+        x = range(len(groups))
+        width = 0.38
+        for shift, (label, ev) in zip((-width / 2, width / 2), (("before RL", before),
+                                                                 ("after RL", after))):
+            ax[3].bar([i + shift for i in x], [ev[b][t]["f1"] for b, t in groups], width,
+                      label=label)
+        ax[3].set_xticks(list(x), [f"{b.replace('_', ' ')}\n{t.replace('_', '-')}"
+                                   for b, t in groups], fontsize=8)
+        ax[3].set(title="held-out test F1 (greedy)", ylabel="F1", ylim=(0, 1))
+        ax[3].legend()
+        ax[3].grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 PREPARED = "prepared.json"  # the seed and stage settings a workdir's fine-tunes are for
@@ -477,7 +507,8 @@ def run(workdir: str, *, quick: bool = False, algorithm: str = "grpo", seed: int
          f"{after['search_engine']['all']['f1']:.3f} (search engine), "
          f"{after['no_search']['all']['f1']:.3f} (no search)")
     times["eval_after"] = time.time() - t
-    plot(os.path.join(rl_dir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+    plot(os.path.join(rl_dir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), before,
+         after)
 
     summary = {
         "test_f1_before_rl": before["simulator"]["all"]["f1"],

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import time
 from typing import Mapping, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from zsjax.data.qa import QARow
+from zsjax.progress import bar as progress_bar
 from zsjax.rl import rewards
 from zsjax.sampling import generate
 from zsjax.search.backend import SearchBackend
@@ -44,8 +43,7 @@ def evaluate(config, params, tokenizer, datasets: Mapping[str, Sequence[QARow]],
         trajs = []
         if hasattr(backend, "new_step"):  # a sampled simulator: seeded per prompt
             backend.new_step(0)
-        with tqdm(total=len(rows), desc=name, unit="q", file=sys.stderr,
-                  disable=not progress) as bar:
+        with progress_bar(len(rows), name, "q", disable=not progress) as bar:
             for lo in range(0, len(rows), batch_size):
                 batch = rows[lo:lo + batch_size]
                 # Question i is trajectory i whatever the batch size: the same draws.
