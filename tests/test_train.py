@@ -63,16 +63,14 @@ def test_tiny_run_logs_metrics_resumes_and_exports(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo", "ppo", "reinforce_pp"])
-def test_noise_fraction_and_rewards_logged_per_step(tmp_path, monkeypatch, algorithm):
-    import zsjax.search
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+def test_noise_fraction_and_rewards_logged_per_step(tmp_path, algorithm):
     config = tiny.get_config()
     config.train.steps = 4
     config.rl.algorithm = algorithm
     config.rl.questions_per_step = 8
     config.curriculum.update(start=0.5, end=0.5)  # constant p: a binomial check per step
     workdir = str(tmp_path / algorithm)
-    train.run(config, workdir)
+    train.run(config, workdir, generator=ScriptedGenerator)
     metrics = _lines(os.path.join(workdir, "metrics.jsonl"))
     trajs = _lines(os.path.join(workdir, "trajectories.jsonl"))
     for rec in metrics:
@@ -86,10 +84,10 @@ def test_noise_fraction_and_rewards_logged_per_step(tmp_path, monkeypatch, algor
     assert (metrics[-1]["value_loss"] is not None) == (algorithm == "ppo")
 
 
-def _spy_generation_kwarg(monkeypatch, name: str) -> dict:
+def _spy_generation_kwarg(monkeypatch, name: str):
     """Records the keyword `name` that the trainer passes to the policy's turn generator
-    (scripted here) and to the simulator's `generate`: {"policy": ..., "simulator": ...}."""
-    import zsjax.search
+    (scripted here, and given to the trainer) and to the simulator's `generate`: returns
+    ({"policy": ..., "simulator": ...}, the turn generator to give)."""
     import zsjax.search.simulator as sim_module
     seen, real_generate = {}, sim_module.generate
 
@@ -102,32 +100,29 @@ def _spy_generation_kwarg(monkeypatch, name: str) -> dict:
         seen["simulator"] = kwargs.get(name)
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", Spy)
     monkeypatch.setattr(sim_module, "generate", generate)
-    return seen
+    return seen, Spy
 
 
 def test_shrink_above_reaches_the_policy_and_simulator_generation(tmp_path, monkeypatch):
     """rollout.shrink_above and simulator.shrink_above are passed on to the two generators."""
-    seen = _spy_generation_kwarg(monkeypatch, "shrink_above")
+    seen, spy = _spy_generation_kwarg(monkeypatch, "shrink_above")
     config = tiny.get_config()
     config.train.steps = 1
     config.rollout.shrink_above = 0
     config.simulator.shrink_above = 3
-    train.run(config, str(tmp_path / "run"))
+    train.run(config, str(tmp_path / "run"), generator=spy)
     assert seen == {"policy": 0, "simulator": 3}
     config.simulator.shrink_above = -1
     with pytest.raises(InputError, match="simulator.shrink_above must be >= 0"):
-        train.run(config, str(tmp_path / "bad"))
+        train.run(config, str(tmp_path / "bad"), generator=spy)
 
 
 def test_reference_mini_batches_the_last_one_smaller(tmp_path, monkeypatch):
     """rl.mini_batch_size cuts a step's trajectories as the reference does (320 -> 256 + 64):
     here 8 -> 6 + 2, one optimizer step each, in micro-batches of 2 rows. Bad splits are
     input errors."""
-    import zsjax.search
     from zsjax.rl import update as U
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
     seen, real = [], U.run_step
 
     def run_step(fn, state, batch):
@@ -139,14 +134,14 @@ def test_reference_mini_batches_the_last_one_smaller(tmp_path, monkeypatch):
     config.train.steps = 1
     config.rl.update(mini_batch_size=6, micro_batches=3)
     assert train._update_plan(config.rl) == ([6, 2], 2)
-    train.run(config, str(tmp_path / "run"))
+    train.run(config, str(tmp_path / "run"), generator=ScriptedGenerator)
     assert seen == [(6, 0), (2, 1)]  # two optimizer steps: 6 rows, then the other 2
     for changes, match in ((dict(mini_batch_size=5, micro_batches=1), "last mini-batch, 3"),
                            (dict(mini_batch_size=6, micro_batches=4), "into rl.micro_batches=4"),
                            (dict(mini_batch_size=-1), "mini_batch_size must be >= 0")):
         config.rl.update(**changes)
         with pytest.raises(InputError, match=match):
-            train.run(config, str(tmp_path / "bad"))
+            train.run(config, str(tmp_path / "bad"), generator=ScriptedGenerator)
 
 
 def test_rollouts_stop_on_generation_config_eos_ids(tmp_path, monkeypatch):
@@ -160,23 +155,21 @@ def test_rollouts_stop_on_generation_config_eos_ids(tmp_path, monkeypatch):
     for role, extra in (("policy", 7), ("simulator", 9)):
         with open(os.path.join(fx[role], "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": [extra]}, f)
-    seen = _spy_generation_kwarg(monkeypatch, "eos_token_ids")
+    seen, spy = _spy_generation_kwarg(monkeypatch, "eos_token_ids")
     config = tiny.get_config()
     config.train.steps = 1
     config.policy.path, config.simulator.path = fx["policy"], fx["simulator"]
     config.data.train_path = fx["qa"]
-    train.run(config, str(tmp_path / "run"))
+    train.run(config, str(tmp_path / "run"), generator=spy)
     for role, extra in (("policy", 7), ("simulator", 9)):
         own = set(read_hf_config(fx[role]).eos_token_ids) | {load_tokenizer(fx[role]).eos_token_id}
         assert set(seen[role]) == own | {extra}, role
 
 
-def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):
+def test_a_given_backend_replaces_the_simulator(tmp_path):
     """`train.run(backend=...)` searches that backend (the claims' "real search engine"): its
     documents reach the trajectories, and no simulator model is loaded (its path is bogus)."""
-    import zsjax.search
     from zsjax.search import FunctionBackend
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
     config = tiny.get_config()
     config.train.steps = 1
     config.simulator.path = str(tmp_path / "no_such_simulator")
@@ -187,7 +180,7 @@ def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):
         seen.append(request.query)
         return f"Doc 1: engine result for {request.query}"
     workdir = str(tmp_path / "engine")
-    train.run(config, workdir, backend=FunctionBackend(engine))
+    train.run(config, workdir, backend=FunctionBackend(engine), generator=ScriptedGenerator)
     trajs = _lines(os.path.join(workdir, "trajectories.jsonl"))
     assert seen and len(trajs) == config.rl.questions_per_step * config.rl.rollouts_per_question
     for t in trajs:
@@ -195,12 +188,10 @@ def test_a_given_backend_replaces_the_simulator(tmp_path, monkeypatch):
     assert _lines(os.path.join(workdir, "metrics.jsonl"))[0]["kl"] is None  # not 0.0
 
 
-def test_backend_by_name_bm25(tmp_path, monkeypatch):
+def test_backend_by_name_bm25(tmp_path):
     """`backend.kind=bm25` searches a local corpus: its passages reach the trajectories in the
     reference's format, and no simulator model is loaded (its path is bogus); a corpus with a
     bad line is refused before anything runs."""
-    import zsjax.search
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
     corpus = tmp_path / "corpus.jsonl"
     from zsjax.data.tiny_fixture import COUNTRIES
     corpus.write_text("".join(json.dumps({"id": str(i), "title": c, "text": f"{c} is a land."})
@@ -211,7 +202,7 @@ def test_backend_by_name_bm25(tmp_path, monkeypatch):
     config.rl.kl_coef = 0.0
     config.backend.update(kind="bm25", corpus=str(corpus), top_k=2)
     workdir = str(tmp_path / "bm25")
-    train.run(config, workdir)
+    train.run(config, workdir, generator=ScriptedGenerator)
     trajs = _lines(os.path.join(workdir, "trajectories.jsonl"))
     assert trajs and all(t["searches"] for t in trajs)
     for t in trajs:  # the scripted policy searches its question: "What is the capital of C"
@@ -220,15 +211,13 @@ def test_backend_by_name_bm25(tmp_path, monkeypatch):
         assert docs == [f"Doc 1(Title: {country}) {country} is a land."]  # no other matches
     corpus.write_text('{"id": "1", "text": "fine"}\n{"id": "2"}\n')
     with pytest.raises(InputError, match=r"corpus.jsonl:2: a passage needs a non-empty 'text'"):
-        train.run(config, str(tmp_path / "bad"))
+        train.run(config, str(tmp_path / "bad"), generator=ScriptedGenerator)
 
 
 def test_an_estimator_and_a_reward_registered_from_outside_the_package(tmp_path, monkeypatch):
     """Extending zsjax as the README shows: one function and one registration each, no file of
     the package edited."""
-    import zsjax.search
     from zsjax.rl import algorithms, rewards
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
     seen = []
 
     def centred(x):  # every trajectory against the batch's mean reward
@@ -250,7 +239,7 @@ def test_an_estimator_and_a_reward_registered_from_outside_the_package(tmp_path,
     config.rl.update(algorithm="centred", reward="answer_length", questions_per_step=8)
     config.backend.update(kind="echo", top_k=7)
     config.train.steps = 2
-    history = train.run(config, str(tmp_path))
+    history = train.run(config, str(tmp_path), generator=ScriptedGenerator)
     trajs = _lines(os.path.join(tmp_path, "trajectories.jsonl"))
     docs = [d["documents"] for t in trajs for d in t["searches"]]  # 2 steps x 16, 1 search
     assert len(docs) == 32 and all(d.startswith("Doc 1: ") and d.endswith("(7)") for d in docs)
@@ -294,15 +283,13 @@ def _events(tb_dir):
     return out
 
 
-def test_checkpoint_layout_tensorboard_and_keep_last(tmp_path, monkeypatch):
-    import zsjax.search
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+def test_checkpoint_layout_tensorboard_and_keep_last(tmp_path):
     config = tiny.get_config()
     config.train.update(steps=3, checkpoint_every=1, keep_checkpoints=2, eval_every=2)
     workdir = str(tmp_path / "run")
     config.data.eval_paths = os.path.join(workdir, "fixture", "qa.jsonl")
     config.data.eval_limit = 4
-    history = train.run(config, workdir)
+    history = train.run(config, workdir, generator=ScriptedGenerator)
     # periodic evaluation at step 2 and at the end
     assert [h["step"] for h in history if "eval/qa/f1" in h] == [2, 3]
     evals = _lines(os.path.join(workdir, "eval.jsonl"))
@@ -504,15 +491,13 @@ def test_sampler_old_logprobs_train_like_recomputed_ones(tmp_path):
         train.run(config, str(tmp_path / "bad"))
 
 
-def test_existing_checkpoints_need_resume(tmp_path, monkeypatch):
-    import zsjax.search
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+def test_existing_checkpoints_need_resume(tmp_path):
     config = tiny.get_config()
     config.train.steps = 1
-    train.run(config, str(tmp_path))
+    train.run(config, str(tmp_path), generator=ScriptedGenerator)
     config.resume = False
     with pytest.raises(InputError, match="already holds checkpoints"):
-        train.run(config, str(tmp_path))
+        train.run(config, str(tmp_path), generator=ScriptedGenerator)
 
 
 def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
@@ -520,9 +505,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
     import zsjax.rl.advantages as A
-    import zsjax.search
     from zsjax.checkpointing import Checkpointer
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
     real = A.group_normalized
     calls = []
 
@@ -536,7 +519,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     config = tiny.get_config()
     config.train.update(steps=3, checkpoint_every=1, keep_checkpoints=5)
     workdir = str(tmp_path / "one")
-    history = train.run(config, workdir)
+    history = train.run(config, workdir, generator=ScriptedGenerator)
     assert [h["skipped_updates"] for h in history] == [0, 2, 0]  # 2 mini-batches
     assert history[1]["policy_loss"] is None and history[2]["policy_loss"] is not None
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -552,7 +535,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     config.train.update(steps=6, max_nonfinite_steps=2)
     workdir = str(tmp_path / "two")
     with pytest.raises(FloatingPointError, match="2 steps in a row"):
-        train.run(config, workdir)
+        train.run(config, workdir, generator=ScriptedGenerator)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ckpt.latest_step() == 2  # step 3 (the second NaN step in a row) was not saved
     # but its records were, for inspection (a resume drops them with the step)
@@ -686,17 +669,15 @@ def test_smollm2_recipe_runs_on_real_weights(tmp_path, smollm2_dir):
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_same_config_on_a_mesh(tmp_path, monkeypatch, algorithm):
+def test_same_config_on_a_mesh(tmp_path, algorithm):
     """The tiny config on a 2 x 2 x 2 mesh of fake CPU devices: the same metrics as on one
     device (scripted rollouts, so both see the same tokens); PPO's critic too."""
-    import zsjax.search
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
     out = {}
     for name, mesh in (("one", (1, 1, 1)), ("mesh", (2, 2, 2))):
         config = tiny.get_config(algorithm)
         config.train.steps = 2
         config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
-        out[name] = train.run(config, str(tmp_path / name))
+        out[name] = train.run(config, str(tmp_path / name), generator=ScriptedGenerator)
     keys = ("reward_mean", "entropy", "policy_loss", "kl", "grad_norm")
     for a, b in zip(out["one"], out["mesh"]):
         for key in keys + (("value_loss",) if algorithm == "ppo" else ()):
@@ -787,17 +768,15 @@ def test_bfloat16_compute_trains_float32_weights(tmp_path, param_dtype):
         assert moved < 0.2, moved
 
 
-def test_resuming_with_another_algorithm_is_a_clear_error(tmp_path, monkeypatch):
-    import zsjax.search
-    monkeypatch.setattr(zsjax.search, "ModelTurnGenerator", ScriptedGenerator)
+def test_resuming_with_another_algorithm_is_a_clear_error(tmp_path):
     config = tiny.get_config()
     config.train.update(steps=1, tensorboard=False)
     workdir = str(tmp_path / "run")
-    train.run(config, workdir)
+    train.run(config, workdir, generator=ScriptedGenerator)
     config = tiny.get_config("ppo")
     config.train.update(steps=2, tensorboard=False)
     with pytest.raises(InputError, match="written by rl.algorithm='grpo', not 'ppo'"):
-        train.run(config, workdir)
+        train.run(config, workdir, generator=ScriptedGenerator)
 
 
 def test_ctrl_c_is_a_stop_request_like_sigterm():

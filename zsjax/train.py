@@ -277,7 +277,7 @@ class _NaNGuard:
                 "inspect trajectories.jsonl")
 
 
-def run(config, workdir: str, *, backend=None) -> list[dict]:
+def run(config, workdir: str, *, backend=None, generator=None) -> list[dict]:
     """Trains per `config`; returns the per-step metrics. Importable (tests, notebooks).
 
     `backend`: a `zsjax.search.SearchBackend` to search instead of the one `config.backend`
@@ -288,6 +288,9 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
     marks requests noisy with its probability; a backend that ignores the flag (a retriever,
     BM25) serves the same documents regardless, so set the curriculum to 0 for an honest
     `noisy_fraction`.
+
+    `generator`: what builds the policy's turn generator, called as
+    `zsjax.search.ModelTurnGenerator` is (the default); a scripted one in tests.
 
     One run at a time holds a workdir (a lock file, `WORKDIR/.lock`, on process 0): a second
     run into it is an error rather than a mix of both runs' records and checkpoints.
@@ -308,7 +311,7 @@ def run(config, workdir: str, *, backend=None) -> list[dict]:
                          "Filestore, or a bucket mounted with gcsfuse)")
     os.makedirs(workdir, exist_ok=True)
     with WorkdirLock(workdir):
-        return _run(config, workdir, backend)
+        return _run(config, workdir, backend, generator)
 
 
 @dataclasses.dataclass
@@ -336,10 +339,11 @@ class _Run:
     rows: list
     eval_sets: dict
     gen_shardings: Any
+    generator: Any = None  # builds the policy's turn generator (ModelTurnGenerator's signature)
     step_fns: dict = dataclasses.field(default_factory=dict)  # compiled steps by shape
 
 
-def _run(config, workdir: str, backend) -> list[dict]:
+def _run(config, workdir: str, backend, generator) -> list[dict]:
     import jax
 
     from zsjax import distributed, progress
@@ -349,6 +353,7 @@ def _run(config, workdir: str, backend) -> list[dict]:
 
     rl, tc = config.rl, config.train
     r, state, critic_state = _setup(config, workdir, backend)
+    r.generator = generator or r.generator
     state, critic_state, position = _resume(r, state, critic_state)
     loop, lead = r.loop, jax.process_index() == 0
     if lead:  # the effective config (overrides applied) of the latest start in this workdir
@@ -425,7 +430,7 @@ def _setup(config, workdir: str, backend):
     from zsjax.models import decoder
     from zsjax.rl import rewards as R
     from zsjax.rl import update as U
-    from zsjax.search import RolloutSettings, StepCache
+    from zsjax.search import ModelTurnGenerator, RolloutSettings, StepCache
     from zsjax.search.factory import check_backend
 
     rl, tc, b = config.rl, config.train, config.backend
@@ -439,11 +444,11 @@ def _setup(config, workdir: str, backend):
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     external = backend is not None or b.kind != "simulator"
-    # QA files the user gave are read before a fixture or a fetched model is built
+    # the training QA file the user gave is read before a fixture or a fetched model is built
     rows = _load_rows(config.data.train_path) if config.data.train_path else None
-    eval_sets = _eval_sets(config)
     paths = _paths(config, workdir, external)
     rows = rows if rows is not None else _load_rows(paths["train"])
+    eval_sets = _eval_sets(config)  # (an evaluation set may be the fixture's own QA file)
     if jax.process_count() > 1 and (mesh is None or mesh.size != jax.device_count()):
         raise InputError(f"with {jax.process_count()} processes the training mesh must span "
                          f"all {jax.device_count()} devices (e.g. --config.mesh.fsdp=-1); got "
@@ -509,6 +514,7 @@ def _setup(config, workdir: str, backend):
              simulator=StepCache(sim_model, share=config.simulator.share_documents),
              settings=settings, loss_cfg=loss_cfg, mb_sizes=mb_sizes, micro=micro, tx=tx,
              critic_tx=critic_tx, loop=loop, rows=rows, eval_sets=eval_sets,
+             generator=ModelTurnGenerator,
              gen_shardings=(None if rollout_mesh is mesh else
                             decoder.param_shardings(policy_config, rollout_mesh)))
     return r, state, critic_state
@@ -631,12 +637,12 @@ def _batch_layout(r: _Run):
 def _rollout_step(r: _Run, state, questions, step: int, p: float, my_rows: slice):
     """This process's trajectories of the step: K rollouts of each question, searching the
     backend with the curriculum's noise probability p."""
-    from zsjax.search import ModelTurnGenerator, rollout
+    from zsjax.search import rollout
     from zsjax.search.curriculum import draw_rng
     c, k = r.config, r.config.rl.rollouts_per_question
     r.simulator.new_step(step)
     gen_params = _rollout_copy(state.params, r.policy_config, r.gen_shardings)
-    gen = ModelTurnGenerator(r.policy_config, gen_params, r.tokenizer, r.settings,
+    gen = r.generator(r.policy_config, gen_params, r.tokenizer, r.settings,
                              eos_token_ids=r.policy_eos, kv_reuse=c.rollout.kv_reuse,
                              shrink_above=c.rollout.shrink_above)
     return rollout([q.question for q in questions for _ in range(k)],
