@@ -25,6 +25,7 @@ or one split over other processes, reach the same params as an uninterrupted one
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -34,8 +35,34 @@ import sys
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from zsjax import distributed, progress, sharding
+from zsjax.checkpointing import WorkdirLock
+from zsjax.data import qa, tiny_fixture, trivia
+from zsjax.data.qa import QuestionStream
+from zsjax.data.sources import load_qa
 from zsjax.errors import InputError, check_workdir
+from zsjax.loop import TrainingLoop
+from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
+from zsjax.models.config import DTYPES, read_hf_config
+from zsjax.models.safetensors_io import iter_checkpoint_files
+from zsjax.models.tokenizer import check_vocab, eos_ids, load_tokenizer
 from zsjax.rl import algorithms
+from zsjax.rl import batch as B
+from zsjax.rl import rewards as R
+from zsjax.rl import update as U
+from zsjax.rl.losses import AGGREGATIONS, KL_KINDS
+from zsjax.search import ModelTurnGenerator, RolloutSettings, StepCache, rollout
+from zsjax.search.bm25 import BM25Index
+from zsjax.search.curriculum import draw_rng, noise_probability
+from zsjax.search.evaluation import evaluate
+from zsjax.search.factory import check_backend, make_backend
+from zsjax.search.simulator import PROMPT_STYLES, InProcessSimulator
+from zsjax.tools import fetch_smollm2
 
 
 def _meshes(config, mesh):
@@ -45,9 +72,6 @@ def _meshes(config, mesh):
     along `data` otherwise; the simulator shares the rollout mesh. Sizes left at 0 beside set
     ones are 1, except `data`, which takes the rest of the devices when no size is -1: so
     `tensor=4` alone is tensor parallelism over 4 devices, data parallel over the rest."""
-    import jax
-
-    from zsjax import sharding
 
     def build(c, default):
         sizes = (c.data, c.fsdp, c.tensor)
@@ -82,11 +106,6 @@ def _paths(config, workdir: str, external: bool = False) -> dict[str, str]:
     needed = ("policy", "train") if external else ("policy", "simulator", "train")
     missing = [k for k in needed if not paths[k]]
     if missing and config.get("smollm2", False):
-        import jax
-
-        from zsjax import distributed
-        from zsjax.data import trivia
-        from zsjax.tools import fetch_smollm2
         # The first process fetches and writes; with several, the others then read.
         need_model = any(k in missing for k in ("policy", "simulator"))
         for role in ("policy", "simulator"):  # a wrong given folder is reported before a fetch
@@ -107,10 +126,6 @@ def _paths(config, workdir: str, external: bool = False) -> dict[str, str]:
         paths["simulator"] = paths["simulator"] or model
         paths["train"] = paths["train"] or os.path.join(workdir, "data", "trivia.jsonl")
     elif missing and config.get("fixture", False):
-        import jax
-
-        from zsjax import distributed
-        from zsjax.data import tiny_fixture
         # The first process builds it; with several, the others wait (a shared workdir).
         if jax.process_index() == 0:
             fx = tiny_fixture.make(os.path.join(workdir, "fixture"), seed=config.seed)
@@ -130,8 +145,6 @@ def _paths(config, workdir: str, external: bool = False) -> dict[str, str]:
 
 def _check_model_dir(path: str, role: str):
     """config.json readable and weights present, before anything is loaded."""
-    from zsjax.models.config import read_hf_config
-    from zsjax.models.safetensors_io import iter_checkpoint_files
     try:
         config = read_hf_config(path)
         files = list(iter_checkpoint_files(path))
@@ -143,7 +156,6 @@ def _check_model_dir(path: str, role: str):
 
 
 def _check_tokenizer(tokenizer, config, path: str, role: str):
-    from zsjax.models.tokenizer import check_vocab
     try:
         check_vocab(tokenizer, config, f"{role} model {path}")
     except ValueError as e:
@@ -187,9 +199,6 @@ def _update_plan(rl) -> tuple[list[int], int]:
 def _check_values(config) -> None:
     """The config's values that are not sizes of the step's batches, checked before anything
     runs: each would otherwise fail minutes in (after a rollout, at the first evaluation)."""
-    from zsjax.models.config import DTYPES
-    from zsjax.rl.losses import AGGREGATIONS, KL_KINDS
-    from zsjax.search.simulator import PROMPT_STYLES
     rl, tc, ro = config.rl, config.train, config.rollout
     choices = [("rl.kl_kind", rl.kl_kind, KL_KINDS),
                ("rl.aggregation", rl.aggregation, AGGREGATIONS),
@@ -295,12 +304,10 @@ def run(config, workdir: str, *, backend=None, generator=None) -> list[dict]:
     One run at a time holds a workdir (a lock file, `WORKDIR/.lock`, on process 0): a second
     run into it is an error rather than a mix of both runs' records and checkpoints.
     """
-    from zsjax.checkpointing import WorkdirLock
     rl = config.rl
-    from zsjax.rl import rewards
     try:
         algorithms.get(rl.algorithm)
-        rewards.get_reward(rl.reward)
+        R.get_reward(rl.reward)
     except ValueError as e:
         raise InputError(f"config.{e}") from None
     _check_values(config)
@@ -344,13 +351,6 @@ class _Run:
 
 
 def _run(config, workdir: str, backend, generator) -> list[dict]:
-    import jax
-
-    from zsjax import distributed, progress
-    from zsjax.data.qa import QuestionStream
-    from zsjax.models import save_hf
-    from zsjax.search.curriculum import noise_probability
-
     rl, tc = config.rl, config.train
     r, state, critic_state = _setup(config, workdir, backend)
     r.generator = generator or r.generator
@@ -422,17 +422,6 @@ def _setup(config, workdir: str, backend):
     """Every check of the input (before any model loads), then the models, the search backend,
     the rollout settings, the loss and the optimizers: (the run, the fresh policy state, the
     fresh critic state or None)."""
-    import jax
-    import jax.numpy as jnp
-
-    from zsjax import distributed, sharding
-    from zsjax.loop import TrainingLoop
-    from zsjax.models import decoder
-    from zsjax.rl import rewards as R
-    from zsjax.rl import update as U
-    from zsjax.search import ModelTurnGenerator, RolloutSettings, StepCache
-    from zsjax.search.factory import check_backend
-
     rl, tc, b = config.rl, config.train, config.backend
     try:
         mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -521,12 +510,10 @@ def _setup(config, workdir: str, backend):
 
 
 def _eos(path, model_config, tokenizer):
-    from zsjax.models.tokenizer import eos_ids
     return eos_ids(path, model_config, tokenizer)
 
 
 def _load(paths: dict, role: str, **kwargs):
-    from zsjax.models import load_hf
     try:
         return load_hf(paths[role], **kwargs)
     except ValueError as e:  # a truncated or mismatched safetensors file
@@ -536,7 +523,6 @@ def _load(paths: dict, role: str, **kwargs):
 def _check_models(paths: dict, external: bool, use_ref: bool) -> dict:
     """Each model folder, its tokenizer and the reference's vocabulary, before any weight
     loads; returns the policy's (and the in-process simulator's) tokenizer."""
-    from zsjax.models.tokenizer import load_tokenizer
     roles = ["policy"] + ([] if external else ["simulator"]) + (["reference"] if use_ref else [])
     configs = {role: _check_model_dir(paths[role], role) for role in roles}
     tokenizers = {}
@@ -553,12 +539,6 @@ def _check_models(paths: dict, external: bool, use_ref: bool) -> dict:
 def _search_backend(config, paths, backend, external, sim_mesh, sim_tokenizer):
     """What the rollouts search: the given backend, the one config.backend names (a server or
     a local engine), or the in-process simulator."""
-    import jax
-
-    from zsjax import distributed
-    from zsjax.search.bm25 import BM25Index
-    from zsjax.search.factory import make_backend
-    from zsjax.search.simulator import InProcessSimulator
     b, sc = config.backend, config.simulator
     if backend is None and external:  # config.backend: a server or a local engine
         if b.kind == "bm25" and jax.process_index() == 0:  # one process builds the index
@@ -587,7 +567,6 @@ def _resume(r: _Run, state, critic_state):
     """(policy state, critic state or None, data position): the fresh ones given, or those of
     the latest checkpoint (which must have been written for this policy architecture and
     algorithm) when the run resumes."""
-    from zsjax.models import to_hf_dict
     if not (r.config.resume and r.loop.ckpt.latest_step() is not None):
         r.loop.restore((state, critic_state))  # nothing to restore: cuts the logs to step 0
         return state, critic_state, 0
@@ -609,10 +588,6 @@ def _batch_layout(r: _Run):
     """(trajectories a step, this process's rows of them, a function that puts this process's
     rows into the global batch on the training mesh). Each process rolls out the questions
     whose trajectories its devices hold in the update."""
-    import jax
-    import jax.numpy as jnp
-
-    from zsjax import distributed, sharding
     rl, mesh = r.config.rl, r.mesh
     n_global = rl.questions_per_step * rl.rollouts_per_question
     rows_sharding = (None if mesh is None else
@@ -637,8 +612,6 @@ def _batch_layout(r: _Run):
 def _rollout_step(r: _Run, state, questions, step: int, p: float, my_rows: slice):
     """This process's trajectories of the step: K rollouts of each question, searching the
     backend with the curriculum's noise probability p."""
-    from zsjax.search import rollout
-    from zsjax.search.curriculum import draw_rng
     c, k = r.config, r.config.rl.rollouts_per_question
     r.simulator.new_step(step)
     gen_params = _rollout_copy(state.params, r.policy_config, r.gen_shardings)
@@ -659,13 +632,6 @@ def _training_batch(r: _Run, trajs, state, critic_state, to_global):
     """The update's batch: rewards, padded tokens and masks, old and reference logprobs,
     values and advantages; with every process's per-trajectory statistics (by name) and the
     first position whose logits the loss needs."""
-    import jax
-    import numpy as np
-
-    from zsjax import distributed
-    from zsjax.rl import batch as B
-    from zsjax.rl import rewards as R
-    from zsjax.rl import update as U
     c, mesh, micro = r.config, r.mesh, r.micro
     answers, golden = [t.answer for t in trajs], [t.golden_answers for t in trajs]
     scores = R.score(answers, golden)
@@ -704,9 +670,6 @@ def _updates(r: _Run, state, critic_state, batch, logits_from):
     """Epochs x mini-batches optimizer steps of the policy (and of the critic); one compiled
     step per (width, first logits position, mini-batch size). Returns the new states and each
     update's metrics."""
-    import jax
-
-    from zsjax.rl import update as U
     rl, metrics = r.config.rl, []
     for _ in range(rl.epochs):
         for i, size in enumerate(r.mb_sizes):
@@ -737,9 +700,6 @@ def _updates(r: _Run, state, critic_state, batch, logits_from):
 def _step_record(r: _Run, step: int, p: float, stats: dict, updates: list, seconds: float,
                  times: dict) -> dict:
     """The step's line of metrics.jsonl."""
-    import numpy as np
-
-    from zsjax.rl import batch as B
     rl = r.config.rl
     finite = [m for m in updates if not m["nonfinite"]] or updates
 
@@ -763,7 +723,6 @@ def _step_record(r: _Run, step: int, p: float, stats: dict, updates: list, secon
 
 
 def _show_progress(bar, record: dict, p: float, seconds: float, step: int, tc, lead: bool):
-    from tqdm import tqdm
     bar.update(1)
     bar.set_postfix(reward=f"{record['reward_mean']:.3f}", noise=f"{p:.2f}",
                     searches=f"{record['searches_mean']:.2f}", step_s=f"{seconds:.1f}")
@@ -776,7 +735,6 @@ def _show_progress(bar, record: dict, p: float, seconds: float, step: int, tc, l
 
 def _checkpoint_meta(r: _Run, position: int, p: float, algorithm: str) -> dict:
     """The JSON record beside a checkpoint's arrays (the loop adds the step)."""
-    from zsjax.models import to_hf_dict
     cur, steps = r.config.curriculum, r.config.train.steps
     return {"data_position": position,
             "rng": {"seed": r.config.seed,
@@ -808,10 +766,6 @@ def _check_resumable(ckpt, policy_hf: dict, algorithm: str, workdir: str) -> Non
 def _rollout_copy(params, model_config, shardings):
     """The policy's weights for a step's rollouts: in the compute dtype (the training forward
     casts them to it too, so the sampler's logprobs stay the trainer's), on the rollout mesh."""
-    import jax
-    import jax.numpy as jnp
-
-    from zsjax import distributed
     dtype = jnp.dtype(model_config.dtype)
     if dtype != jnp.dtype(model_config.param_dtype):
         params = jax.tree.map(lambda x: x.astype(dtype), params)
@@ -820,7 +774,6 @@ def _rollout_copy(params, model_config, shardings):
 
 def _load_rows(spec: str):
     """QA rows of a jsonl / parquet file or a `tfds:NAME[:VERSION]/SPLIT@DATA_DIR` spec."""
-    from zsjax.data.sources import load_qa
     try:
         return load_qa(spec)
     except (FileNotFoundError, ValueError) as e:
@@ -828,7 +781,6 @@ def _load_rows(spec: str):
 
 
 def _eval_sets(config) -> dict:
-    from zsjax.data import qa
     """{dataset name: rows} of config.data.eval_paths (comma-separated files or tfds specs),
     the first data.eval_limit rows of each; named as `zsjax.data.qa.dataset_names` does."""
     spec = config.data.get("eval_paths", "")
@@ -850,9 +802,6 @@ def _evaluate(r: _Run, params, step: int, workdir: str | None) -> dict:
     decoded greedily as `zsjax.evaluate` does by default (configs/evaluate.py); flat
     `eval/NAME/METRIC` keys. `workdir`: where eval.jsonl gets the full results (None: not
     written, on processes other than 0)."""
-    import copy
-
-    from zsjax.search.evaluation import evaluate
     sim_model = r.sim_model
     if getattr(sim_model, "temperature", 0.0) > 0:  # the in-process simulator: a greedy twin
         sim_model = copy.copy(sim_model)
