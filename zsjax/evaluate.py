@@ -18,12 +18,23 @@ import os
 import sys
 from typing import Sequence
 
+import jax
+import orbax.checkpoint as ocp
+
+from zsjax import sharding
+from zsjax.data import tiny_fixture
 from zsjax.data.qa import QARow, dataset_names
 from zsjax.data.sources import load_qa
-from zsjax.models.tokenizer import check_vocab
+from zsjax.errors import check_workdir
+from zsjax.models import from_hf_dict, load_hf, param_shardings
+from zsjax.models.config import read_hf_config
+from zsjax.models.decoder import param_shapes
+from zsjax.models.tokenizer import check_vocab, eos_ids, load_tokenizer
 from zsjax.search import RolloutSettings
-from zsjax.search.evaluation import answer_without_search, evaluate, format_table  # noqa: F401
+from zsjax.search.evaluation import evaluate, format_table
 from zsjax.search.factory import check_backend, make_backend
+from zsjax.search.http_backends import SearchBackendError
+from zsjax.search.simulator import InProcessSimulator
 
 _EXPECTED = ("a Hugging Face model folder (config.json + *.safetensors), a zsjax.train workdir "
              "or its checkpoints/ folder")
@@ -51,13 +62,6 @@ def _restore_params(ckpt_dir: str, step: int | None, dtype: str, mesh
                     ) -> tuple[object, dict, object, int]:
     """(config, params, tokenizer, step) from a zsjax.train checkpoint, restoring the policy's
     params only (no optimizer state)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from zsjax.models.tokenizer import load_tokenizer
-    from zsjax.models import from_hf_dict, param_shardings
-    from zsjax.models.decoder import param_shapes
-
     ckpt_dir = os.path.abspath(ckpt_dir)  # orbax takes absolute paths only
     with ocp.CheckpointManager(ckpt_dir, item_handlers={
             "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}) as mgr:
@@ -104,10 +108,6 @@ def _restore_params(ckpt_dir: str, step: int | None, dtype: str, mesh
 
 def _load(path: str, dtype: str, step: int | None, mesh=None):
     """load_policy, plus the checkpoint step restored (None for a Hugging Face folder)."""
-    from zsjax.models.tokenizer import load_tokenizer
-    from zsjax.models import load_hf
-    from zsjax.models.config import read_hf_config
-
     kind, where = policy_source(path)
     if kind == "checkpoint":
         return _restore_params(where, step, dtype, mesh)
@@ -154,7 +154,6 @@ def _check_config(config) -> None:
         if not b.simulator_path:
             raise ValueError("config.backend.kind='simulator' needs "
                              "config.backend.simulator_path (a Hugging Face model folder)")
-        from zsjax.models.config import read_hf_config
         read_hf_config(b.simulator_path)  # it exists and has a readable config.json
 
 
@@ -166,15 +165,10 @@ def _make_backend(b, policy, seed: int, mesh):
         if os.path.abspath(b.simulator_path) == os.path.abspath(path) and b.dtype == dtype:
             config, params, tokenizer = model
         else:
-            from zsjax.models.tokenizer import load_tokenizer
-            from zsjax.models import load_hf
-            from zsjax.models.config import read_hf_config
             tokenizer = load_tokenizer(b.simulator_path)
             check_vocab(tokenizer, read_hf_config(b.simulator_path), f"simulator "
                          f"{b.simulator_path}")
             config, params = load_hf(b.simulator_path, dtype=b.dtype, mesh=mesh)
-        from zsjax.models.tokenizer import eos_ids
-        from zsjax.search.simulator import InProcessSimulator
         return InProcessSimulator(config, params, tokenizer, style=b.style or "finetuned",
                                   temperature=b.temperature, max_new_tokens=b.max_new_tokens,
                                   top_k_docs=b.top_k_docs, seed=seed,
@@ -189,14 +183,9 @@ def _make_backend(b, policy, seed: int, mesh):
 def run(config, workdir: str) -> dict[str, dict]:
     """Evaluates per `config` (configs/evaluate.py): checks every input before any model is
     loaded, prints the table, writes WORKDIR/eval.json; returns the per-dataset results."""
-    from zsjax import sharding
-    from zsjax.errors import check_workdir
-    from zsjax.models.tokenizer import eos_ids
-
     check_workdir(workdir)
     paths = (config.policy.path, config.backend.simulator_path, config.data.paths)
     if config.tiny_fixture and not all(paths):
-        from zsjax.data import tiny_fixture
         fx = tiny_fixture.make(os.path.join(workdir, "fixture"), seed=config.seed)
         config = config.copy_and_resolve_references()  # the caller's config stays as it was
         config.policy.path = config.policy.path or fx["policy"]
@@ -230,7 +219,6 @@ def run(config, workdir: str) -> dict[str, dict]:
 
 def _main(config, workdir: str) -> None:
     """run(), with bad input (or an unreachable search server) reported as one line, exit 2."""
-    from zsjax.search.http_backends import SearchBackendError
     try:
         run(config, workdir)
     except (FileNotFoundError, ValueError, SearchBackendError) as e:

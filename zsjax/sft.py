@@ -16,20 +16,20 @@ import re
 import sys
 import time
 
+import jax
+
+from zsjax import sharding
+from zsjax.data import sft_data
+from zsjax.errors import InputError
+from zsjax.loop import TrainingLoop
+from zsjax.models import load_hf, save_hf
+from zsjax.models.config import DTYPES
+from zsjax.models.tokenizer import load_tokenizer
+from zsjax.rl import update as U
+
 
 def run(config, workdir: str) -> dict:
     """Trains per `config`; returns the final metrics. Importable (tests, notebooks)."""
-    import jax
-
-    from zsjax import sharding
-    from zsjax.errors import InputError
-    from zsjax.loop import TrainingLoop
-    from zsjax.data import sft_data
-    from zsjax.models.tokenizer import load_tokenizer
-    from zsjax.models import load_hf, save_hf
-    from zsjax.models.config import DTYPES
-    from zsjax.rl import update as U
-
     if not config.model.path:
         raise InputError("config.model.path is empty: pass the model folder as the config "
                          "argument (configs/sft_simulator.py:DIR) or --config.model.path=DIR")
