@@ -7,9 +7,10 @@ set -euo pipefail
 ZSJAX_EXTRAS="${ZSJAX_EXTRAS:-test}" source "$(dirname "${BASH_SOURCE[0]}")/../launch/env.sh"
 cd "$ZSJAX_ROOT"
 # Without JAX's persistent compilation cache (set JAX_ENABLE_COMPILATION_CACHE=true to use it):
-# with a fresh cache, jax 0.10.2 aborted the whole suite (SIGABRT) while it serialized the
-# executable of tests/test_train.py::test_bfloat16_compute_trains_float32_weights for the
-# cache, late in the run; the test passes alone. Each run compiles everything itself instead.
+# each run compiles everything itself. Late in the suite's one long-lived process, XLA:CPU has
+# crashed on test_bfloat16_compute_trains_float32_weights's program, while serializing it for
+# the cache and, without the cache, while compiling it; that test now trains in a process of
+# its own.
 export JAX_ENABLE_COMPILATION_CACHE="${JAX_ENABLE_COMPILATION_CACHE:-false}"
 args=()
 for a in "$@"; do
