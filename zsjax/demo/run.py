@@ -334,7 +334,7 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     # warmup_steps counts training steps (2 mini-batch updates each): 2 steps give the same
     # total rate over the warm-up as the 5 updates the demo was tuned with. 5 steps left the
     # quick demo's seed-0 gains at +0.07 / +0.07 (simulator / search engine), against
-    # +0.25 / +0.18 with 2 (session 16).
+    # +0.25 / +0.18 with 2.
     c.rl.update(algorithm=algorithm, questions_per_step=s["questions"],
                 rollouts_per_question=s["rollouts"], mini_batches=2, lr=s["rl_lr"],
                 kl_coef=s["kl_coef"], entropy_coef=s["entropy_coef"], freeze=s["rl_freeze"],
