@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import chat_tokenizer
 import numpy as np
 import pytest
 
@@ -27,9 +28,9 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    import transformers
-    return transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+def tokenizer():
+    """A byte-level BPE chat tokenizer built offline (tests/chat_tokenizer.py)."""
+    return chat_tokenizer.build()
 
 
 def _write(path, rows):
@@ -101,22 +102,7 @@ def test_batches_are_deterministic_and_resumable():
     assert len(set(epoch.tolist())) == 9
 
 
-def _tiny_simulator(smollm2_dir, path):
-    import torch
-    import transformers
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=True,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(smollm2_dir, name), path)
-    return str(path)
-
-
-def test_tiny_simulator_memorises_its_documents_and_resumes(smollm2_dir, tmp_path):
+def test_tiny_simulator_memorises_its_documents_and_resumes(tmp_path):
     from configs import sft_simulator
     from zsjax import sft
     from zsjax.models.tokenizer import load_tokenizer
@@ -124,7 +110,7 @@ def test_tiny_simulator_memorises_its_documents_and_resumes(smollm2_dir, tmp_pat
     from zsjax.search import SearchRequest
     from zsjax.search.simulator import InProcessSimulator, postprocess_documents
 
-    model_dir = _tiny_simulator(smollm2_dir, tmp_path / "tiny")
+    model_dir = chat_tokenizer.save_tiny_model(tmp_path / "tiny")
     config = sft_simulator.get_config(model_dir)
     config.data.path = _write(tmp_path / "pairs.jsonl", ROWS)
     config.data.use_chat_template = "no"
@@ -162,7 +148,7 @@ def test_tiny_simulator_memorises_its_documents_and_resumes(smollm2_dir, tmp_pat
                                                             rel=1e-4)
 
 
-def test_sigterm_checkpoints_the_step_and_stops(smollm2_dir, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_the_step_and_stops(tmp_path, monkeypatch):
     """SIGTERM during step 3 (sent by the step itself): sft finishes the step, checkpoints it
     (checkpoint_every is 50), restores the previous SIGTERM handler and raises Stopped; a rerun
     resumes from step 3."""
@@ -173,7 +159,7 @@ def test_sigterm_checkpoints_the_step_and_stops(smollm2_dir, tmp_path, monkeypat
     from zsjax.cli import Stopped
     from zsjax.rl import update as U
 
-    config = sft_simulator.get_config(_tiny_simulator(smollm2_dir, tmp_path / "tiny"))
+    config = sft_simulator.get_config(chat_tokenizer.save_tiny_model(tmp_path / "tiny"))
     config.data.path = _write(tmp_path / "pairs.jsonl", ROWS)
     config.data.use_chat_template = "no"
     config.train.update(steps=6, batch_size=2, checkpoint_every=50, log_every=50)

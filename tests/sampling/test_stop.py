@@ -2,6 +2,7 @@
 
 import random
 
+import chat_tokenizer
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -37,12 +38,12 @@ def test_tables_match_reference_on_random_vocabularies(vocab, ids, stops):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    import transformers
-    return transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+def tokenizer():
+    """A byte-level BPE chat tokenizer built offline (tests/chat_tokenizer.py)."""
+    return chat_tokenizer.build()
 
 
-def test_real_tokenizer_every_split(tokenizer):
+def test_byte_level_tokenizer_every_split(tokenizer):
     stops = ["</search>", "</answer>"]
     tables = stop.tables_for(tokenizer, len(tokenizer), stops)
     texts = stop.token_texts(tokenizer, len(tokenizer))
@@ -95,8 +96,9 @@ def _joint_first_match(tokenizer, ids, stops):
 
 
 def test_stop_strings_with_characters_split_across_byte_tokens(tokenizer):
-    """SmolLM2's byte-level BPE splits '日' into pieces that decode alone to '\ufffd': the tables
-    read tokens as bytes, so a stop string with such characters is still found."""
+    """A byte-level BPE (as SmolLM2's and Qwen's) splits '日' into pieces that decode alone to
+    '\ufffd': the tables read tokens as bytes, so a stop string with such characters is still
+    found."""
     ids = tokenizer.encode("abc 日本 def Ω the answer is here", add_special_tokens=False)
     assert any("\ufffd" in t for t in tokenizer.batch_decode([[i] for i in ids]))
     for s in ("日本", "Ω", "本 d", " is "):

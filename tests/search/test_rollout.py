@@ -1,5 +1,6 @@
 """The multi-turn rollout, with a scripted policy and a scripted search backend."""
 
+import chat_tokenizer
 import numpy as np
 import pytest
 
@@ -10,7 +11,14 @@ from zsjax.search import prompts as P
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
+def tokenizer():
+    """A byte-level BPE chat tokenizer built offline (tests/chat_tokenizer.py)."""
+    return chat_tokenizer.build()
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(smollm2_dir):
+    """SmolLM2's own tokenizer, for the tests that run its real weights."""
     import transformers
     return transformers.AutoTokenizer.from_pretrained(smollm2_dir)
 
@@ -205,7 +213,7 @@ def test_prompt_ids_chat_template_and_plain(tokenizer):
 
 
 @pytest.mark.parametrize("kv_reuse,model", [(True, "smollm2"), (False, "smollm2_short")])
-def test_real_policy_logprobs_match_training_forward(request, tokenizer, kv_reuse, model):
+def test_real_policy_logprobs_match_training_forward(request, smol_tokenizer, kv_reuse, model):
     """Multi-turn on-policy exactness: SmolLM2 rollout, then a full forward on the trajectory.
     The whole model with KV reuse (the default); re-prefilling each turn, its first 2 layers."""
     import jax
@@ -213,10 +221,10 @@ def test_real_policy_logprobs_match_training_forward(request, tokenizer, kv_reus
     config, params = (request.getfixturevalue("smollm2")[3:5] if model == "smollm2"
                       else request.getfixturevalue("smollm2_short"))
     settings = RolloutSettings(max_turns=2, max_response_tokens=40, temperature=1.0, top_p=1.0)
-    gen = ModelTurnGenerator(config, params, tokenizer, settings, kv_reuse=kv_reuse)
+    gen = ModelTurnGenerator(config, params, smol_tokenizer, settings, kv_reuse=kv_reuse)
     trajs = rollout(["What is the capital of France?", "Who wrote Hamlet?", "Name a colour."],
-                    [["Paris"], ["Shakespeare"], ["red"]], tokenizer=tokenizer, generate_fn=gen,
-                    backend=FunctionBackend(_docs), settings=settings, seed=5)
+                    [["Paris"], ["Shakespeare"], ["red"]], tokenizer=smol_tokenizer,
+                    generate_fn=gen, backend=FunctionBackend(_docs), settings=settings, seed=5)
     assert sum(t.turns for t in trajs) > len(trajs)  # several turns were really played
     worst = 0.0
     for t in trajs:
@@ -231,14 +239,14 @@ def test_real_policy_logprobs_match_training_forward(request, tokenizer, kv_reus
     print(f"\nrollout (kv_reuse={kv_reuse}) vs training-forward logprob max abs diff: {worst:.2e}")
 
 
-def test_kv_reuse_equals_re_prefill_greedy(smollm2_short, tokenizer):
+def test_kv_reuse_equals_re_prefill_greedy(smollm2_short, smol_tokenizer):
     config, params = smollm2_short
     settings = RolloutSettings(max_turns=3, max_response_tokens=24, temperature=0.0)
     qs = ["What is the capital of France?", "Who wrote Hamlet?", "Name a colour.", "Why?"]
     runs = {}
     for kv in (False, True):
-        gen = ModelTurnGenerator(config, params, tokenizer, settings, kv_reuse=kv)
-        runs[kv] = rollout(qs, [["x"]] * 4, tokenizer=tokenizer, generate_fn=gen,
+        gen = ModelTurnGenerator(config, params, smol_tokenizer, settings, kv_reuse=kv)
+        runs[kv] = rollout(qs, [["x"]] * 4, tokenizer=smol_tokenizer, generate_fn=gen,
                            backend=FunctionBackend(_docs), settings=settings)
     for a, b in zip(runs[False], runs[True]):
         assert a.token_ids == b.token_ids
@@ -246,7 +254,7 @@ def test_kv_reuse_equals_re_prefill_greedy(smollm2_short, tokenizer):
     assert sum(t.turns for t in runs[True]) > len(qs)
 
 
-def test_split_batch_samples_what_the_whole_batch_does(smollm2_short, tokenizer):
+def test_split_batch_samples_what_the_whole_batch_does(smollm2_short, smol_tokenizer):
     """Per-trajectory randomness: a batch rolled out in two parts (as two processes do) with
     their trajectory ids gives the whole batch's trajectories: the same sampled tokens and the
     same noisy draws."""
@@ -255,8 +263,8 @@ def test_split_batch_samples_what_the_whole_batch_does(smollm2_short, tokenizer)
     qs = ["What is the capital of France?", "Who wrote Hamlet?", "Name a colour.", "Why?"]
 
     def run(part, ids):
-        gen = ModelTurnGenerator(config, params, tokenizer, settings, kv_reuse=True)
-        return rollout([qs[i] for i in part], [["x"]] * len(part), tokenizer=tokenizer,
+        gen = ModelTurnGenerator(config, params, smol_tokenizer, settings, kv_reuse=True)
+        return rollout([qs[i] for i in part], [["x"]] * len(part), tokenizer=smol_tokenizer,
                        generate_fn=gen, backend=FunctionBackend(_docs), settings=settings,
                        noise_probability=0.5, seed=3, trajectory_ids=ids)
 
@@ -270,7 +278,7 @@ def test_split_batch_samples_what_the_whole_batch_does(smollm2_short, tokenizer)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_shared_prompt_prefix_changes_nothing(smollm2_short, tokenizer, temperature):
+def test_shared_prompt_prefix_changes_nothing(smollm2_short, smol_tokenizer, temperature):
     """The first turn prefills the prompts' common prefix once (share_prefix): the same tokens
     and logprobs as prefilling each prompt whole, greedy or sampled."""
     config, params = smollm2_short
@@ -279,7 +287,7 @@ def test_shared_prompt_prefix_changes_nothing(smollm2_short, tokenizer, temperat
           "Who painted the Mona Lisa?"]
     runs = {}
     for share in (False, True):
-        gen = ModelTurnGenerator(config, params, tokenizer, settings, share_prefix=share)
+        gen = ModelTurnGenerator(config, params, smol_tokenizer, settings, share_prefix=share)
         prefills = []
         shared = gen._shared_prefix
 
@@ -289,7 +297,7 @@ def test_shared_prompt_prefix_changes_nothing(smollm2_short, tokenizer, temperat
             prefills.append(gen._prefix is not before)
             return out
         gen._shared_prefix = counted
-        runs[share] = [rollout(qs[lo:hi], [["x"]] * (hi - lo), tokenizer=tokenizer,
+        runs[share] = [rollout(qs[lo:hi], [["x"]] * (hi - lo), tokenizer=smol_tokenizer,
                                generate_fn=gen, backend=FunctionBackend(_docs),
                                settings=settings, seed=2, trajectory_ids=range(lo, hi))
                        for lo, hi in ((0, 3), (3, 5))]  # two batches: the prefix is reused

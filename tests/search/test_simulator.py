@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chat_tokenizer
 import pytest
 
 from zsjax.search import SearchRequest
@@ -41,12 +42,11 @@ def test_postprocess_documents():
     assert postprocess_documents("  just text  ") == "just text"
 
 
-def test_in_process_simulator_batches_caches_and_keeps_contexts_apart(smollm2_dir):
-    import transformers
-    from zsjax.models import load_hf
+def test_in_process_simulator_batches_caches_and_keeps_contexts_apart():
+    """A tiny random decoder with an offline-built ChatML tokenizer (tests/chat_tokenizer.py)."""
     from zsjax.sampling import generate
-    config, params = load_hf(smollm2_dir)
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    tok = chat_tokenizer.build()
+    config, params = chat_tokenizer.tiny_model(tok)
     sim = InProcessSimulator(config, params, tok, style="prompt_only", temperature=0.0,
                              max_new_tokens=24)
     reqs = [SearchRequest("capital of France", "What is the capital of France?", ("Paris",)),

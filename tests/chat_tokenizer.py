@@ -1,0 +1,81 @@
+"""A small byte-level BPE chat tokenizer built offline with the `tokenizers` library.
+
+It has what the rollout, stop-string, simulator and SFT tests need from a real instruct
+tokenizer: byte-level pieces (a CJK character splits into tokens that decode alone to '\ufffd'),
+ChatML special tokens, and a ChatML chat template of the SmolLM2 / Qwen2.5 kind (a default system
+message when the chat has none). Tests that compare with a real checkpoint use SmolLM2's own.
+"""
+
+from __future__ import annotations
+
+from zsjax.search import prompts as P
+from zsjax.search.simulator import FINETUNED_TEMPLATE
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML, written here (not copied from a model): a default system message when the first
+# message is not a system one, as SmolLM2's and Qwen2.5's templates do.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+_TEXTS = [
+    P.POLICY_TEMPLATE, P.INVALID_ACTION, P.information_block("Doc 1: x"), FINETUNED_TEMPLATE,
+    "<search> capital of France </search> <answer> Paris </answer> <think> first </think>",
+    "What is the capital of France? Who wrote Hamlet? Name a colour. The Qux river.",
+    "Doc 1: Vex is the capital city of Zorland. Mira Tal was born in Oskel in 1902.",
+    "The Dunra river runs through Oskel. Zorland is famous for its blue goats.",
+    "the final answer is here, and more text about search engines and documents",
+]
+
+
+def build(vocab_size: int = 1000):
+    """A transformers fast tokenizer (no torch needed), EOS `<|im_end|>`, pad `<|endoftext|>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(_TEXTS * 8, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save(path: str, vocab_size: int = 1000):
+    """Builds the tokenizer and saves it as a model folder's tokenizer files; returns it."""
+    tok = build(vocab_size)
+    tok.save_pretrained(path)
+    return tok
+
+
+def tiny_model(tokenizer, *, seed: int = 0, family: str = "llama"):
+    """(config, params): a randomly initialised 2-layer zsjax decoder for `tokenizer`, its
+    embedding table padded to a multiple of 64 as real checkpoints pad theirs."""
+    import jax
+    from zsjax.models import ModelConfig, init_params
+    config = ModelConfig(vocab_size=-(-len(tokenizer) // 64) * 64, d_model=64, n_layers=2,
+                         n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, family=family,
+                         tie_embeddings=True, eos_token_ids=(tokenizer.eos_token_id,),
+                         pad_token_id=tokenizer.pad_token_id)
+    return config, init_params(config, jax.random.key(seed))
+
+
+def save_tiny_model(path: str, *, seed: int = 0) -> str:
+    """A Hugging Face folder (config, safetensors, tokenizer) holding `tiny_model`."""
+    import os
+    import tempfile
+    from zsjax.models import save_hf
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tok = save(tok_dir)
+        config, params = tiny_model(tok, seed=seed)
+        save_hf(config, params, os.fspath(path), tokenizer_dir=tok_dir)
+    return os.fspath(path)
