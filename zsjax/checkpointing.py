@@ -7,6 +7,7 @@ sharding of the abstract state it is given, so a run resumes onto its own mesh.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from zsjax.errors import InputError, Stopped
 
@@ -88,7 +91,6 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        import numpy as np
         path = os.path.join(self.directory, str(step), "state")
         meta = os.path.join(self.directory, str(step), "meta")
         with ocp.PyTreeCheckpointer() as reader:
@@ -132,8 +134,6 @@ class WorkdirLock:
         self._file = None
 
     def __enter__(self) -> "WorkdirLock":
-        import fcntl
-
         if jax.process_index() != 0:
             return self
         self._file = open(self.path, "a+")
@@ -205,6 +205,4 @@ class StopOnSignal:
         run: every process calls it at the same point of each step."""
         if jax.process_count() == 1:
             return self.received
-        import numpy as np
-        from jax.experimental import multihost_utils
         return bool(np.any(multihost_utils.process_allgather(np.array([self.received]))))

@@ -8,6 +8,7 @@ Flags are defined only when a program runs, so the programs can be imported toge
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import sys
 import traceback
@@ -24,7 +25,6 @@ _HELP = ("-h", "--help", "--helpshort", "--helpfull")
 def repo_config(name: str, arg: str = ""):
     """configs/NAME.py's get_config(arg), from the repository beside the package (any working
     directory): how the demo and the recipes build their stages' configs."""
-    import importlib.util
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(root, "configs", f"{name}.py")
     if not os.path.isfile(path):

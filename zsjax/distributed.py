@@ -19,7 +19,10 @@ import os
 import sys
 import threading
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 EXIT_NO_PEERS = 3
 
@@ -57,7 +60,6 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 
     Must run before JAX initialises its backends (before the first device query or array).
     """
-    import jax
     explicit = bool(coordinator_address) or num_processes > 1 or process_id >= 0
     cluster = None if explicit else detected_cluster()
     if not explicit and cluster is None:
@@ -101,14 +103,12 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 
 
 def is_lead() -> bool:
-    import jax
     return jax.process_index() == 0
 
 
 def global_batch(local: np.ndarray, sharding) -> "jax.Array":
     """A global array whose rows are every process's `local` rows, in process order, placed
     on `sharding` (batch over its leading axis). One process: a plain device_put."""
-    import jax
     if jax.process_count() == 1:
         return jax.device_put(local, sharding)
     return jax.make_array_from_process_local_data(sharding, local)
@@ -116,16 +116,13 @@ def global_batch(local: np.ndarray, sharding) -> "jax.Array":
 
 def gather(local: np.ndarray) -> np.ndarray:
     """Concatenates every process's rows of `local` (same trailing shape), in process order."""
-    import jax
     if jax.process_count() == 1:
         return np.asarray(local)
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
 
 def global_max(value: int) -> int:
     """The largest `value` over all processes."""
-    import jax
     if jax.process_count() == 1:
         return int(value)
     return int(gather(np.array([value], np.int64)).max())
@@ -135,7 +132,6 @@ def fetch_to_lead(tree):
     """NumPy copies of a tree of (possibly multi-process) arrays on process 0, None on the
     others. Every process must call it: each leaf in turn is replicated over its mesh, and only
     process 0 copies it to host memory."""
-    import jax
     if jax.process_count() == 1:
         return jax.device_get(tree)
     def fetch(x):
@@ -147,16 +143,13 @@ def fetch_to_lead(tree):
 
 
 def barrier(name: str) -> None:
-    import jax
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
 def rows_of_process(global_rows: int, sharding) -> slice:
     """The contiguous block of a [global_rows, ...] batch that `sharding` puts on this
     process's devices (what `global_batch` expects this process to supply)."""
-    import jax
     if jax.process_count() == 1:
         return slice(0, global_rows)
     spans = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
@@ -174,7 +167,6 @@ def to_mesh(tree, shardings):
     mesh). Within one process this is a device_put. A leaf spread over several processes is
     first replicated on its own mesh (one leaf at a time, to bound memory), then this process's
     copy is placed on the target, which must be this process's own devices."""
-    import jax
     return jax.tree.map(lambda x, target: jax.device_put(_local_whole(x), target), tree,
                         shardings)
 
@@ -184,12 +176,10 @@ def _local_whole(x):
     replicated over x's mesh first (every process must take part)."""
     if x.is_fully_addressable:
         return x
-    from jax.sharding import NamedSharding, PartitionSpec
     replicated = NamedSharding(x.sharding.mesh, PartitionSpec())
     return _replicator(replicated)(x).addressable_data(0)
 
 
 @functools.lru_cache(maxsize=None)
 def _replicator(replicated):
-    import jax
     return jax.jit(lambda a: a, out_shardings=replicated)

@@ -13,7 +13,9 @@ import json
 import sys
 import time
 
+from zsjax.models import load_hf
 from zsjax.models.tokenizer import check_vocab, eos_ids, load_tokenizer  # noqa: F401
+from zsjax.sampling import generate
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -48,7 +50,6 @@ def main(argv=None) -> int:
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
 
-    from zsjax.models import load_hf
     start = time.time()
     try:
         config, params = load_hf(args.model, dtype=args.dtype)
@@ -57,7 +58,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     load_s = time.time() - start
-    from zsjax.sampling import generate
     start = time.time()
     try:
         prompt_ids = [encode_prompt(tokenizer, p, args.chat) for p in args.prompt]

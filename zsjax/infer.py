@@ -16,6 +16,15 @@ import os
 import sys
 import time
 
+from zsjax.models import load_hf
+from zsjax.models.tokenizer import eos_ids, load_tokenizer
+from zsjax.search import ModelTurnGenerator, RolloutSettings, rollout
+from zsjax.search import factory
+from zsjax.search.bm25 import read_corpus
+from zsjax.search.curriculum import draw_rng
+from zsjax.search.http_backends import SearchBackendError
+from zsjax.search.simulator import InProcessSimulator
+
 _COLORS = {"prompt": "\033[2m", "policy": "", "information": "\033[36m", "invalid": "\033[33m"}
 _RESET = "\033[0m"
 
@@ -57,12 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_backend(args, policy_dir, policy_model):
-    from zsjax.search.factory import make_backend as make
 
     def simulator():
-        from zsjax.models.tokenizer import eos_ids, load_tokenizer
-        from zsjax.models import load_hf
-        from zsjax.search.simulator import InProcessSimulator
         if os.path.abspath(args.simulator) == os.path.abspath(policy_dir):
             config, params, tokenizer = policy_model
         else:
@@ -75,10 +80,11 @@ def make_backend(args, policy_dir, policy_model):
 
     kind = ("retriever_url" if args.retriever_url else "simulator_url" if args.simulator_url
             else "bm25" if args.corpus else "simulator")
-    return make(kind, url=args.retriever_url or args.simulator_url or "",
-                model=args.simulator_model or "", corpus=args.corpus or "", top_k=args.topk,
-                style=args.simulator_style, temperature=args.simulator_temperature,
-                max_new_tokens=args.simulator_max_new_tokens, simulator=simulator)
+    return factory.make_backend(kind, url=args.retriever_url or args.simulator_url or "",
+                                model=args.simulator_model or "", corpus=args.corpus or "",
+                                top_k=args.topk,
+                                style=args.simulator_style, temperature=args.simulator_temperature,
+                                max_new_tokens=args.simulator_max_new_tokens, simulator=simulator)
 
 
 def main(argv=None) -> int:
@@ -95,24 +101,17 @@ def main(argv=None) -> int:
     if args.topk < 1:
         parser.error(f"--topk must be >= 1; got {args.topk}")
     if args.corpus:  # a missing or malformed corpus is reported before any model loads
-        from zsjax.search.bm25 import read_corpus
         try:
             read_corpus(args.corpus)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    from zsjax.search import RolloutSettings
     try:  # before any model loads
         settings = RolloutSettings(max_turns=args.max_turns,
                                    max_response_tokens=args.max_response_tokens,
                                    temperature=args.temperature, top_p=args.top_p)
     except ValueError as e:
         parser.error(str(e))
-    from zsjax.models.tokenizer import load_tokenizer
-    from zsjax.models import load_hf
-    from zsjax.search import ModelTurnGenerator, rollout
-    from zsjax.search.curriculum import draw_rng
-    from zsjax.search.http_backends import SearchBackendError
 
     start = time.time()
     try:
@@ -122,7 +121,6 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:  # Config-, Checkpoint-, SafetensorsError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from zsjax.models.tokenizer import eos_ids
     gen = ModelTurnGenerator(config, params, tokenizer, settings,
                              eos_token_ids=eos_ids(args.policy, config, tokenizer))
     try:

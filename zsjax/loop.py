@@ -19,6 +19,7 @@ Everything a step computes stays in the trainer; this holds only what every trai
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -80,7 +81,6 @@ class TrainingLoop:
         with open(os.path.join(self.workdir, name), "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is not None and name == "metrics.jsonl":
-            import math
             for key, value in record.items():
                 if (isinstance(value, (int, float)) and not isinstance(value, bool)
                         and key != "step" and math.isfinite(value)):

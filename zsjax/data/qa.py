@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from zsjax.rl.rewards import normalize_answer
+
 _TEMPLATE_QUESTION = re.compile(r"Question:\s*(.*?)\s*$", re.DOTALL)
 
 
@@ -100,7 +102,6 @@ def read_qa(path: str) -> list[QARow]:
                     lines.append(n)
     else:
         raise ValueError(f"{path}: unknown QA file type; expected .jsonl, .json or .parquet")
-    from zsjax.rl.rewards import normalize_answer
     out, unscorable = [], []
     for i, row in enumerate(rows):
         where = f"{path}: row {i}" + (f" (line {lines[i]})" if path.endswith(".jsonl") else "")

@@ -16,6 +16,7 @@ import numpy as np
 
 from zsjax.data.jsonl import read_objects
 from zsjax.search.backend import SearchRequest
+from zsjax.search.rollout import prompt_ids
 from zsjax.search.simulator import encode_prompt, simulator_prompt
 
 REQUIRED = ("query", "question", "golden_answers", "documents", "label")
@@ -65,7 +66,6 @@ def build_trajectory_example(row: dict, tokenizer, *, max_length: int = 1024,
                              use_chat_template: bool | None = None) -> Example:
     """The policy prompt of row["question"] + the segments; loss on `loss: 1` segments. Cut
     to max_length from the right."""
-    from zsjax.search.rollout import prompt_ids
     tokens = prompt_ids(tokenizer, row["question"], use_chat_template)
     mask = [0] * len(tokens)
     for seg in row["segments"]:

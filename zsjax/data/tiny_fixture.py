@@ -12,6 +12,7 @@ import os
 
 import jax
 
+from zsjax.models import ModelConfig, init_params, save_hf
 from zsjax.search import prompts as P
 from zsjax.search.simulator import FINETUNED_TEMPLATE
 
@@ -50,7 +51,6 @@ def fixture_paths(directory: str) -> dict[str, str]:
 
 def make(directory: str, *, seed: int = 0) -> dict[str, str]:
     """Writes the fixture (idempotent); returns paths {qa, policy, simulator}."""
-    from zsjax.models import ModelConfig, init_params, save_hf
     paths = fixture_paths(directory)
     if all(os.path.exists(p) for p in paths.values()):
         return paths

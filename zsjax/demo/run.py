@@ -28,7 +28,22 @@ import random
 import sys
 import time
 
+import jax
+import tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from zsjax import sft, train
+from zsjax.cli import repo_config
+from zsjax.data.qa import QARow
 from zsjax.demo import world as W
+from zsjax.errors import InputError, Stopped
+from zsjax.evaluate import load_policy
+from zsjax.models import ModelConfig, init_params, save_hf
+from zsjax.rl import algorithms
+from zsjax.search import FunctionBackend, RolloutSettings, SearchRequest, factory
+from zsjax.search import prompts as P
+from zsjax.search.evaluation import answer_without_search, evaluate
+from zsjax.search.simulator import InProcessSimulator, simulator_prompt
 
 STAGES = ("world", "simulator", "policy", "eval_before", "rl", "eval_after")
 
@@ -67,22 +82,16 @@ def _log(msg: str) -> None:
 # --- 2. tokenizer and models -------------------------------------------------------------
 
 def make_tokenizer(world: W.World, questions: list[W.Question], path: str, vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from zsjax.search import prompts as P
-    from zsjax.search.simulator import simulator_prompt
-    from zsjax.search.backend import SearchRequest
     texts = world.corpus() + [q.question for q in questions]
     texts += [P.POLICY_TEMPLATE, P.INVALID_ACTION, P.information_block("Doc 1: x")]
     texts += [simulator_prompt(SearchRequest("q", "Q", ("A",), noisy)) for noisy in (0, 1)]
     texts += [f"<search> {e} </search> <answer> {e} </answer>" for e in world.entities()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts * 3, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     fast.save_pretrained(path)
@@ -90,9 +99,6 @@ def make_tokenizer(world: W.World, questions: list[W.Question], path: str, vocab
 
 
 def make_model(path: str, tokenizer_dir: str, tokenizer, dims: dict, seed: int) -> str:
-    import jax
-
-    from zsjax.models import ModelConfig, init_params, save_hf
     vocab = -(-(len(tokenizer) + 1) // 64) * 64
     config = ModelConfig(vocab_size=vocab, family="qwen2", qkv_bias=True, tie_embeddings=True,
                          eos_token_ids=(tokenizer.eos_token_id,),
@@ -178,10 +184,9 @@ def policy_rows(world: W.World, questions: list[W.Question], docs: int, seed: in
     `direct` answer at once with an arbitrary entity; otherwise search (for the entity the
     question names with probability `copy_query`, an arbitrary entity otherwise), with
     probability `second_search` search again for another arbitrary entity from the documents,
-    then answer with an arbitrary entity from the documents. The documents are the world's own (useful) ones. What the policy does not learn
-    here: which fact in the documents answers the question, and that a two-hop question needs
-    a second search for the city it found."""
-    from zsjax.search import prompts as P
+    then answer with an arbitrary entity from the documents. The documents are the world's own
+    (useful) ones. What the policy does not learn here: which fact in the documents answers the
+    question, and that a two-hop question needs a second search for the city it found."""
     rng = random.Random(seed)
     everything = world.entities() + W.OCCUPATIONS
     rows = []
@@ -206,7 +211,6 @@ def policy_rows(world: W.World, questions: list[W.Question], docs: int, seed: in
 # --- 5-6. RL and evaluation ------------------------------------------------------------------
 
 def _config(name: str, arg: str = ""):
-    from zsjax.cli import repo_config
     return repo_config(name, arg)
 
 
@@ -225,7 +229,6 @@ def _sft(model_dir: str, rows_path: str, workdir: str, export: str, *, steps: in
     if os.path.exists(done):
         _log(f"{export} exists: skipping")
         return
-    from zsjax import sft
     c = _config("sft_simulator", model_dir)
     c.unlock()
     c.data.path, c.data.max_length, c.data.use_chat_template = rows_path, 512, "no"
@@ -246,7 +249,6 @@ def _rollout(docs: int) -> dict:
 
 def engine_backend(world: W.World, docs: int):
     """The world's perfect search engine: the true documents for each query."""
-    from zsjax.search import FunctionBackend
     return FunctionBackend(lambda r: world.documents(r.query, k=docs))
 
 
@@ -256,7 +258,6 @@ ENGINE_KIND = "demo_world"
 def register_engine(world: W.World, docs: int) -> None:
     """The world's engine as the search backend kind "demo_world" (`zsjax.search.factory`), so
     a training config can choose it by name."""
-    from zsjax.search import factory
     factory.register_backend(ENGINE_KIND, lambda settings: engine_backend(world, docs))
 
 
@@ -264,11 +265,6 @@ def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Q
                     docs: int) -> dict:
     """Test F1/EM per backend (simulator, perfect search engine) and question type, plus the
     score of answering without searching."""
-    from zsjax.data.qa import QARow
-    from zsjax.evaluate import load_policy
-    from zsjax.search.evaluation import answer_without_search, evaluate
-    from zsjax.search import RolloutSettings
-    from zsjax.search.simulator import InProcessSimulator
     config, params, tok = load_policy(model_dir)
     sim_config, sim_params, sim_tok = load_policy(sim_dir)
     simulator = InProcessSimulator(sim_config, sim_params, sim_tok, temperature=0.0,
@@ -296,9 +292,6 @@ def simulator_accuracy(sim_dir: str, world: W.World, docs: int, n: int = 64,
                        seed: int = 0) -> float:
     """The fraction of useful-document requests (query = an entity's name) for which the
     fine-tuned simulator's greedy documents start with exactly that entity's true facts."""
-    from zsjax.evaluate import load_policy
-    from zsjax.search import SearchRequest
-    from zsjax.search.simulator import InProcessSimulator
     config, params, tok = load_policy(sim_dir)
     sim = InProcessSimulator(config, params, tok, temperature=0.0, max_new_tokens=16 * docs,
                              top_k_docs=docs)
@@ -402,7 +395,6 @@ PREPARED = "prepared.json"  # the seed and stage settings a workdir's fine-tunes
 
 
 def _claim_workdir(workdir: str, seed: int, s: dict) -> None:
-    from zsjax.errors import InputError
     mine = {"seed": seed, "settings": {k: v for k, v in s.items() if not k.startswith("rl_")
                                        and k not in ("questions", "rollouts", "entropy_coef",
                                                      "kl_coef")}}
@@ -495,7 +487,6 @@ def run(workdir: str, *, quick: bool = False, algorithm: str = "grpo", seed: int
     times["eval_before"] = time.time() - t
 
     t = time.time()
-    from zsjax import train
     rl_dir = os.path.join(workdir, "rl")
     rl_paths = {"policy": warm_dir, "simulator": sim_dir, "train": paths["train"]}
     train.run(rl_config(s, rl_paths, algorithm, seed), rl_dir)
@@ -529,13 +520,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--quick", action="store_true",
                    help="the same stages with fewer RL steps (70 instead of 120)")
-    from zsjax.rl import algorithms
     p.add_argument("--algorithm", default="grpo", choices=algorithms.names())
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.seed < 0:
         p.error(f"--seed must be >= 0; got {args.seed}")
-    from zsjax.errors import InputError, Stopped
     try:
         run(args.workdir, quick=args.quick, algorithm=args.algorithm, seed=args.seed)
     except InputError as e:

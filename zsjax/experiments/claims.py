@@ -42,6 +42,7 @@ import sys
 import time
 from typing import Sequence
 
+from zsjax import train
 from zsjax.demo import run as demo
 
 VARIANTS = {
@@ -81,7 +82,6 @@ def run_one(name: str, seed: int, s: dict, prep: dict, workdir: str) -> dict:
     `finished`); an interrupted training resumes from its checkpoint."""
     out_dir = run_dir(workdir, name, seed, s["rl_steps"])
     result_path = os.path.join(out_dir, "result.json")
-    from zsjax import train
     v = VARIANTS[name]
     world, docs = prep["world"], s["docs"]
     paths = {"policy": prep["warm_dir"], "simulator": prep["sim_dir"],

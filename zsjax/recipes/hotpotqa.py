@@ -35,6 +35,20 @@ import shutil
 import sys
 import time
 
+from zsjax import sft, train
+from zsjax.cli import repo_config
+from zsjax.data import evidence_sft as E
+from zsjax.data.corpus import read_evidence_rows, write_corpus
+from zsjax.data.evidence_sft import contains_answer
+from zsjax.data.qa import read_qa
+from zsjax.errors import InputError, Stopped
+from zsjax.evaluate import load_policy
+from zsjax.search import RolloutSettings, SearchRequest
+from zsjax.search.bm25 import BM25Backend, BM25Index
+from zsjax.search.evaluation import answer_without_search, evaluate
+from zsjax.search.simulator import InProcessSimulator
+from zsjax.tools import fetch_smollm2
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TOP_10_OF_30 = r"embed|layers_([0-9]|1[0-9])'"  # param paths of SmolLM2's layers 0-19
 BACKENDS = ("bm25", "simulator", "none")
@@ -119,8 +133,6 @@ class Stages:
 def prepare_data(data_dir: str, workdir: str, s: dict) -> dict:
     """QA files for training and evaluation, the corpus of every evidence passage and the
     train-only corpus (the SFT data's engine); both indexed."""
-    from zsjax.data.corpus import read_evidence_rows, write_corpus
-    from zsjax.search.bm25 import BM25Index
     src = {split: os.path.join(data_dir, "hotpotqa", f"{split}.jsonl")
            for split in ("train", "test")}
     train, test = (read_evidence_rows(src[k]) for k in ("train", "test"))
@@ -155,8 +167,6 @@ def finetune(model_dir: str, rows_path: str, workdir: str, export: str, *, steps
              batch: int, lr: float, s: dict) -> None:
     """`zsjax.sft` of model_dir on rows_path, exported to `export` (an interrupted fine-tune
     resumes from its checkpoint)."""
-    from zsjax import sft
-    from zsjax.cli import repo_config
     c = repo_config("sft_simulator", model_dir)
     c.unlock()
     c.model.dtype = s["dtype"]
@@ -175,10 +185,6 @@ def simulator_quality(sim_dir: str, base_dir: str, rows, s: dict) -> dict:
     """On held-out test questions (the question as the query, greedy): the fraction of useful
     and of noisy responses (and of their documents) that contain a golden answer, for the
     fine-tuned simulator and for the prompt-only one (the base model, prompt-only prompts)."""
-    from zsjax.data.evidence_sft import contains_answer
-    from zsjax.evaluate import load_policy
-    from zsjax.search import SearchRequest
-    from zsjax.search.simulator import InProcessSimulator
     out = {}
     for name, path, style in (("finetuned", sim_dir, "finetuned"),
                               ("prompt_only", base_dir, "prompt_only")):
@@ -212,8 +218,6 @@ def simulator_quality(sim_dir: str, base_dir: str, rows, s: dict) -> dict:
 
 def rl(workdir: str, name: str, backend: str, quick: bool, paths: dict, s: dict) -> str:
     """GRPO (configs/hotpotqa.py) from the cold start; returns its exported policy folder."""
-    from zsjax import train
-    from zsjax.cli import repo_config
     c = repo_config("hotpotqa", backend + (",quick" if quick else ""))
     c.unlock()
     for key, value in s["rl"].items():
@@ -245,7 +249,6 @@ class Evaluator:
     WORKDIR/eval/ (results and per-question records) so that a rerun skips it."""
 
     def __init__(self, workdir: str, s: dict, paths: dict):
-        from zsjax.search import RolloutSettings
         self.dir = os.path.join(workdir, "eval")
         os.makedirs(self.dir, exist_ok=True)
         self.s, self.paths = s, paths
@@ -256,9 +259,6 @@ class Evaluator:
 
     def backend(self, kind: str):
         if kind not in self._backends:
-            from zsjax.evaluate import load_policy
-            from zsjax.search.bm25 import BM25Backend
-            from zsjax.search.simulator import InProcessSimulator
             if kind == "bm25":
                 self._backends[kind] = BM25Backend(self.paths["corpus"], top_k=self.s["docs"])
             else:  # the fine-tuned simulator's useful documents, greedy
@@ -273,8 +273,6 @@ class Evaluator:
         todo = {name: rows for name, rows in datasets.items()
                 if not os.path.exists(self._path(policy, backend, name, "json"))}
         if todo:
-            from zsjax.evaluate import load_policy
-            from zsjax.search.evaluation import answer_without_search, evaluate
             config, params, tok = load_policy(self.paths[policy], dtype=self.s["dtype"])
             _log(f"eval: {policy} with {backend}: {', '.join(f'{k} ({len(v)})' for k, v in todo.items())}")
             for name, rows in todo.items():
@@ -307,7 +305,6 @@ class Evaluator:
 
 def evaluate_all(ev: Evaluator, policies: list[str], data_dir: str, workdir: str,
                  s: dict, types: list[str]) -> dict:
-    from zsjax.data.qa import read_qa
     test = {k: read_qa(os.path.join(workdir, "data", f"test_{k}.jsonl")) for k in types}
     table = {}
     for policy in policies:
@@ -435,13 +432,9 @@ def run(workdir: str, *, quick: bool = False, data_dir: str = DATA,
     s = {**settings_for(quick), **(overrides or {})}
     os.makedirs(workdir, exist_ok=True)
     _claim(workdir, quick, data_dir, model_dir)
-    from zsjax.data.corpus import read_evidence_rows
-    from zsjax.data import evidence_sft as E
-    from zsjax.search.bm25 import BM25Index
     stages = Stages(workdir)
     data = os.path.join(workdir, "data")
     if model_dir is None:
-        from zsjax.tools import fetch_smollm2
         model_dir = fetch_smollm2.fetch()
     paths = {"base": model_dir, "train": os.path.join(data, "train.jsonl"),
              "corpus": os.path.join(data, "corpus.jsonl"),
@@ -558,7 +551,6 @@ def format_summary(summary: dict) -> str:
 def _claim(workdir: str, quick: bool, data_dir: str, model_dir: str | None) -> None:
     """A workdir holds one recipe: a --quick one and a full one, or runs on other data or
     another model, do not share stages."""
-    from zsjax.errors import InputError
     path = os.path.join(workdir, "recipe.json")
     mine = {"recipe": "hotpotqa", "quick": quick, "data": os.path.abspath(data_dir),
             "model": os.path.abspath(model_dir) if model_dir else None}
@@ -593,7 +585,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
         os.environ.get("ZSJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zsjax")),
         "jax_compile"))
-    from zsjax.errors import InputError, Stopped
     try:
         run(args.workdir, quick=args.quick, data_dir=args.data, model_dir=args.model)
     except (InputError, FileNotFoundError, ValueError) as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import time
 from typing import Any, Callable
 
 import flax
@@ -259,7 +260,6 @@ def jit_step(step_fn, state: TrainState, batch_like: Batch, *, mesh=None,
 def run_step(step_fn, state, batch: Batch):
     """Runs a jitted step, waits for it, and returns (state, host metrics) with `step_s` and
     `tokens_per_s` (non-padding tokens of the batch per second of wall time)."""
-    import time
     start = time.perf_counter()
     state, metrics = step_fn(state, batch)
     metrics = jax.device_get(metrics)

@@ -26,6 +26,8 @@ import dataclasses
 from typing import Callable, Optional
 
 from zsjax.search.backend import SearchBackend
+from zsjax.search.bm25 import BM25Backend, read_corpus
+from zsjax.search.http_backends import OpenAISimulatorBackend, RetrieverBackend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,6 @@ def _needs_top_k(s: BackendSettings, where: str) -> None:
 
 
 def _simulator_url(s: BackendSettings) -> SearchBackend:
-    from zsjax.search.http_backends import OpenAISimulatorBackend
     return OpenAISimulatorBackend(s.url, model=s.model or None, style=s.style,
                                   temperature=s.temperature, max_new_tokens=s.max_new_tokens,
                                   top_k_docs=s.top_k_docs)
@@ -115,7 +116,6 @@ def _check_retriever(s: BackendSettings, where: str) -> None:
 
 
 def _retriever_url(s: BackendSettings) -> SearchBackend:
-    from zsjax.search.http_backends import RetrieverBackend
     return RetrieverBackend(s.url, topk=s.top_k)
 
 
@@ -125,12 +125,10 @@ def _check_bm25(s: BackendSettings, where: str) -> None:
         raise ValueError(f"{where}.kind='bm25' needs {where}.corpus (a JSONL file of "
                          "{id, title, text} passages; python -m zsjax.tools.build_corpus "
                          "makes one)")
-    from zsjax.search.bm25 import read_corpus
     read_corpus(s.corpus)
 
 
 def _bm25(s: BackendSettings) -> SearchBackend:
-    from zsjax.search.bm25 import BM25Backend
     return BM25Backend(s.corpus, top_k=s.top_k, cache_dir=s.cache_dir)
 
 

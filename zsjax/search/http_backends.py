@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from zsjax.search.backend import SearchRequest
+from zsjax.search.bm25 import Passage, format_passages
 from zsjax.search.simulator import chat_messages, generation_keys, postprocess_documents
 
 
@@ -125,7 +126,6 @@ class OpenAISimulatorBackend:
 def format_retrieved(items: list) -> str:
     """Search-R1 retriever results (`contents` = "title\ntext") -> the reference's
     `Doc i(Title: ...) text` lines (`zsjax.search.bm25.format_passages`)."""
-    from zsjax.search.bm25 import Passage, format_passages
     passages = []
     for item in items:
         doc = item.get("document", item) if isinstance(item, dict) else {"contents": str(item)}

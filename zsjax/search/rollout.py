@@ -20,6 +20,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from zsjax import sharding
 from zsjax.sampling import GenerateResult, continue_generate, generate
 from zsjax.sampling.sampler import SHRINK_ABOVE
 from zsjax.search import prompts as P
@@ -219,7 +220,6 @@ class ModelTurnGenerator:
 
 
 def _mesh_of(params):
-    from zsjax import sharding
     return sharding.mesh_of(params)
 
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zsjax.data.corpus import write_corpus
+from zsjax.search.bm25 import BM25Index
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m zsjax.tools.build_corpus",
@@ -22,11 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the corpus to write (JSONL)")
     p.add_argument("--no-index", action="store_true", help="write the corpus only")
     args = p.parse_args(argv)
-    from zsjax.data.corpus import write_corpus
     try:
         n = write_corpus(args.qa_files, args.out)
         if not args.no_index:
-            from zsjax.search.bm25 import BM25Index
             BM25Index(args.out)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

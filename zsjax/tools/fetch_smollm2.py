@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -70,7 +71,6 @@ def download_gguf(workdir: str) -> str:
 
 def check_converter() -> None:
     """The conversion's packages are installed (checked before anything is downloaded)."""
-    import importlib.util
     missing = [m for m in ("torch", "transformers", "gguf", "accelerate")
                if importlib.util.find_spec(m) is None]
     if missing:

@@ -12,6 +12,8 @@ reference and the simulator in bfloat16; trajectories up to 4096 tokens, simulat
 
 from __future__ import annotations
 
+import argparse
+
 from zsjax.sampling.sampler import bucket
 
 GB = 1e9
@@ -64,7 +66,6 @@ def plan(name, *, devices, per_process, train_shards, rollout_tensor, sim_tensor
 
 
 def main(argv=None):
-    import argparse
     argparse.ArgumentParser(prog="python -m zsjax.tools.memory_plan",
                             description=__doc__.split("\n\n")[0]).parse_args(argv)
     # v5p-64: 32 chips (one JAX device each), 8 hosts x 4 chips.
