@@ -11,6 +11,7 @@ from configs import tiny
 from zsjax import train
 from zsjax.cli import InputError
 from zsjax.sampling import GenerateResult
+from zsjax.search.prompts import INVALID_ACTION
 
 
 class ScriptedGenerator:
@@ -80,6 +81,9 @@ def test_noise_fraction_and_rewards_logged_per_step(tmp_path, algorithm):
         assert rec["noise_prob"] == 0.5
         # exactly the Zorland rollouts answer right
         assert rec["reward_mean"] == pytest.approx(2 / 16)
+        mine = [t for t in trajs if t["step"] == rec["step"]]
+        assert rec["format_valid_rate"] == np.mean(
+            [t["answer"] is not None and INVALID_ACTION not in t["response"] for t in mine])
     assert 0.2 < np.mean([r["noisy_fraction"] for r in metrics]) < 0.8
     assert (metrics[-1]["value_loss"] is not None) == (algorithm == "ppo")
 

@@ -55,6 +55,7 @@ from zsjax.rl import algorithms
 from zsjax.rl import batch as B
 from zsjax.rl import rewards as R
 from zsjax.rl import update as U
+from zsjax.rl.health import CollapseMonitor
 from zsjax.rl.losses import AGGREGATIONS, KL_KINDS
 from zsjax.search import ModelTurnGenerator, RolloutSettings, StepCache, rollout
 from zsjax.search.bm25 import BM25Index
@@ -369,6 +370,7 @@ def _run(config, workdir: str, backend, generator) -> list[dict]:
                              f"trajectories.process{jax.process_index()}.jsonl")
     history: list[dict] = []
     guard = _NaNGuard(tc.max_nonfinite_steps)
+    health = CollapseMonitor()  # one-line warnings when the run starts to collapse
     bar = progress.bar(tc.steps, "train", "step", initial=loop.start,
                        disable=not (lead and tc.progress))
     if lead and loop.start < tc.steps:
@@ -404,6 +406,9 @@ def _run(config, workdir: str, backend, generator) -> list[dict]:
                 for t in trajs:
                     f.write(json.dumps({"step": step + 1, **t.to_record()}) + "\n")
             _show_progress(bar, record, p, seconds, step, tc, lead)
+            warning = health.observe(record)
+            if lead and warning:
+                tqdm.write(f"[train] {warning}", file=sys.stderr)
             # after the step's records are written, before its checkpoint
             guard.observe(record["skipped_updates"], len(updates), step + 1)
             # SIGTERM (preemption) or SIGINT: checkpoint this step and stop; a rerun resumes.

@@ -346,34 +346,48 @@ def _smooth(xs, k: int = 5):
 
 def plot(metrics_path: str, out: str, before: dict | None = None,
          after: dict | None = None) -> None:
-    """The RL run's curves (sampled reward, the curriculum, searches per question), and, given
-    the evaluations before and after RL, held-out test F1 per backend and question type."""
+    """The RL run's curves: sampled reward, the curriculum, searches per question, and,
+    given the evaluations before and after RL, held-out test F1 per backend and question type;
+    below them the signs of collapse (answer rates, response length, entropy, KL)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(x) for x in open(metrics_path)]
     steps = [r["step"] for r in rows]
-    panels = 4 if before and after else 3
-    fig, ax = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
-    reward = [r["reward_mean"] for r in rows]
-    ax[0].plot(steps, reward, alpha=0.3, label="per step")
-    ax[0].plot(steps, _smooth(reward), label="mean of 5 steps")
-    ax[0].set(title="sampled training reward", ylabel="F1 (temperature 1)")
-    ax[0].legend()
+    fig, axes = plt.subplots(2, 4, figsize=(17.6, 7.2))
+    ax = axes.ravel()
+
+    def curve(a, key, title, ylabel, label="per step"):
+        values = [r.get(key) for r in rows]
+        if all(v is None for v in values):
+            a.set(title=f"{title} (not logged)")
+            return
+        values = [float("nan") if v is None else v for v in values]
+        a.plot(steps, values, alpha=0.3, label=label)
+        a.plot(steps, _smooth(values), label="mean of 5 steps")
+        a.set(title=title, ylabel=ylabel)
+        a.legend(fontsize=8)
+
+    curve(ax[0], "reward_mean", "sampled training reward", "F1 (temperature 1)")
     ax[1].plot(steps, [r["noise_prob"] for r in rows], label="noise probability")
     ax[1].plot(steps, [r["noisy_fraction"] or 0 for r in rows], ".", alpha=0.5,
                label="noisy fraction (realised)")
     ax[1].set(title="curriculum", ylabel="fraction of searches")
-    ax[1].legend()
-    searches = [r["searches_mean"] for r in rows]
-    ax[2].plot(steps, searches, alpha=0.3, label="per step")
-    ax[2].plot(steps, _smooth(searches), label="mean of 5 steps")
-    ax[2].set(title="searches per question (training)", ylabel="searches")
-    ax[2].legend()
-    for a in ax[:3]:
+    ax[1].legend(fontsize=8)
+    curve(ax[2], "searches_mean", "searches per question (training)", "searches")
+    for key, label in (("valid_answer_rate", "answered"),
+                       ("format_valid_rate", "answered, every turn well-formed")):
+        ax[4].plot(steps, [r.get(key) if r.get(key) is not None else float("nan")
+                           for r in rows], label=label)
+    ax[4].set(title="answer rates (training)", ylabel="fraction of rollouts", ylim=(0, 1.05))
+    ax[4].legend(fontsize=8)
+    curve(ax[5], "response_tokens_mean", "response length", "tokens per rollout")
+    curve(ax[6], "entropy", "policy entropy", "nats per policy token")
+    curve(ax[7], "kl", "KL to the warm start", "per policy token")
+    for a in (*ax[:3], *ax[4:]):
         a.set_xlabel("RL step")
         a.grid(alpha=0.3)
-    if panels == 4:
+    if before and after:
         groups = [(b, t) for b in ("simulator", "search_engine") for t in ("one_hop", "two_hop")]
         x = range(len(groups))
         width = 0.38
@@ -384,10 +398,12 @@ def plot(metrics_path: str, out: str, before: dict | None = None,
         ax[3].set_xticks(list(x), [f"{b.replace('_', ' ')}\n{t.replace('_', '-')}"
                                    for b, t in groups], fontsize=8)
         ax[3].set(title="held-out test F1 (greedy)", ylabel="F1", ylim=(0, 1))
-        ax[3].legend()
+        ax[3].legend(fontsize=8)
         ax[3].grid(alpha=0.3, axis="y")
+    else:
+        ax[3].set_axis_off()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 # Per-trajectory statistics, the columns of `trajectory_stats` (gathered over processes as one
 # float64 array, then read back by name with `by_name`).
 STATS = ("reward", "f1", "em", "substring", "response_tokens", "searches", "answered",
-         "noisy_calls", "search_calls", "tokens")
+         "format_valid", "noisy_calls", "search_calls", "tokens")
 
 
 def padded_width(trajs, length_multiple: int) -> int:
@@ -38,9 +38,15 @@ def pad_batch(trajs, length_multiple: int = 64, width: int = 0):
 def trajectory_stats(trajs: Sequence, reward, scores: Mapping[str, np.ndarray]) -> np.ndarray:
     """[N, len(STATS)] float64: each trajectory's reward, scores and counts."""
     rows = [[reward[i], scores["f1"][i], scores["em"][i], scores["substring"][i],
-             len(t.response_ids), t.num_searches, t.answer is not None, sum(t.noisy),
-             len(t.noisy), len(t.token_ids)] for i, t in enumerate(trajs)]
+             len(t.response_ids), t.num_searches, t.answer is not None, format_valid(t),
+             sum(t.noisy), len(t.noisy), len(t.token_ids)] for i, t in enumerate(trajs)]
     return np.array(rows, np.float64).reshape(len(trajs), len(STATS))
+
+
+def format_valid(t) -> bool:
+    """The trajectory answered, and every turn before was a well-formed action (no
+    invalid-action reply)."""
+    return t.answer is not None and not any(s.kind == "invalid" for s in t.segments)
 
 
 def by_name(stats: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,4 +63,5 @@ def rollout_metrics(stats: Mapping[str, np.ndarray]) -> dict:
         "noisy_fraction": float(stats["noisy_calls"].sum() / calls) if calls else None,
         "response_tokens_mean": float(stats["response_tokens"].mean()),
         "searches_mean": float(stats["searches"].mean()),
-        "valid_answer_rate": float(stats["answered"].mean())}
+        "valid_answer_rate": float(stats["answered"].mean()),
+        "format_valid_rate": float(stats["format_valid"].mean())}
