@@ -23,6 +23,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     })
     c.train = ml_collections.ConfigDict({
         "steps": 1000, "batch_size": 32, "micro_batches": 1, "lr": 1e-6, "warmup_steps": 0,
+        # "constant" after the warm-up, or "cosine": down to 0 at the last step
+        "lr_decay": "constant",
         "weight_decay": 0.01, "grad_clip": 1.0, "seed": 0, "remat": False,
         "log_every": 10, "checkpoint_every": 200, "keep_checkpoints": 3,
         # a regex over param paths left out of training and of the backward pass (see

@@ -54,6 +54,11 @@ def run(config, workdir: str) -> dict:
     if config.model.param_dtype not in DTYPES:
         raise InputError(f"model.param_dtype={config.model.param_dtype!r}; expected one of "
                          f"{DTYPES}")
+    if tc.lr_decay not in U.DECAYS:
+        raise InputError(f"train.lr_decay={tc.lr_decay!r}; expected one of {U.DECAYS}")
+    if tc.lr_decay == "cosine" and tc.steps <= tc.warmup_steps:
+        raise InputError(f"train.lr_decay='cosine' needs train.steps ({tc.steps}) > "
+                         f"train.warmup_steps ({tc.warmup_steps})")
     os.makedirs(workdir, exist_ok=True)
     try:  # bad input: a one-line error (status 2 from the command line), before any compute
         mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -70,7 +75,7 @@ def run(config, workdir: str) -> dict:
     try:
         tx = U.make_optimizer(tc.lr, warmup_steps=tc.warmup_steps,
                               weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
-                              freeze=tc.freeze)
+                              freeze=tc.freeze, decay=tc.lr_decay, total_steps=tc.steps)
     except (ValueError, re.error) as e:  # a bad pattern, or one matching nothing
         raise InputError(f"train.freeze: {e}") from None
     if tc.freeze:

@@ -207,6 +207,8 @@ def test_sft_cli_help():
     ("checkpoint_every", -1, "checkpoint_every must be an integer >= 0"),
     ("log_every", -2, "log_every must be"), ("batch_size", 0, "batch_size must be"),
     ("micro_batches", 3, "batch_size=32 does not split into train.micro_batches=3"),
+    ("lr_decay", "linear", r"train.lr_decay='linear'; expected one of \('constant', 'cosine'\)"),
+    ("warmup_steps", 1000, r"lr_decay='cosine' needs train.steps \(1000\) > train.warmup_steps"),
 ])
 def test_sft_bad_train_values(tmp_path, key, value, match):
     from configs import sft_simulator
@@ -215,6 +217,8 @@ def test_sft_bad_train_values(tmp_path, key, value, match):
     config = sft_simulator.get_config("/no/such/model")
     config.data.path = "pairs.jsonl"
     config.train[key] = value
+    if key == "warmup_steps":
+        config.train.lr_decay = "cosine"
     with pytest.raises(InputError, match=match):
         sft.run(config, str(tmp_path / "run"))
 

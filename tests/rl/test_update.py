@@ -1,6 +1,7 @@
 """The policy/critic update: masks, exact accumulation, sharding, learning direction."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +171,31 @@ def test_warmup_counts_training_steps(updates_per_step):
         w = jax.tree.map(lambda a, b: a + b, w, upd)
     steps = np.arange(8) // updates_per_step
     np.testing.assert_allclose(moves, np.minimum(steps / 3, 1.0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("warmup,updates_per_step", [(0, 1), (3, 1), (3, 2)])
+def test_cosine_decay_reaches_zero_at_the_last_step(warmup, updates_per_step):
+    """decay="cosine": after the warm-up, lr * (1 + cos(pi * (step - warmup) / (total -
+    warmup))) / 2, written here from its definition, per training step."""
+    total = 10
+    tx = U.make_optimizer(1.0, warmup_steps=warmup, weight_decay=0.0, grad_clip=1e9,
+                          updates_per_step=updates_per_step, decay="cosine", total_steps=total)
+    w = {"w": jnp.zeros(4)}
+    opt = tx.init(w)
+    moves = []
+    for _ in range(total * updates_per_step):
+        upd, opt = tx.update({"w": jnp.ones(4)}, opt, w)
+        moves.append(-float(upd["w"][0]))
+    want = []
+    for k in range(total * updates_per_step):
+        step = k // updates_per_step
+        want.append(step / warmup if step < warmup
+                    else (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2)
+    np.testing.assert_allclose(moves, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown learning-rate decay"):
+        U.make_optimizer(1.0, decay="linear")
+    with pytest.raises(ValueError, match="total_steps"):
+        U.make_optimizer(1.0, warmup_steps=5, decay="cosine", total_steps=5)
 
 
 def test_freeze_leaves_matching_params_unchanged():

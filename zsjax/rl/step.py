@@ -61,10 +61,15 @@ class TrainState:
     opt_state: Any
 
 
+DECAYS = ("constant", "cosine")
+
+
 def make_optimizer(lr: float = 1e-6, *, warmup_steps: int = 0, weight_decay: float = 0.01,
                    grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.999,
-                   freeze: str = "", updates_per_step: int = 1) -> optax.GradientTransformation:
-    """AdamW at a constant rate after a linear warm-up, after global-norm clipping.
+                   freeze: str = "", updates_per_step: int = 1, decay: str = "constant",
+                   total_steps: int = 0) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping, at a rate that warms up linearly, then stays constant
+    (`decay="constant"`) or follows a cosine down to 0 at `total_steps` (`decay="cosine"`).
 
     `warmup_steps` counts training steps of `updates_per_step` optimizer updates each (its
     mini-batches times its epochs): every update of a step gets that step's rate, as veRL
@@ -77,8 +82,14 @@ def make_optimizer(lr: float = 1e-6, *, warmup_steps: int = 0, weight_decay: flo
     tokens a batch never uses into full-size steps, so an embedding row that RL never sees (a
     name only in held-out questions) drifts anyway; freezing the table keeps it as the warm
     start left it."""
-    schedule = optax.constant_schedule(lr)
-    if warmup_steps > 0:
+    if decay not in DECAYS:
+        raise ValueError(f"unknown learning-rate decay {decay!r}; expected one of {DECAYS}")
+    if decay == "cosine" and total_steps <= warmup_steps:
+        raise ValueError(f"a cosine decay needs total_steps ({total_steps}) > warmup_steps "
+                         f"({warmup_steps})")
+    schedule = (optax.constant_schedule(lr) if decay == "constant"
+                else optax.cosine_decay_schedule(lr, total_steps - warmup_steps))
+    if warmup_steps > 0 or decay != "constant":
         by_step = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), schedule],
                                        [warmup_steps])
         schedule = lambda count: by_step(count // updates_per_step)  # noqa: E731

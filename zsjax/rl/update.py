@@ -19,7 +19,7 @@ from zsjax.rl.critic import (ValueHead, critic_step, critic_values, init_critic,
                              values_pass)
 from zsjax.rl.logprobs import (compiled_start, logprobs_pass, loss_start,  # noqa: F401
                                model_logprobs, token_logprobs_from_logits)
-from zsjax.rl.step import (Batch, LossConfig, TrainState, batch_shardings,  # noqa: F401
+from zsjax.rl.step import (DECAYS, Batch, LossConfig, TrainState, batch_shardings,  # noqa: F401
                            describe_frozen, frozen_mask, gradient_step, init_state, jit_step,
                            make_optimizer, run_step, scaled_gradients, state_shardings)
 
@@ -28,7 +28,7 @@ __all__ = [  # this module's own, then the re-exported ones
     "make_policy_step", "supervised_step", "sft_batch",
     "ValueHead", "critic_step", "critic_values", "init_critic", "values_pass",
     "compiled_start", "logprobs_pass", "loss_start", "model_logprobs",
-    "token_logprobs_from_logits", "Batch", "LossConfig", "TrainState", "batch_shardings",
+    "token_logprobs_from_logits", "DECAYS", "Batch", "LossConfig", "TrainState", "batch_shardings",
     "describe_frozen", "frozen_mask", "gradient_step", "init_state", "jit_step",
     "make_optimizer", "run_step", "scaled_gradients", "state_shardings"]
 
