@@ -99,7 +99,7 @@ def test_at_least_as_well_within_noise_by_the_standard_error_of_the_difference()
 
 
 def test_report_only_summarises_the_finished_runs_and_names_the_missing(tmp_path, capsys):
-    steps = claims.demo.settings_for(False)["rl_steps"]
+    steps = claims.demo.settings_for()["rl_steps"]
     r = [0.1] * 10
     res = _results({"grpo_sim_curriculum": [(0.6, 0.7, r), (0.4, 0.5, r)],
                     "grpo_engine": [(0.5, 0.9, r)]})

@@ -59,7 +59,7 @@ def test_rerun_skips_finished_stages(quick_run):
     """Rerunning in the same workdir skips the finished fine-tunes and resumes RL from its last
     checkpoint (here: nothing left to do), with the same result."""
     workdir, s = quick_run
-    again = R.run(workdir, quick=True)
+    again = R.run(workdir, preset="quick")
     assert again["stage_seconds"]["simulator"] < s["stage_seconds"]["simulator"] / 3
     assert again["stage_seconds"]["policy"] < s["stage_seconds"]["policy"] / 3
     assert again["test_f1_after_rl"] == pytest.approx(s["test_f1_after_rl"])
@@ -71,10 +71,10 @@ def test_a_workdir_is_prepared_for_one_seed(tmp_path):
     from zsjax.cli import InputError
     from zsjax.demo import run as demo
     workdir = str(tmp_path)
-    demo._claim_workdir(workdir, 0, demo.settings_for(False))
-    demo._claim_workdir(workdir, 0, demo.settings_for(True))
+    demo._claim_workdir(workdir, 0, demo.settings_for())
+    demo._claim_workdir(workdir, 0, demo.settings_for("quick"))
     with pytest.raises(InputError, match="prepared with seed 0 .* this run's \\(seed 1\\)"):
-        demo._claim_workdir(workdir, 1, demo.settings_for(False))
-    other = dict(demo.settings_for(False), sim_steps=10)
+        demo._claim_workdir(workdir, 1, demo.settings_for())
+    other = dict(demo.settings_for(), sim_steps=10)
     with pytest.raises(InputError, match="other settings"):
         demo._claim_workdir(workdir, 0, other)

@@ -48,6 +48,9 @@ def test_questions_answer_from_the_facts(world):
         nxt = list(q.hops[1:]) + [q.answer]
         for hop, target in zip(q.hops, nxt):
             assert W.mentions(world.documents(hop, k=3), target)
+            # the fact the simulator is scored on (demo.simulator_accuracy) is that one
+            assert f": {world.answer_fact(hop)}" in world.documents(hop, k=3)
+            assert W.mentions(world.answer_fact(hop), target)
 
 
 def test_splits_are_disjoint_by_question_person_and_city(world):

@@ -61,6 +61,15 @@ class World:
                     if self.cities[c] == entity]
         return []
 
+    def answer_fact(self, entity: str) -> str:
+        """The fact a question about a person or a city asks for: where the person was born,
+        which country the city is in (occupations are never asked about)."""
+        if entity in self.people:
+            return f"{entity} was born in {self.people[entity]['city']}."
+        if entity in self.cities:
+            return f"{entity} is a city in {self.cities[entity]}."
+        raise ValueError(f"{entity!r} is not a person or a city of this world")
+
     def entities(self) -> list[str]:
         return list(self.people) + list(self.cities) + self.countries
 

@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
-    s = demo.settings_for(False)
+    s = demo.settings_for()
     s["rl_steps"] = args.rl_steps or (QUICK_RL_STEPS if args.quick else s["rl_steps"])
     start = time.time()
     before_path = os.path.join(args.workdir, "shared", "eval_before.json")

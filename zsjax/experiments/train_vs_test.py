@@ -22,9 +22,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True, help="the claims command's workdir")
     workdir = parser.parse_args().workdir
-    s = demo.settings_for(False)
+    s = demo.settings_for()
     world = W.make_world(seed=0, **s["world"])
-    splits = world.splits()
+    splits = world.splits(s["splits"])
     random.seed(0)
     train = random.sample(splits["train"], 28)
     test = splits["test"]
