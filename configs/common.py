@@ -5,6 +5,12 @@ a misspelt override (`--config.rl.lrr=...`) is an error."""
 import ml_collections
 
 
+def wandb_config() -> ml_collections.ConfigDict:
+    """Weights & Biases logging (zsjax/metrics.py), shared by the training and SFT configs:
+    mode "online", "offline" (a local run folder for `wandb sync`) or "disabled"."""
+    return ml_collections.ConfigDict({"project": "", "entity": "", "name": "", "mode": "online"})
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -87,7 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
         "steps": 200, "log_every": 10, "checkpoint_every": 50, "keep_checkpoints": 3,
         "tensorboard": True, "progress": True,
         "max_nonfinite_steps": 3,  # stop after this many steps in a row with only NaN updates
-        "eval_every": 0, "eval_batch_size": 64})
+        "eval_every": 0, "eval_batch_size": 64,
+        # Weights & Biases: every metrics.jsonl key at its step, the config as the run's config;
+        # off while project is "" (pip install wandb to use it; zsjax/metrics.py)
+        "wandb": wandb_config()})
     # The training mesh over all processes' devices; -1 takes the remaining devices. 1 x 1 x 1
     # is one device.
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})

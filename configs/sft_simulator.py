@@ -7,6 +7,8 @@ the document tokens only).
 
 import ml_collections
 
+from configs.common import wandb_config
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -30,6 +32,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # a regex over param paths left out of training and of the backward pass (see
         # configs/common.py's rl.freeze)
         "freeze": "",
+        # Weights & Biases, as in the training configs (configs/common.py)
+        "wandb": wandb_config(),
     })
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.resume = True  # pick up the latest checkpoint in workdir/checkpoints

@@ -15,9 +15,14 @@ from zsjax.demo import run as R
 pytestmark = pytest.mark.timeout(3600)
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(request, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("demo"))
-    R.main(["--workdir", workdir, "--quick"])
+    # The demo's stage lines and progress go to the terminal as they come (pytest would hold
+    # them until the test ends, leaving 10 minutes without a line).
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\n[test_demo] python -m zsjax.demo --workdir {workdir} --quick", flush=True)
+        R.main(["--workdir", workdir, "--quick"])
     with open(os.path.join(workdir, "summary.json")) as f:
         return workdir, json.load(f)
 

@@ -1,6 +1,7 @@
 """The skeleton that `zsjax.train` and `zsjax.sft` share: resume from the latest checkpoint,
-metrics in `metrics.jsonl` (and TensorBoard), a checkpoint every N steps and at the end, and a
-stop on SIGTERM or Ctrl-C that checkpoints the step in progress first.
+metrics in `metrics.jsonl` (and TensorBoard, and Weights & Biases: `zsjax.metrics`), a
+checkpoint every N steps and at the end, and a stop on SIGTERM or Ctrl-C that checkpoints the
+step in progress first.
 
     loop = TrainingLoop(workdir, steps=tc.steps, checkpoint_every=tc.checkpoint_every,
                         keep=tc.keep_checkpoints, resume=config.resume)
@@ -18,24 +19,25 @@ Everything a step computes stays in the trainer; this holds only what every trai
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from typing import Any, Callable, Sequence
 
 from zsjax.checkpointing import Checkpointer, IncompleteCheckpoint, StopOnSignal, truncate_jsonl
 from zsjax.errors import InputError
+from zsjax.metrics import JsonlWriter, WandbSettings, make_writers
 
 
 class TrainingLoop:
     """`lead`: this process writes the metrics (process 0 of a multi-process run).
-    `tensorboard`: also write every numeric metric to WORKDIR/tb. `logs`: JSONL files of the
-    workdir with a "step" key per record, cut back to the resumed step (records after the
+    `tensorboard`: also write every numeric metric to WORKDIR/tb; `wandb`: and to a Weights &
+    Biases run (when its project is set), with `run_config` as its config. `logs`: JSONL files
+    of the workdir with a "step" key per record, cut back to the resumed step (records after the
     checkpoint are written again). `on_stop`: called before `Stopped` is raised (a barrier, so
     every process has its part of the checkpoint on disk before any exits)."""
 
     def __init__(self, workdir: str, *, steps: int, checkpoint_every: int, keep: int,
                  resume: bool, lead: bool = True, tensorboard: bool = False,
+                 wandb: WandbSettings | None = None, run_config: dict | None = None,
                  logs: Sequence[str] = ("metrics.jsonl",),
                  on_stop: Callable[[], None] | None = None):
         self.workdir, self.steps, self.resume = workdir, steps, resume
@@ -45,8 +47,8 @@ class TrainingLoop:
         self.ckpt.check_resume(resume, workdir)
         self.start = 0
         self.stopped_at: int | None = None
-        self._tensorboard = tensorboard and lead
-        self._writer = None
+        self._tensorboard, self._wandb, self._run_config = tensorboard, wandb, run_config
+        self._writers: list = []
         self._stop = StopOnSignal()
 
     # --- Before the loop ----------------------------------------------------------------------
@@ -65,27 +67,24 @@ class TrainingLoop:
         return target, meta
 
     def __enter__(self) -> "TrainingLoop":
-        if self._tensorboard:
-            from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(os.path.join(self.workdir, "tb"),
-                                         purge_step=self.start + 1)
+        if self.lead:
+            self._writers = make_writers(self.workdir, start=self.start,
+                                         tensorboard=self._tensorboard, wandb=self._wandb,
+                                         run_config=self._run_config)
         self._stop.__enter__()
         return self
 
     # --- Each step ----------------------------------------------------------------------------
     def log(self, record: dict, name: str = "metrics.jsonl") -> None:
-        """Appends `record` (with its "step") to WORKDIR/`name`, and its numbers to TensorBoard
-        when `name` is the metrics file (process 0 only)."""
+        """Appends `record` (with its "step") to WORKDIR/`name`; the metrics file's records go
+        to every metrics writer (JSONL, TensorBoard, W&B). Process 0 only."""
         if not self.lead:
             return
-        with open(os.path.join(self.workdir, name), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._writer is not None and name == "metrics.jsonl":
-            for key, value in record.items():
-                if (isinstance(value, (int, float)) and not isinstance(value, bool)
-                        and key != "step" and math.isfinite(value)):
-                    self._writer.add_scalar(key, value, record["step"])
-            self._writer.flush()
+        if name != "metrics.jsonl":
+            JsonlWriter(os.path.join(self.workdir, name)).write(record)
+            return
+        for writer in self._writers:
+            writer.write(record)
 
     def end_step(self, step: int, state: Any, meta: dict) -> bool:
         """After step `step` (0-based) is done and logged: checkpoints it when it is due, the
@@ -107,8 +106,8 @@ class TrainingLoop:
         finally:
             self._stop.__exit__(exc_type, *exc)
             self.ckpt.close()
-            if self._writer is not None:
-                self._writer.close()
+            for writer in self._writers:
+                writer.close()
         if exc_type is None and self.stopped_at is not None:
             if self.on_stop is not None:
                 self.on_stop()

@@ -22,6 +22,7 @@ from zsjax import sharding
 from zsjax.data import sft_data
 from zsjax.errors import InputError
 from zsjax.loop import TrainingLoop
+from zsjax.metrics import WandbSettings
 from zsjax.models import load_hf, save_hf
 from zsjax.models.config import DTYPES
 from zsjax.models.tokenizer import load_tokenizer
@@ -54,6 +55,10 @@ def run(config, workdir: str) -> dict:
     if config.model.param_dtype not in DTYPES:
         raise InputError(f"model.param_dtype={config.model.param_dtype!r}; expected one of "
                          f"{DTYPES}")
+    try:
+        WandbSettings.from_config(tc.wandb).check("train.wandb")
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if tc.lr_decay not in U.DECAYS:
         raise InputError(f"train.lr_decay={tc.lr_decay!r}; expected one of {U.DECAYS}")
     if tc.lr_decay == "cosine" and tc.steps <= tc.warmup_steps:
@@ -82,7 +87,8 @@ def run(config, workdir: str) -> dict:
         print(f"[sft] train.freeze: {U.describe_frozen(params, tc.freeze)}", file=sys.stderr)
     state = U.init_state(params, tx)
     loop = TrainingLoop(workdir, steps=tc.steps, checkpoint_every=tc.checkpoint_every,
-                        keep=tc.keep_checkpoints, resume=config.resume)
+                        keep=tc.keep_checkpoints, resume=config.resume,
+                        wandb=WandbSettings.from_config(tc.wandb), run_config=config.to_dict())
     # The loop's step, not the optimizer's count, which skipped non-finite updates leave behind.
     state, meta = loop.restore(state)
     position = meta["data_position"] if meta else 0

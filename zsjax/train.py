@@ -47,6 +47,7 @@ from zsjax.data.qa import QuestionStream
 from zsjax.data.sources import load_qa
 from zsjax.errors import InputError, check_workdir
 from zsjax.loop import TrainingLoop
+from zsjax.metrics import WandbSettings
 from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
 from zsjax.models.config import DTYPES, read_hf_config
 from zsjax.models.safetensors_io import iter_checkpoint_files
@@ -211,6 +212,10 @@ def _check_values(config) -> None:
     for key, value, allowed in choices:
         if value not in allowed:
             raise InputError(f"{key}={value!r}; expected one of {tuple(allowed)}")
+    try:
+        WandbSettings.from_config(tc.wandb).check("train.wandb")
+    except ValueError as e:
+        raise InputError(str(e)) from None
     positive = [("rl.questions_per_step", rl.questions_per_step),
                 ("rl.rollouts_per_question", rl.rollouts_per_question),
                 ("rl.epochs", rl.epochs), ("train.steps", tc.steps),
@@ -458,7 +463,8 @@ def _setup(config, workdir: str, backend):
     loop = TrainingLoop(
         workdir, steps=tc.steps, checkpoint_every=tc.checkpoint_every,
         keep=tc.keep_checkpoints, resume=config.resume, lead=jax.process_index() == 0,
-        tensorboard=tc.tensorboard,
+        tensorboard=tc.tensorboard, wandb=WandbSettings.from_config(tc.wandb),
+        run_config=config.to_dict(),
         logs=(("metrics.jsonl", "eval.jsonl", "trajectories.jsonl")
               if jax.process_index() == 0 else
               (f"trajectories.process{jax.process_index()}.jsonl",)),
