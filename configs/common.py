@@ -7,8 +7,9 @@ import ml_collections
 
 def wandb_config() -> ml_collections.ConfigDict:
     """Weights & Biases logging (zsjax/metrics.py), shared by the training and SFT configs:
-    mode "online", "offline" (a local run folder for `wandb sync`) or "disabled"."""
-    return ml_collections.ConfigDict({"project": "", "entity": "", "name": "", "mode": "online"})
+    mode "online", "offline" (a local run folder for `wandb sync`), "disabled", or "" for W&B's
+    own default ($WANDB_MODE, else online)."""
+    return ml_collections.ConfigDict({"project": "", "entity": "", "name": "", "mode": ""})
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -2,9 +2,10 @@
 
 W&B runs in offline mode (no network): each run writes a transaction log, RUN/run-ID.wandb,
 which the official client's protobuf messages (`wandb.proto.wandb_internal_pb2.Record`) are
-read back from. The framing is LevelDB's log format (32 KiB blocks of records, each with a
-7-byte header: CRC, length, type; FULL / FIRST / MIDDLE / LAST), after a 7-byte W&B file
-header; the reader below follows the published format, not zsjax code.
+read back from. wandb 0.31 has no Python reader of that log any more (it moved into the
+client's Go core), so the framing is read here: LevelDB's published log format (32 KiB blocks
+of records, each with a 7-byte header: CRC, length, type; FULL / FIRST / MIDDLE / LAST), after
+a 7-byte W&B file header.
 """
 
 import glob
@@ -147,19 +148,20 @@ def test_train_and_sft_refuse_a_bad_wandb_mode_before_anything_runs(tmp_path):
         sft.run(config, str(tmp_path / "sft"))
 
 
-def test_a_tiny_training_run_logs_to_wandb(tmp_path):
-    """configs/tiny.py for 2 steps with train.wandb set: the W&B run has metrics.jsonl's
-    numbers at each step and the effective config."""
+def test_a_tiny_training_run_logs_to_wandb(tmp_path, monkeypatch):
+    """configs/tiny.py for 2 steps with train.wandb.project set and WANDB_MODE=offline: the W&B
+    run has metrics.jsonl's numbers at each step and the effective config."""
     from configs import tiny
     from zsjax import train
+    monkeypatch.setenv("WANDB_MODE", "offline")
     config = tiny.get_config()
     config.train.steps = 2
-    config.train.wandb.update(project="zsjax-tests", mode="offline")
+    config.train.wandb.project = "zsjax-tests"
     workdir = str(tmp_path / "run")
     train.run(config, workdir)
     (run_id, run_config, history), = _wandb_runs(workdir)
     assert run_config["rl"]["algorithm"] == config.rl.algorithm
-    assert run_config["train"]["wandb"]["mode"] == "offline"
+    assert run_config["train"]["wandb"]["project"] == "zsjax-tests"
     jsonl = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert sorted(history) == [1, 2]
     for r in jsonl:

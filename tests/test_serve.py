@@ -196,6 +196,30 @@ def test_zsjax_simulator_backend_against_the_server(server):
                                eos_token_ids=(server.tok.eos_token_id,)).search(reqs)
     assert remote == local
 
+    # a whole rollout through the server: a scripted policy searches, then answers
+    import numpy as np
+    from zsjax.sampling import GenerateResult
+    from zsjax.search import RolloutSettings, rollout
+
+    def policy(inputs):
+        texts = {0: "<search> capital of Zorland </search>", 1: "<answer> Vex </answer>"}
+        ids = [server.tok.encode(texts[inputs.turn], add_special_tokens=False)
+               for _ in inputs.contexts]
+        lps = [np.zeros(len(x)) for x in ids]
+        return GenerateResult(ids, lps, lps, ["stop"] * len(ids))
+
+    def run(backend):
+        return rollout(["What is the capital of Zorland?"], [["Vex"]], tokenizer=server.tok,
+                       generate_fn=policy, backend=backend,
+                       settings=RolloutSettings(max_turns=2, max_response_tokens=16))[0]
+    served = run(OpenAISimulatorBackend(server.url, temperature=0.0, max_new_tokens=20,
+                                        top_k_docs=3))
+    assert served.num_searches == 1 and served.answer == "Vex"
+    assert served.documents == [local[0]]
+    assert served.token_ids == run(InProcessSimulator(
+        server.config, server.params, server.tok, temperature=0.0, max_new_tokens=20,
+        top_k_docs=3, eos_token_ids=(server.tok.eos_token_id,))).token_ids
+
 
 def test_cli_serves_and_stops_on_sigterm(model_dir):
     port = _free_port()

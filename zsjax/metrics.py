@@ -21,7 +21,7 @@ import math
 import os
 from typing import Protocol
 
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES = ("", "online", "offline", "disabled")
 WANDB_STATE = "wandb_run.json"
 
 
@@ -76,7 +76,9 @@ class WandbSettings:
     project: str = ""
     entity: str = ""
     name: str = ""  # the run's display name; W&B picks one when empty
-    mode: str = "online"  # "online", "offline" (a local run, `wandb sync` later), "disabled"
+    # "online", "offline" (a local run, `wandb sync` later), "disabled", or "": $WANDB_MODE if
+    # set, else online
+    mode: str = ""
 
     @classmethod
     def from_config(cls, c) -> "WandbSettings":
@@ -113,7 +115,9 @@ class WandbWriter:
         # The first start lets W&B pick the run's id; resumes name it.
         resume = {"id": state["id"], "resume": "allow"} if state.get("id") else {}
         self._run = wandb.init(project=settings.project, entity=settings.entity or None,
-                               name=settings.name or None, mode=settings.mode, dir=workdir,
+                               name=settings.name or None,
+                               mode=settings.mode or os.environ.get("WANDB_MODE") or None,
+                               dir=workdir,
                                config=run_config, **resume)
         self._save({"id": self._run.id, "logged_through": self._logged})
 
