@@ -5,10 +5,11 @@
         --config.data.train_path=/data/zerosearch/train.parquet
 
 MODEL: qwen2.5-3b-base (default), qwen2.5-3b-instruct, qwen2.5-7b-base, qwen2.5-7b-instruct,
-llama3.2-3b-base, llama3.2-3b-instruct. ALGORITHM: grpo (default), dr_grpo, rloo, ppo,
-reinforce_pp, or any name registered in zsjax.rl.algorithms.
-The model folders are Hugging Face folders you provide; nothing is downloaded. Instruct models
-get their chat template automatically.
+llama3.2-3b-base, llama3.2-3b-instruct, qwen3-1.7b-base, qwen3-1.7b, qwen3-4b-base, qwen3-4b,
+qwen3-8b-base, qwen3-8b (Qwen3's post-trained models, thinking mode on: docs/METHOD.md).
+ALGORITHM: grpo (default), dr_grpo, rloo, ppo, reinforce_pp, or any name registered in
+zsjax.rl.algorithms. The model folders are Hugging Face folders you provide; nothing is
+downloaded. Instruct models get their chat template automatically.
 
 Sweeps are small functions below (`get_sweep`); `launch/sweep.py` expands one into runs.
 """
@@ -29,6 +30,14 @@ MODELS = {
     "qwen2.5-7b-instruct": (7, 64),
     "llama3.2-3b-base": (3, 32),
     "llama3.2-3b-instruct": (3, 32),
+    # Qwen3 dense (q/k RMSNorm, explicit head_dim): the same reference settings; the names
+    # without "-base" are the post-trained (thinking) models, whose chat template is applied
+    "qwen3-1.7b-base": (1.7, 16),
+    "qwen3-1.7b": (1.7, 16),
+    "qwen3-4b-base": (4, 32),
+    "qwen3-4b": (4, 32),
+    "qwen3-8b-base": (8, 64),
+    "qwen3-8b": (8, 64),
 }
 
 

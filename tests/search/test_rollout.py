@@ -212,6 +212,24 @@ def test_prompt_ids_chat_template_and_plain(tokenizer):
         P.policy_prompt("who is Zed?"), add_special_tokens=False)
 
 
+def test_qwen3_style_template_leaves_thinking_to_the_policy(tokenizer):
+    """Qwen3's template adds an empty `<think>` block to the generation prompt only when
+    enable_thinking is False (the end of its template, written here as documented): zsjax
+    applies it with its defaults, so the prompt ends at the assistant header (docs/METHOD.md)."""
+    import copy
+    qwen3 = copy.deepcopy(tokenizer)
+    qwen3.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and "
+        "enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}")
+    text = qwen3.decode(prompt_ids(qwen3, "who is Zed"))
+    assert text.endswith("<|im_start|>assistant\n") and "<think>\n\n</think>" not in text
+    off = qwen3.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                    add_generation_prompt=True, enable_thinking=False)
+    assert off.endswith("<think>\n\n</think>\n\n")  # what zsjax does not ask for
+
+
 @pytest.mark.parametrize("kv_reuse,model", [(True, "smollm2"), (False, "smollm2_short")])
 def test_real_policy_logprobs_match_training_forward(request, smol_tokenizer, kv_reuse, model):
     """Multi-turn on-policy exactness: SmolLM2 rollout, then a full forward on the trajectory.
