@@ -9,6 +9,7 @@ Runs, each in its own process (so one's memory and compiled programs do not affe
   rollout_sim  multi-turn rollouts against the in-process simulator, with the time breakdown
   update       the GRPO step vs a PyTorch eager reference: tokens/s, MFU, peak memory
   update_small the same on a random 5.3M-param Llama
+  serve        zsjax.serve under 32 concurrent openai-client requests vs one direct batch
 
 --quick fits a 2-core machine in a few minutes (smaller batches, fewer repeats). On a GPU or
 TPU the same suite runs with the accelerator's ceilings; the PyTorch/transformers reference
@@ -37,6 +38,7 @@ FULL = {
                     "--modes", "kv_reuse"],
     "update": ["update.py", "--batch", "8", "--length", "128"],
     "update_small": ["update.py", "--small", "--batch", "16", "--length", "256"],
+    "serve": ["serve.py", "--clients", "32", "--new-tokens", "64"],
 }
 QUICK = {
     "decode": ["decode.py", "--batches", "1", "8", "--new-tokens", "32", "--repeats", "1"],
@@ -47,6 +49,7 @@ QUICK = {
                     "--sim-tokens", "32", "--modes", "kv_reuse"],
     "update": ["update.py", "--batch", "4", "--length", "128", "--steps", "2"],
     "update_small": ["update.py", "--small", "--batch", "8", "--length", "128", "--steps", "2"],
+    "serve": ["serve.py", "--clients", "8", "--new-tokens", "16", "--repeats", "1"],
 }
 ACCELERATOR = {  # larger sizes where there is a GPU or TPU
     "decode": ["decode.py", "--batches", "1", "8", "32", "128", "--new-tokens", "128"],

@@ -40,7 +40,7 @@ class _Server:
         self.config, self.params, self.tok = load_policy(model_dir)
         eos = (self.tok.eos_token_id,)
         self.engine = serve.Engine(self.config, self.params, self.tok, eos,
-                                   wait_s=kw.pop("wait_s", 0.05))
+                                   wait_s=kw.pop("wait_s", 0.2), gap_s=kw.pop("gap_s", 0.05))
         self.port = _free_port()
         app = serve.create_app(self.engine, "tiny", **kw)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
@@ -122,7 +122,7 @@ def test_sampling_parameters(server):
 
 
 def test_concurrent_requests_are_batched(model_dir):
-    s = _Server(model_dir, wait_s=0.2)
+    s = _Server(model_dir, wait_s=2.0, gap_s=0.5)
     try:
         client = s.client()
         prompts = [f"Doc {i}: Mira Tal was born in" for i in range(32)]

@@ -9,8 +9,9 @@ n and seed; any model name (also an empty one) selects the served model. Served 
 fine-tuned simulator answers the reference's `ask_llm` unchanged, and zsjax's own
 `backend.kind=simulator_url` (`OpenAISimulatorBackend`) reaches it like an sglang server.
 
-Concurrent requests are batched: the first waits up to --batch-wait-ms for others, then the
-requests that share temperature, top_p and stop strings decode together in one call of the
+Concurrent requests are batched: after the first, requests are collected while they keep coming
+(each within --batch-gap-ms of the last, for at most --batch-wait-ms), then the requests that
+share temperature, top_p and stop strings decode together in one call of the
 jitted sampler (`zsjax.sampling.generate`; each row draws from its own seed, so batching does
 not change what a request gets). /stats counts requests and sampler calls.
 
@@ -95,13 +96,15 @@ class _Job:
 
 
 class Engine:
-    """One thread that owns the model: it takes jobs from a queue, waits `wait_s` for more,
-    and decodes each group of compatible jobs in one sampler call (at most `max_batch` rows)."""
+    """One thread that owns the model: it takes jobs from a queue and, after the first, keeps
+    taking more while they keep coming (each within `gap_s` of the last, for at most `wait_s`
+    in all, up to `max_batch` rows); then it decodes each group of compatible jobs in one
+    sampler call. A lone request waits `gap_s`; a burst of clients lands in one batch."""
 
     def __init__(self, config, params, tokenizer, eos: tuple[int, ...], *, max_batch: int = 32,
-                 wait_s: float = 0.005):
+                 wait_s: float = 0.2, gap_s: float = 0.02):
         self.config, self.params, self.tokenizer, self.eos = config, params, tokenizer, eos
-        self.max_batch, self.wait_s = max_batch, wait_s
+        self.max_batch, self.wait_s, self.gap_s = max_batch, wait_s, gap_s
         self.requests = self.sampler_calls = self.rows = 0
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="zsjax-serve-engine",
@@ -124,10 +127,9 @@ class Engine:
         jobs, rows = [first], len(first.prompts)
         deadline = time.monotonic() + self.wait_s
         while rows < self.max_batch:
-            left = deadline - time.monotonic()
+            left = min(self.gap_s, deadline - time.monotonic())
             try:
-                job = self._queue.get(timeout=max(left, 0)) if left > 0 else \
-                    self._queue.get_nowait()
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
@@ -329,8 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"mesh size along {axis} (-1: the remaining devices); as the "
                        "configs' mesh.*")
     p.add_argument("--max-batch", type=int, default=32, help="rows per sampler call")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long the first request waits for others to batch with")
+    p.add_argument("--batch-wait-ms", type=float, default=200.0,
+                   help="the longest a request waits for others to batch with")
+    p.add_argument("--batch-gap-ms", type=float, default=20.0,
+                   help="a batch closes when no request came for this long")
     p.add_argument("--max-tokens", type=int, default=2048, help="a request's max_tokens limit")
     p.add_argument("--max-n", type=int, default=16)
     p.add_argument("--max-request-bytes", type=int, default=1 << 20)
@@ -356,7 +360,7 @@ def main(argv=None) -> int:
     else:  # a training workdir: the config's and the tokenizer's
         eos = tuple(sorted(set(config.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
     engine = Engine(config, params, tokenizer, eos, max_batch=args.max_batch,
-                    wait_s=args.batch_wait_ms / 1000)
+                    wait_s=args.batch_wait_ms / 1000, gap_s=args.batch_gap_ms / 1000)
     name = args.name or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, name, api_key=args.api_key,
                      limits=Limits(max_tokens=args.max_tokens, max_n=args.max_n,
