@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 import chat_tokenizer
+import jax
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -36,8 +37,8 @@ def _free_port() -> int:
 class _Server:
     """The app on uvicorn in a thread of this process."""
 
-    def __init__(self, model_dir, **kw):
-        self.config, self.params, self.tok = load_policy(model_dir)
+    def __init__(self, model_dir, mesh=None, **kw):
+        self.config, self.params, self.tok = load_policy(model_dir, mesh=mesh)
         eos = (self.tok.eos_token_id,)
         self.engine = serve.Engine(self.config, self.params, self.tok, eos,
                                    wait_s=kw.pop("wait_s", 0.2), gap_s=kw.pop("gap_s", 0.05))
@@ -168,6 +169,20 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server):
     assert reply.status == 413 and "bytes" in json.load(reply)["error"]["message"]
     conn.close()
     assert _post(url, json.dumps({"prompt": "x", "max_tokens": 2}).encode())[0] == 200
+
+
+def test_tensor_parallel_serving_gives_the_same_text(model_dir, server):
+    """--tensor 2 (on 2 of the test's fake CPU devices): the weights are sharded over heads
+    and the MLP, and greedy text is the single-device server's."""
+    from zsjax import sharding
+    s = _Server(model_dir, mesh=sharding.mesh_from_config(1, 1, 2))
+    try:
+        assert any(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(s.params))
+        ask = dict(model="", prompt="Doc 1: Vex is the capital", temperature=0, max_tokens=12)
+        assert (s.client().completions.create(**ask).choices[0].text
+                == server.client().completions.create(**ask).choices[0].text)
+    finally:
+        s.close()
 
 
 def test_api_key(model_dir):
