@@ -1,0 +1,90 @@
+"""LoRA adapters (zsjax/models/lora.py) against transformers + peft on the same adapter weights:
+logits through the exported PEFT folder, and gradients through torch autograd."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zsjax.models import forward, load_hf
+from zsjax.models import lora
+
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+
+
+def _random_adapters(params, config, seed=0):
+    """Adapters with A and B both random (a fresh B is zero and would test nothing)."""
+    adapters = lora.init(params, config, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    return {p: {"a": ad["a"], "b": jnp.asarray(rng.normal(0, 0.05, ad["b"].shape), jnp.float32)}
+            for p, ad in adapters.items()}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, hf_model_dir, tmp_path_factory):
+    path, _ = hf_model_dir(request.param, tied=False)
+    config, params = load_hf(path)
+    lcfg = lora.LoraConfig(rank=4, alpha=8.0)
+    adapters = _random_adapters(params, lcfg)
+    adapter_dir = str(tmp_path_factory.mktemp(f"peft_{request.param}"))
+    lora.save_peft(adapters, lcfg, adapter_dir, base_model=path)
+    import transformers
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    return config, params, lcfg, adapters, model
+
+
+def test_targets_and_a_fresh_adapter_changes_nothing(hf_model_dir):
+    config, params = load_hf(hf_model_dir("llama", tied=False)[0])
+    lcfg = lora.LoraConfig(rank=2)
+    paths = lora.target_paths(params, lcfg)
+    assert len(paths) == 7 * config.n_layers
+    assert all(p.endswith("/kernel") and "norm" not in p for p in paths)
+    merged = lora.merge(params, lora.init(params, lcfg, jax.random.key(0)), lcfg)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                    jax.tree.leaves(merged)))
+    with pytest.raises(ValueError, match="matches no kernel"):
+        lora.target_paths(params, lora.LoraConfig(targets="no_such"))
+    with pytest.raises(ValueError, match="rank"):
+        lora.LoraConfig(rank=0)
+
+
+def test_merged_logits_equal_peft(tiny):
+    config, params, lcfg, adapters, model = tiny
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 24))
+    ours = np.asarray(forward(config, lora.merge(params, adapters, lcfg), ids))
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids)).logits.numpy()
+    base = np.asarray(forward(config, params, ids))
+    assert np.abs(ours - base).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_equal_torch_autograd(tiny):
+    """d loss / d (A, B) through the merged weights, against torch autograd on PEFT's
+    lora_A / lora_B (mapped with the export's own reshapes)."""
+    config, params, lcfg, adapters, model = tiny
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, config.vocab_size, (2, 16))
+    weights = rng.normal(size=(2, 16, config.vocab_size)).astype(np.float32)
+
+    def loss(ad):
+        logits = forward(config, lora.merge(params, ad, lcfg), ids)
+        return jnp.sum(jax.nn.log_softmax(logits, -1) * weights) / ids.size
+    grads = jax.grad(loss)(adapters)
+    ours = lora.peft_state(grads, lcfg)
+
+    for name, p in model.named_parameters():  # loaded for inference: make the adapters train
+        p.requires_grad_("lora_" in name)
+    model.zero_grad()
+    logits = model(torch.tensor(ids)).logits
+    (torch.log_softmax(logits, -1) * torch.tensor(weights)).sum().div(ids.size).backward()
+    theirs = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            key = name.replace(".default.weight", ".weight")
+            theirs[key] = p.grad.numpy()
+    assert set(ours) == set(theirs)
+    for key in ours:
+        np.testing.assert_allclose(ours[key], theirs[key], atol=2e-5, rtol=1e-3, err_msg=key)
