@@ -104,7 +104,7 @@ class WandbSettings:
 class WandbWriter:
     """A W&B run for the workdir: created on the first start, continued on resumes."""
 
-    def __init__(self, workdir: str, settings: WandbSettings, run_config: dict, start: int = 0):
+    def __init__(self, workdir: str, settings: WandbSettings, run_config: dict):
         import wandb  # optional: only when train.wandb.project is set
         self._state_path = os.path.join(workdir, WANDB_STATE)
         state = {}
@@ -152,5 +152,5 @@ def make_writers(workdir: str, *, start: int = 0, tensorboard: bool = False,
     if tensorboard:
         writers.append(TensorBoardWriter(os.path.join(workdir, "tb"), start))
     if wandb is not None and wandb.enabled:
-        writers.append(WandbWriter(workdir, wandb, run_config or {}, start))
+        writers.append(WandbWriter(workdir, wandb, run_config or {}))
     return writers
