@@ -12,6 +12,18 @@ def wandb_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"project": "", "entity": "", "name": "", "mode": ""})
 
 
+def lora_config() -> ml_collections.ConfigDict:
+    """LoRA adapters (zsjax/models/lora.py), for the policy in RL (`policy.lora`) and the model
+    in `zsjax.sft` (`model.lora`). rank 0: off (the whole model is trained). rank > 0: only
+    the adapters W + (alpha / rank) A B on the kernels whose path ("layers_0/attn/q_proj/
+    kernel") matches `targets` are trained, held by the optimizer and checkpointed; the base is
+    held in the compute dtype and is the KL reference; the export is the merged model plus a
+    PEFT adapter folder. dropout: only 0 (the adapters are merged into the weights)."""
+    return ml_collections.ConfigDict({
+        "rank": 0, "alpha": 32.0, "dropout": 0.0,
+        "targets": r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"})
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -22,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     # 1e-4 at 0.02), so bfloat16 weights would hardly move. The reference and the simulator,
     # which are not trained, are held in `dtype`.
     c.policy = ml_collections.ConfigDict({"path": "", "dtype": "float32",
-                                          "param_dtype": "float32"})
+                                          "param_dtype": "float32", "lora": lora_config()})
     c.reference = ml_collections.ConfigDict({"path": ""})  # empty: the initial policy
     c.simulator = ml_collections.ConfigDict({
         "path": "", "dtype": "float32",

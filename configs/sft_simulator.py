@@ -7,15 +7,16 @@ the document tokens only).
 
 import ml_collections
 
-from configs.common import wandb_config
+from configs.common import lora_config, wandb_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # dtype: compute; param_dtype: the trained weights and AdamW's moments (float32: a
     # bfloat16 weight would not move under lr 1e-6 updates, see configs/common.py)
+    # lora: adapters only (configs/common.py's lora_config; rank 0: off)
     c.model = ml_collections.ConfigDict({"path": arg, "dtype": "float32",
-                                         "param_dtype": "float32"})
+                                         "param_dtype": "float32", "lora": lora_config()})
     c.data = ml_collections.ConfigDict({
         "path": "",  # jsonl rows {query, question, golden_answers, documents, label}
         "prompt_style": "finetuned",  # or "prompt_only"

@@ -48,7 +48,7 @@ from zsjax.data.sources import load_qa
 from zsjax.errors import InputError, check_workdir
 from zsjax.loop import TrainingLoop
 from zsjax.metrics import WandbSettings
-from zsjax.models import decoder, load_hf, save_hf, to_hf_dict
+from zsjax.models import decoder, load_hf, lora, save_hf, to_hf_dict
 from zsjax.models.config import DTYPES, read_hf_config
 from zsjax.models.safetensors_io import iter_checkpoint_files
 from zsjax.models.tokenizer import check_vocab, eos_ids, load_tokenizer
@@ -216,6 +216,19 @@ def _check_values(config) -> None:
         WandbSettings.from_config(tc.wandb).check("train.wandb")
     except ValueError as e:
         raise InputError(str(e)) from None
+    try:
+        lora_cfg = lora.from_settings(config.policy.get("lora"))
+    except (ValueError, TypeError) as e:
+        raise InputError(f"policy.lora: {e}") from None
+    if lora_cfg is not None and rl.freeze:
+        raise InputError(f"rl.freeze={rl.freeze!r} with policy.lora: LoRA trains the adapters "
+                         "only (the base is frozen); choose the adapted kernels with "
+                         "policy.lora.targets")
+    if lora_cfg is not None and config.reference.path and (
+            os.path.abspath(config.reference.path) != os.path.abspath(config.policy.path)):
+        raise InputError("reference.path with policy.lora: the KL reference of a LoRA run is "
+                         "the base policy itself (the weights without the adapters); leave "
+                         "reference.path empty")
     positive = [("rl.questions_per_step", rl.questions_per_step),
                 ("rl.rollouts_per_question", rl.rollouts_per_question),
                 ("rl.epochs", rl.epochs), ("train.steps", tc.steps),
@@ -352,6 +365,8 @@ class _Run:
     rows: list
     eval_sets: dict
     gen_shardings: Any
+    freeze: str = ""  # the policy optimizer's frozen params (rl.freeze, or LoRA's base)
+    lora: Any = None  # the policy's LoraConfig, None without LoRA
     generator: Any = None  # builds the policy's turn generator (ModelTurnGenerator's signature)
     step_fns: dict = dataclasses.field(default_factory=dict)  # compiled steps by shape
 
@@ -417,14 +432,18 @@ def _run(config, workdir: str, backend, generator) -> list[dict]:
             # after the step's records are written, before its checkpoint
             guard.observe(record["skipped_updates"], len(updates), step + 1)
             # SIGTERM (preemption) or SIGINT: checkpoint this step and stop; a rerun resumes.
-            if loop.end_step(step, (state, critic_state),
+            if loop.end_step(step, (lora.saved_part(state), critic_state),
                              _checkpoint_meta(r, stream.position, p, rl.algorithm)):
                 break
         bar.close()
     final_params = distributed.fetch_to_lead(state.params)  # every process takes part
     if lead:
-        save_hf(r.policy_config, final_params, os.path.join(workdir, "policy_hf"),
+        # with LoRA: the merged model, and the adapters as a PEFT folder
+        save_hf(r.policy_config, lora.weights(final_params), os.path.join(workdir, "policy_hf"),
                 tokenizer_dir=r.paths["policy"])
+        if r.lora is not None:
+            lora.save_peft(final_params.adapters, r.lora, os.path.join(workdir, "policy_peft"),
+                           base_model=os.path.abspath(r.paths["policy"]))
     return history
 
 
@@ -473,10 +492,26 @@ def _setup(config, workdir: str, backend):
         on_stop=lambda: distributed.barrier("zsjax_stopped"))
 
     # --- Models, search, losses, optimizers. -------------------------------------------------
-    policy_config, params = _load(paths, "policy", dtype=config.policy.dtype,
-                                  param_dtype=config.policy.param_dtype, mesh=mesh)
+    lora_cfg = lora.from_settings(config.policy.get("lora"))  # checked in _check_values
+    # With LoRA the base is not trained: held in the compute dtype, it is also the reference.
+    policy_config, params = _load(
+        paths, "policy", dtype=config.policy.dtype,
+        param_dtype=config.policy.dtype if lora_cfg else config.policy.param_dtype, mesh=mesh)
+    # (under LoRA the reference is the state's own base: `_reference`)
     ref_params = (_load(paths, "reference", dtype=config.policy.dtype, mesh=mesh)[1]
-                  if use_ref else None)
+                  if use_ref and lora_cfg is None else None)
+    freeze = rl.freeze
+    if lora_cfg is not None:
+        base = params
+        try:
+            params = lora.attach(base, lora_cfg, jax.random.key(config.seed))
+        except ValueError as e:  # targets matching no kernel
+            raise InputError(f"policy.lora: {e}") from None
+        freeze = lora.FROZEN
+        print(f"[train] policy.lora: rank {lora_cfg.rank} adapters on "
+              f"{len(params.adapters)} kernels, {lora.count(params.adapters) / 1e6:.2f}M "
+              f"trained params; the base ({sum(x.size for x in jax.tree.leaves(base)) / 1e6:.1f}M)"
+              " is frozen and is the KL reference", file=sys.stderr)
     sim_model = _search_backend(config, paths, backend, external, sim_mesh,
                                 tokenizers.get("simulator"))
     settings = RolloutSettings(
@@ -492,7 +527,7 @@ def _setup(config, workdir: str, backend):
     updates = len(mb_sizes) * rl.epochs  # a step's optimizer updates
     try:
         tx = U.make_optimizer(rl.lr, warmup_steps=rl.warmup_steps, weight_decay=rl.weight_decay,
-                              grad_clip=rl.grad_clip, freeze=rl.freeze, updates_per_step=updates)
+                              grad_clip=rl.grad_clip, freeze=freeze, updates_per_step=updates)
         state = U.init_state(params, tx)
     except (ValueError, re.error) as e:  # rl.freeze: a bad pattern, or one matching nothing
         raise InputError(f"rl.freeze: {e}") from None
@@ -503,7 +538,12 @@ def _setup(config, workdir: str, backend):
         critic_tx = U.make_optimizer(rl.critic_lr, warmup_steps=rl.warmup_steps,
                                      weight_decay=rl.weight_decay, grad_clip=rl.grad_clip,
                                      updates_per_step=updates)
-        critic_params = U.init_critic(policy_config, jax.tree.map(jnp.copy, params))
+        # the critic starts from the policy's weights (the merged base under LoRA: a full
+        # model, trained in policy.param_dtype)
+        start = (jax.tree.map(lambda x: jnp.copy(x.astype(config.policy.param_dtype)),
+                              lora.weights(params))
+                 if lora_cfg else jax.tree.map(jnp.copy, params))
+        critic_params = U.init_critic(policy_config, start)
         critic_state = U.init_state(critic_params, critic_tx)
     r = _Run(config=config, workdir=workdir, mesh=mesh, paths=paths, algo=algo,
              reward_fn=R.get_reward(rl.reward), policy_config=policy_config,
@@ -516,7 +556,8 @@ def _setup(config, workdir: str, backend):
              critic_tx=critic_tx, loop=loop, rows=rows, eval_sets=eval_sets,
              generator=ModelTurnGenerator,
              gen_shardings=(None if rollout_mesh is mesh else
-                            decoder.param_shardings(policy_config, rollout_mesh)))
+                            decoder.param_shardings(policy_config, rollout_mesh)),
+             freeze=freeze, lora=lora_cfg)
     return r, state, critic_state
 
 
@@ -583,8 +624,9 @@ def _resume(r: _Run, state, critic_state):
         return state, critic_state, 0
     try:
         _check_resumable(r.loop.ckpt, to_hf_dict(r.policy_config), r.config.rl.algorithm,
-                         r.workdir)
-        (state, critic_state), meta = r.loop.restore((state, critic_state))
+                         r.workdir, r.lora)
+        (saved, critic_state), meta = r.loop.restore((lora.saved_part(state), critic_state))
+        state = lora.with_saved(state, saved)
     except InputError:
         raise
     except (ValueError, KeyError) as e:  # orbax: the saved tree does not match this one
@@ -664,7 +706,8 @@ def _training_batch(r: _Run, trajs, state, critic_state, to_global):
                                temperature=temperature, mesh=mesh, logits_from=logits_from)
     # the rollouts' own logprobs (0 off the policy's tokens), or recomputed
     old = to_global(sampled_lp) if c.rl.old_logprobs == "sampler" else logprobs(state.params)
-    ref = logprobs(r.ref_params) if r.ref_params is not None else None
+    ref_params = _reference(r, state)
+    ref = logprobs(ref_params) if ref_params is not None else None
     old_values = (U.values_pass(r.policy_config, critic_state.params, tokens, attn,
                                 micro_batch=micro, mesh=mesh) * mask
                   if critic_state is not None else None)
@@ -675,6 +718,15 @@ def _training_batch(r: _Run, trajs, state, critic_state, to_global):
                     advantages=adv, ref_logprobs=ref, old_values=old_values, returns=returns)
     jax.block_until_ready(batch)
     return batch, stats, logits_from
+
+
+def _reference(r: _Run, state):
+    """The KL reference's params: the loaded reference model, or under LoRA the base weights
+    in the train state (the same arrays, not a copy: the update donates the state, so the
+    state's own base is the live one); None when the algorithm needs no reference."""
+    if r.lora is not None:
+        return state.params.base if r.algo.needs_reference(r.config.rl.kl_coef) else None
+    return r.ref_params
 
 
 def _updates(r: _Run, state, critic_state, batch, logits_from):
@@ -692,7 +744,7 @@ def _updates(r: _Run, state, critic_state, batch, logits_from):
                 r.step_fns[key] = U.make_policy_step(
                     state, mb, config=r.policy_config, tx=r.tx, cfg=r.loss_cfg,
                     n_micro=size // r.micro, mesh=r.mesh, remat=rl.remat,
-                    logits_from=logits_from, freeze=rl.freeze)
+                    logits_from=logits_from, freeze=r.freeze)
             state, m = U.run_step(r.step_fns[key], state, mb)
             if critic_state is not None:
                 if ("critic", width, size) not in r.step_fns:
@@ -753,13 +805,19 @@ def _checkpoint_meta(r: _Run, position: int, p: float, algorithm: str) -> dict:
             "curriculum": {"noise_prob": p, "start": cur.start, "end": cur.end,
                            "base": cur.base, "total_steps": steps},
             "policy_config": to_hf_dict(r.policy_config), "algorithm": algorithm,
-            "tokenizer_dir": os.path.abspath(r.paths["policy"])}
+            "lora": lora.record(r.lora), "tokenizer_dir": os.path.abspath(r.paths["policy"])}
 
 
-def _check_resumable(ckpt, policy_hf: dict, algorithm: str, workdir: str) -> None:
-    """The latest checkpoint was written for this policy architecture and algorithm (its JSON
-    record says), before any array is read."""
+
+def _check_resumable(ckpt, policy_hf: dict, algorithm: str, workdir: str,
+                     lora_config=None) -> None:
+    """The latest checkpoint was written for this policy architecture, algorithm and LoRA
+    setting (its JSON record says), before any array is read."""
     meta = ckpt.restore_meta() or {}
+    try:
+        lora.check_resumable(meta.get("lora"), lora_config, workdir)
+    except ValueError as e:
+        raise InputError(f"policy.lora: {e}") from None
     ignore = ("dtype", "torch_dtype")  # a run may resume with other compute dtypes
     saved = {k: v for k, v in (meta.get("policy_config") or {}).items() if k not in ignore}
     if saved and saved != {k: v for k, v in policy_hf.items() if k not in ignore}:
@@ -776,7 +834,10 @@ def _check_resumable(ckpt, policy_hf: dict, algorithm: str, workdir: str) -> Non
 
 def _rollout_copy(params, model_config, shardings):
     """The policy's weights for a step's rollouts: in the compute dtype (the training forward
-    casts them to it too, so the sampler's logprobs stay the trainer's), on the rollout mesh."""
+    casts them to it too, so the sampler's logprobs stay the trainer's), on the rollout mesh;
+    with LoRA, the base with the adapters merged in (once for the step)."""
+    if isinstance(params, lora.LoraParams):
+        params = lora.merged(params)
     dtype = jnp.dtype(model_config.dtype)
     if dtype != jnp.dtype(model_config.param_dtype):
         params = jax.tree.map(lambda x: x.astype(dtype), params)

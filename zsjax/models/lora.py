@@ -11,6 +11,23 @@ Why params-level and not qwix: qwix 0.1.8's Linen LoRA (`qwix.apply_lora_to_mode
 initialised Decoder got `kernel_lora_a` on gate/up/down_proj only, none on q/k/v/o_proj),
 and attention is LoRA's default target. Adapters beside the params keep the model code as
 it is, and are what the optimizer, the checkpoints and the PEFT export hold.
+
+Training (`zsjax.train` with `policy.lora.rank > 0`, `zsjax.sft` with `model.lora.rank > 0`):
+the train state's params are a `LoraParams` (the base weights, the adapters, the scale). The
+base is frozen by the optimizer's own mechanism (`FROZEN`: no gradient, no optimizer state);
+every forward pass uses `weights(params)`, the base with the adapters merged in (the merge is
+differentiated, so the adapters' gradients are those of the full model's loss through the
+parametrisation); checkpoints hold the adapters and their optimizer state only
+(`saved_part`); the KL reference is the base itself.
+
+Why merged weights and not an un-merged `x W + s (x A) B` in every projection: a step's
+rollouts merge once and then decode at the base model's own speed, whereas an un-merged decode
+pays two extra matmuls per adapted projection per token; and an un-merged decode can be no
+faster than the base's, so the merge's own time bounds what it could save
+(`benchmarks/lora.py` measures it against the rollout). The merge in a training forward costs
+rank / (2 x tokens) of the projection's own work. What it rules out is LoRA dropout, which acts
+on the adapter's input (`LoraConfig` refuses `dropout > 0`); in RL it would also break the exact
+on-policy ratio (the sampler decodes without dropout).
 """
 
 from __future__ import annotations
@@ -20,10 +37,13 @@ import json
 import math
 import os
 import re
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 # Kernels whose input spans two axes (heads, head_dim); every other kernel's input is axis 0.
 _IN_AXES = {"o_proj": 2}
@@ -42,9 +62,17 @@ class LoraConfig:
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"lora.rank must be an integer >= 1; got {self.rank!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1); got {self.dropout}")
-        re.compile(self.targets)
+        if self.dropout != 0.0:
+            raise ValueError(f"lora.dropout={self.dropout}: only 0 is supported (zsjax merges "
+                             "the adapters into the weights for each forward pass, and dropout "
+                             "acts on the adapter's own input; see zsjax/models/lora.py)")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0; got {self.alpha!r}")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise ValueError(f"lora.targets={self.targets!r} is not a regular expression: "
+                             f"{e}") from None
 
     @property
     def scale(self) -> float:
@@ -98,13 +126,103 @@ def delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
 
 def merge(params, adapters, config: LoraConfig):
     """The params with every adapted kernel replaced by W + scale * A @ B (in W's dtype)."""
+    return _merge(params, adapters, config.scale)
+
+
+def _merge(params, adapters, scale: float):
     def visit(path, w):
         p = _path(path)
         if p not in adapters:
             return w
         ad = adapters[p]
-        return (w.astype(jnp.float32) + delta(ad["a"], ad["b"], config.scale)).astype(w.dtype)
+        return (w.astype(jnp.float32) + delta(ad["a"], ad["b"], scale)).astype(w.dtype)
     return jax.tree_util.tree_map_with_path(visit, params)
+
+
+# --- Training with adapters -------------------------------------------------------------------
+
+@flax.struct.dataclass
+class LoraParams:
+    """A train state's params under LoRA: the frozen base weights and the trained adapters
+    ({kernel path: {"a", "b"}}), with the scale alpha / rank (static)."""
+    base: Any
+    adapters: dict
+    scale: float = flax.struct.field(pytree_node=False)
+
+
+# The optimizer's `freeze` pattern (`zsjax.rl.step.make_optimizer`) that leaves a LoraParams'
+# base out of the gradient and the optimizer state: its paths read ".base['embed']...".
+FROZEN = r"^\.base\["
+
+
+def from_settings(settings) -> LoraConfig | None:
+    """The LoraConfig of a config's `lora` block ({rank, alpha, dropout, targets}); None when
+    rank is 0 (LoRA off)."""
+    if settings is None or not settings.get("rank", 0):
+        return None
+    return LoraConfig(rank=settings["rank"], alpha=float(settings["alpha"]),
+                      dropout=float(settings["dropout"]), targets=settings["targets"])
+
+
+def attach(params, config: LoraConfig, key: jax.Array) -> LoraParams:
+    """Fresh adapters (`init`) beside `params`. On a mesh, the adapters (a few MB) are
+    replicated over it."""
+    adapters = init(params, config, key)
+    mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
+                 if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+    if mesh is not None:
+        adapters = jax.device_put(adapters, NamedSharding(mesh, PartitionSpec()))
+    return LoraParams(base=params, adapters=adapters, scale=config.scale)
+
+
+def weights(params):
+    """The weights a forward pass uses: the base with the adapters merged in for LoraParams,
+    anything else as it is."""
+    if isinstance(params, LoraParams):
+        return _merge(params.base, params.adapters, params.scale)
+    return params
+
+
+merged = jax.jit(weights)  # a step's rollout weights, merged once
+
+
+def saved_part(state):
+    """What a checkpoint holds of a train state: with LoraParams, the state with the adapters
+    as its params (the optimizer state has nothing for the frozen base); else the state."""
+    if isinstance(getattr(state, "params", None), LoraParams):
+        return state.replace(params=state.params.adapters)
+    return state
+
+
+def with_saved(state, saved):
+    """`state` with what `saved_part` kept of it replaced by `saved` (a restored checkpoint)."""
+    if isinstance(getattr(state, "params", None), LoraParams):
+        return saved.replace(params=state.params.replace(adapters=saved.params))
+    return saved
+
+
+def record(config: LoraConfig | None) -> dict | None:
+    """The LoRA setting as a checkpoint's JSON record keeps it (None: no LoRA)."""
+    return None if config is None else {"rank": config.rank, "alpha": config.alpha,
+                                        "targets": config.targets}
+
+
+def check_resumable(saved: dict | None, config: LoraConfig | None, where: str) -> None:
+    """A ValueError unless a checkpoint's recorded LoRA setting (`record`) is this run's."""
+    mine = record(config)
+    if saved == mine:
+        return
+
+    def say(m):
+        return ("without LoRA" if m is None else
+                f"with LoRA rank {m['rank']}, alpha {m['alpha']}, targets {m['targets']!r}")
+    raise ValueError(f"the checkpoint in {where} was written {say(saved)}, this run is "
+                     f"{say(mine)}; resume it with the LoRA setting that wrote it, or pick a "
+                     "new workdir")
+
+
+def count(adapters) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
 
 
 def peft_state(adapters, config: LoraConfig) -> dict[str, np.ndarray]:

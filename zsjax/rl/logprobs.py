@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zsjax import sharding
+from zsjax.models import lora
 from zsjax.models.config import ModelConfig
 from zsjax.models.decoder import Decoder
 
@@ -38,13 +39,16 @@ def model_logprobs(model, params, tokens_bt, attention_mask_bt, temperature: flo
     """`token_logprobs_from_logits` of `model`'s forward pass, which computes logits at
     positions [logits_from, T - 1) only: a training batch needs none at its prompt's positions,
     and the lm_head and the loss over the vocabulary are a large part of a small model's step.
-    Nothing about the sequence's other positions changes (attention still sees every token)."""
+    Nothing about the sequence's other positions changes (attention still sees every token).
+    `params` may be LoRA params (`zsjax.models.lora.LoraParams`): the adapters are merged in
+    here, inside whatever is differentiated."""
     t = tokens_bt.shape[1]
     if not 0 <= logits_from <= t - 2:
         raise ValueError(f"logits_from {logits_from} must be in [0, {t - 2}] for sequences of "
                          f"length {t}")
-    logits, _ = model.apply({"params": params}, tokens_bt, positions(attention_mask_bt), None,
-                            attention_mask_bt, logits_positions=(logits_from, t - 1))
+    logits, _ = model.apply({"params": lora.weights(params)}, tokens_bt,
+                            positions(attention_mask_bt), None, attention_mask_bt,
+                            logits_positions=(logits_from, t - 1))
     return token_logprobs_from_logits(logits, tokens_bt, temperature, logits_from)
 
 
