@@ -10,6 +10,8 @@ Runs, each in its own process (so one's memory and compiled programs do not affe
   update       the GRPO step vs a PyTorch eager reference: tokens/s, MFU, peak memory
   update_small the same on a random 5.3M-param Llama
   serve        zsjax.serve under 32 concurrent openai-client requests vs one direct batch
+  lora         the GRPO step with LoRA rank 16 vs full fine-tuning: time, peak memory,
+               checkpoint size; the adapters' merge vs the decode it precedes
 
 --quick fits a 2-core machine in a few minutes (smaller batches, fewer repeats). On a GPU or
 TPU the same suite runs with the accelerator's ceilings; the PyTorch/transformers reference
@@ -39,6 +41,7 @@ FULL = {
     "update": ["update.py", "--batch", "8", "--length", "128"],
     "update_small": ["update.py", "--small", "--batch", "16", "--length", "256"],
     "serve": ["serve.py", "--clients", "32", "--new-tokens", "64"],
+    "lora": ["lora.py", "--batch", "8", "--length", "256"],
 }
 QUICK = {
     "decode": ["decode.py", "--batches", "1", "8", "--new-tokens", "32", "--repeats", "1"],
@@ -50,6 +53,7 @@ QUICK = {
     "update": ["update.py", "--batch", "4", "--length", "128", "--steps", "2"],
     "update_small": ["update.py", "--small", "--batch", "8", "--length", "128", "--steps", "2"],
     "serve": ["serve.py", "--clients", "8", "--new-tokens", "16", "--repeats", "1"],
+    "lora": ["lora.py", "--batch", "2", "--length", "128", "--steps", "1", "--new-tokens", "16"],
 }
 ACCELERATOR = {  # larger sizes where there is a GPU or TPU
     "decode": ["decode.py", "--batches", "1", "8", "32", "128", "--new-tokens", "128"],

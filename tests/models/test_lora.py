@@ -8,6 +8,8 @@ import pytest
 
 from zsjax.models import forward, load_hf
 from zsjax.models import lora
+from zsjax.models.decoder import Decoder
+from zsjax.rl.logprobs import positions
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
@@ -61,16 +63,37 @@ def test_merged_logits_equal_peft(tiny):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_gradients_equal_torch_autograd(tiny):
-    """d loss / d (A, B) through the merged weights, against torch autograd on PEFT's
-    lora_A / lora_B (mapped with the export's own reshapes)."""
+def _logits(config, params, adapters, lcfg, ids, merged: bool):
+    """Logits through `lora.apply` (what training differentiates): un-merged projections, or
+    the merged weights."""
+    mask = jnp.ones(ids.shape, bool)
+    lp = lora.LoraParams(params, adapters, lcfg.scale, merged_forward=merged)
+    logits, _ = lora.apply(Decoder(config), lp, jnp.asarray(ids), positions(mask), None, mask)
+    return logits
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_training_forward_equals_peft(tiny, merged):
+    config, params, lcfg, adapters, model = tiny
+    ids = np.random.default_rng(3).integers(0, config.vocab_size, (2, 24))
+    ours = np.asarray(_logits(config, params, adapters, lcfg, ids, merged))
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_gradients_equal_torch_autograd(tiny, merged):
+    """d loss / d (A, B) through the training forward (`lora.apply`: un-merged projections,
+    or the merged weights), against torch autograd on PEFT's lora_A / lora_B (mapped with the
+    export's own reshapes)."""
     config, params, lcfg, adapters, model = tiny
     rng = np.random.default_rng(2)
     ids = rng.integers(0, config.vocab_size, (2, 16))
     weights = rng.normal(size=(2, 16, config.vocab_size)).astype(np.float32)
 
     def loss(ad):
-        logits = forward(config, lora.merge(params, ad, lcfg), ids)
+        logits = _logits(config, params, ad, lcfg, ids, merged)
         return jnp.sum(jax.nn.log_softmax(logits, -1) * weights) / ids.size
     grads = jax.grad(loss)(adapters)
     ours = lora.peft_state(grads, lcfg)

@@ -15,19 +15,22 @@ it is, and are what the optimizer, the checkpoints and the PEFT export hold.
 Training (`zsjax.train` with `policy.lora.rank > 0`, `zsjax.sft` with `model.lora.rank > 0`):
 the train state's params are a `LoraParams` (the base weights, the adapters, the scale). The
 base is frozen by the optimizer's own mechanism (`FROZEN`: no gradient, no optimizer state);
-every forward pass uses `weights(params)`, the base with the adapters merged in (the merge is
-differentiated, so the adapters' gradients are those of the full model's loss through the
-parametrisation); checkpoints hold the adapters and their optimizer state only
-(`saved_part`); the KL reference is the base itself.
+checkpoints hold the adapters and their optimizer state only (`saved_part`); the KL reference is
+the base itself.
 
-Why merged weights and not an un-merged `x W + s (x A) B` in every projection: a step's
-rollouts merge once and then decode at the base model's own speed, whereas an un-merged decode
-pays two extra matmuls per adapted projection per token; and an un-merged decode can be no
-faster than the base's, so the merge's own time bounds what it could save
-(`benchmarks/lora.py` measures it against the rollout). The merge in a training forward costs
-rank / (2 x tokens) of the projection's own work. What it rules out is LoRA dropout, which acts
-on the adapter's input (`LoraConfig` refuses `dropout > 0`); in RL it would also break the exact
-on-policy ratio (the sampler decodes without dropout).
+Merged or not, measured (`benchmarks/lora.py`, docs/PERFORMANCE.md):
+- Training forward passes (`apply`) are un-merged: every adapted projection computes
+  x W + s (x A) B, its output plus the adapter's, by intercepting the model's Dense layers
+  (`flax.linen.intercept_methods`), so the model code is unchanged. Differentiating a merged
+  W + s A B instead makes the backward pass form each kernel's full gradient x^T dy before
+  reducing it to A's and B's: full fine-tuning's cost and a kernel-sized transient, where the
+  un-merged backward needs only rank-sized products.
+- Rollouts decode merged weights (`merged`, once a step): an un-merged decode runs the base's
+  matmuls plus two small ones per adapted projection and token, so it can be no faster than
+  decoding merged weights, and the merge costs a few percent of one step's decode.
+LoRA dropout would act on the adapter's input in the un-merged pass, but the sampler decodes
+merged weights without it, and dropout in the training pass would break the exact on-policy
+ratio: `LoraConfig` refuses `dropout > 0`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import re
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,10 +148,13 @@ def _merge(params, adapters, scale: float):
 @flax.struct.dataclass
 class LoraParams:
     """A train state's params under LoRA: the frozen base weights and the trained adapters
-    ({kernel path: {"a", "b"}}), with the scale alpha / rank (static)."""
+    ({kernel path: {"a", "b"}}), with the scale alpha / rank (static). `merged_forward`
+    (static): training passes on merged weights instead of un-merged projections (slower;
+    kept to measure the choice, `benchmarks/lora.py`)."""
     base: Any
     adapters: dict
     scale: float = flax.struct.field(pytree_node=False)
+    merged_forward: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 # The optimizer's `freeze` pattern (`zsjax.rl.step.make_optimizer`) that leaves a LoraParams'
@@ -184,6 +191,35 @@ def weights(params):
 
 
 merged = jax.jit(weights)  # a step's rollout weights, merged once
+
+
+def apply(model: nn.Module, params, *args, **kwargs):
+    """`model.apply({"params": params}, ...)`; for LoraParams, on the base with every adapted
+    projection adding s (x A) B to its output (or on `weights(params)` with merged_forward)."""
+    if not isinstance(params, LoraParams):
+        return model.apply({"params": params}, *args, **kwargs)
+    if params.merged_forward:
+        return model.apply({"params": weights(params)}, *args, **kwargs)
+    with nn.intercept_methods(_adapter_interceptor(params.adapters, params.scale)):
+        return model.apply({"params": params.base}, *args, **kwargs)
+
+
+def _adapter_interceptor(adapters: dict, scale: float):
+    """A `flax.linen.intercept_methods` interceptor: the Dense / DenseGeneral layers whose
+    kernel is adapted return x W (+ bias) + scale * (x A) B, in the layer's compute dtype."""
+    def intercept(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        module = context.module
+        if (context.method_name != "__call__"
+                or not isinstance(module, (nn.Dense, nn.DenseGeneral))):
+            return y
+        ad = adapters.get("/".join(module.path) + "/kernel")
+        if ad is None:
+            return y
+        a, b = ad["a"].astype(y.dtype), ad["b"].astype(y.dtype)
+        xa = jnp.tensordot(args[0].astype(y.dtype), a, axes=a.ndim - 1)  # the kernel's input axes
+        return y + scale * jnp.tensordot(xa, b, axes=1)
+    return intercept
 
 
 def saved_part(state):

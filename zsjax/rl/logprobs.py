@@ -40,15 +40,14 @@ def model_logprobs(model, params, tokens_bt, attention_mask_bt, temperature: flo
     positions [logits_from, T - 1) only: a training batch needs none at its prompt's positions,
     and the lm_head and the loss over the vocabulary are a large part of a small model's step.
     Nothing about the sequence's other positions changes (attention still sees every token).
-    `params` may be LoRA params (`zsjax.models.lora.LoraParams`): the adapters are merged in
-    here, inside whatever is differentiated."""
+    `params` may be LoRA params (`zsjax.models.lora.LoraParams`): the adapted projections add
+    their adapters' outputs (`zsjax.models.lora.apply`)."""
     t = tokens_bt.shape[1]
     if not 0 <= logits_from <= t - 2:
         raise ValueError(f"logits_from {logits_from} must be in [0, {t - 2}] for sequences of "
                          f"length {t}")
-    logits, _ = model.apply({"params": lora.weights(params)}, tokens_bt,
-                            positions(attention_mask_bt), None, attention_mask_bt,
-                            logits_positions=(logits_from, t - 1))
+    logits, _ = lora.apply(model, params, tokens_bt, positions(attention_mask_bt), None,
+                           attention_mask_bt, logits_positions=(logits_from, t - 1))
     return token_logprobs_from_logits(logits, tokens_bt, temperature, logits_from)
 
 
