@@ -1,6 +1,6 @@
 """LoRA against full fine-tuning for the GRPO update step, side by side in one run: step time,
-peak memory and checkpoint size, with LoRA's training pass un-merged (what zsjax runs) and on
-merged weights; and the merge a LoRA run does once per step before its rollouts, against the
+peak memory and checkpoint size, with LoRA's training pass on merged weights (what zsjax runs)
+and un-merged; and the merge a LoRA run does once per step before its rollouts, against the
 decode it precedes.
 
     python benchmarks/lora.py [--model DIR] [--rank 16] [--batch 8] [--length 256]
@@ -38,13 +38,13 @@ def _dir_bytes(path: str) -> int:
                for f in files)
 
 
-VARIANTS = ("full", "lora", "lora_merged")
+VARIANTS = ("full", "lora", "lora_unmerged")
 
 
 def variant(model_dir: str, name: str, rank: int, batch: int, length: int, dtype: str,
             steps: int, decode_batch: int, new_tokens: int) -> dict:
-    """One variant in this process: "full" fine-tuning, "lora" (un-merged training pass) or
-    "lora_merged" (the training pass on merged weights)."""
+    """One variant in this process: "full" fine-tuning, "lora" (the training pass on merged
+    weights) or "lora_unmerged" (un-merged projections)."""
     import jax
     import numpy as np
 
@@ -57,7 +57,7 @@ def variant(model_dir: str, name: str, rank: int, batch: int, length: int, dtype
     freeze = ""
     if lcfg:
         params = lora.attach(params, lcfg, jax.random.key(0)).replace(
-            merged_forward=name == "lora_merged")
+            unmerged=name == "lora_unmerged")
         freeze = lora.FROZEN
     tx = U.make_optimizer(1e-5, freeze=freeze)
     state = U.init_state(params, tx)
@@ -145,15 +145,15 @@ def main(argv=None) -> int:
                str(args.decode_batch), "--new-tokens", str(args.new_tokens)]
         proc = subprocess.run(cmd, text=True, stdout=subprocess.PIPE, check=True)
         rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    full, lo, mf = rows["full"], rows["lora"], rows["lora_merged"]
+    full, lo, mf = rows["full"], rows["lora"], rows["lora_unmerged"]
     result = {"args": vars(args), "results": rows,
               "step_speedup": full["step_s"] / lo["step_s"],
-              "merged_step_speedup": full["step_s"] / mf["step_s"],
+              "unmerged_step_speedup": full["step_s"] / mf["step_s"],
               "memory_ratio": lo["peak_rss_gb"] / full["peak_rss_gb"],
               "checkpoint_ratio": lo["checkpoint_mb"] / full["checkpoint_mb"],
               "merge_over_decode": lo["merge_s"] / lo["decode_s"]}
-    names = {"full": "full fine-tuning", "lora": f"LoRA rank {args.rank}, un-merged pass",
-             "lora_merged": f"LoRA rank {args.rank}, merged-weights pass"}
+    names = {"full": "full fine-tuning", "lora": f"LoRA rank {args.rank} (merged-weights pass)",
+             "lora_unmerged": f"LoRA rank {args.rank}, un-merged pass"}
     lines = [f"GRPO update step, {args.batch} x {args.length} tokens, {args.dtype} compute, "
              f"median of {args.steps} steps after the compile; each variant in its own process.",
              "", "| | trained params | step s | tokens/s | peak RSS GB | checkpoint MB |",
@@ -162,8 +162,8 @@ def main(argv=None) -> int:
         lines.append(f"| {names[name]} | {r['trained_params'] / 1e6:.2f}M | {r['step_s']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} | "
                      f"{r['checkpoint_mb']:.1f} |")
-    lines += ["", f"LoRA (un-merged) against full: {result['step_speedup']:.2f}x the step speed "
-              f"({result['merged_step_speedup']:.2f}x with the merged-weights pass), peak "
+    lines += ["", f"LoRA against full: {result['step_speedup']:.2f}x the step speed "
+              f"({result['unmerged_step_speedup']:.2f}x with the un-merged pass), peak "
               f"memory {result['memory_ratio']:.2f}x, checkpoint "
               f"{result['checkpoint_ratio']:.3f}x.",
               f"Merging the adapters: {lo['merge_s'] * 1e3:.0f} ms, against "

@@ -24,6 +24,8 @@ def test_counts_equal_transformers_and_peft():
     model = _hf_model()
     assert M.n_params(SHAPE) == sum(p.numel() for p in model.parameters())
     kernels = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert M.n_adapted(SHAPE) == sum(p.numel() for n, p in model.named_parameters()
+                                     if any(k in n for k in kernels) and n.endswith("weight"))
     lora_model = peft.get_peft_model(model, peft.LoraConfig(r=16, target_modules=kernels))
     trained = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
     assert M.n_lora(SHAPE, 16) == trained

@@ -64,10 +64,10 @@ def test_merged_logits_equal_peft(tiny):
 
 
 def _logits(config, params, adapters, lcfg, ids, merged: bool):
-    """Logits through `lora.apply` (what training differentiates): un-merged projections, or
-    the merged weights."""
+    """Logits through `lora.apply` (what training differentiates): the merged weights, or
+    un-merged projections."""
     mask = jnp.ones(ids.shape, bool)
-    lp = lora.LoraParams(params, adapters, lcfg.scale, merged_forward=merged)
+    lp = lora.LoraParams(params, adapters, lcfg.scale, unmerged=not merged)
     logits, _ = lora.apply(Decoder(config), lp, jnp.asarray(ids), positions(mask), None, mask)
     return logits
 
@@ -84,8 +84,8 @@ def test_training_forward_equals_peft(tiny, merged):
 
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 def test_gradients_equal_torch_autograd(tiny, merged):
-    """d loss / d (A, B) through the training forward (`lora.apply`: un-merged projections,
-    or the merged weights), against torch autograd on PEFT's lora_A / lora_B (mapped with the
+    """d loss / d (A, B) through the training forward (`lora.apply`: the merged weights, or
+    un-merged projections), against torch autograd on PEFT's lora_A / lora_B (mapped with the
     export's own reshapes)."""
     config, params, lcfg, adapters, model = tiny
     rng = np.random.default_rng(2)

@@ -147,7 +147,7 @@ def simulator_rows(world: W.World, questions: list[W.Question], docs: int, seed:
 
 def _entities_in(world: W.World, text: str) -> list[str]:
     """Every possible answer (entity or occupation) mentioned in a text."""
-    return [e for e in world.entities() + W.OCCUPATIONS if W.mentions(text, e)]
+    return [e for e in world.entities() + world.occupations if W.mentions(text, e)]
 
 
 FORMAT_QUESTIONS = ["Who is {e}?", "Tell me about {e}.", "What is known about {e}?",
@@ -194,7 +194,7 @@ def policy_rows(world: W.World, questions: list[W.Question], docs: int, seed: in
     (useful) ones. What the policy does not learn here: which fact in the documents answers the
     question, and that a two-hop question needs a second search for the city it found."""
     rng = random.Random(seed)
-    everything = world.entities() + W.OCCUPATIONS
+    everything = world.entities() + world.occupations
     rows = []
     for _ in range(n):
         question, entity = _pick_question(rng, world, questions, generic)

@@ -41,17 +41,19 @@ class Question:
 
 @dataclasses.dataclass
 class World:
-    people: dict[str, dict]  # name -> {"city", "occupation"}
+    people: dict[str, dict]  # name -> {"city"[, "occupation"]}
     cities: dict[str, str]  # city -> country
     countries: list[str]
     seed: int
+    occupations: list[str] = dataclasses.field(default_factory=lambda: list(OCCUPATIONS))
 
     # --- facts and documents ------------------------------------------------------------------
     def facts_about(self, entity: str) -> list[str]:
         """Every fact sentence that mentions `entity`, its own facts first."""
         if entity in self.people:
             p = self.people[entity]
-            return [f"{entity} was born in {p['city']}.", f"{entity} works as a {p['occupation']}."]
+            return [f"{entity} was born in {p['city']}."] + (
+                [f"{entity} works as a {p['occupation']}."] if "occupation" in p else [])
         if entity in self.cities:
             born = sorted(n for n, p in self.people.items() if p["city"] == entity)
             return [f"{entity} is a city in {self.cities[entity]}."] + [
@@ -102,7 +104,7 @@ class World:
     def _wrong_fact(self, entity: str, rng: random.Random) -> str:
         if entity in self.people:
             p = self.people[entity]
-            if rng.random() < 0.5:
+            if "occupation" not in p or rng.random() < 0.5:
                 city = rng.choice([c for c in self.cities if c != p["city"]])
                 return f"{entity} was born in {city}."
             occ = rng.choice([o for o in OCCUPATIONS if o != p["occupation"]])
@@ -167,10 +169,11 @@ def _names(rng: random.Random, n: int, syllables: tuple[int, int], taken: set[st
     return out
 
 
-def make_world(*, seed: int = 0, people: int = 150, cities: int = 40, countries: int = 10
-               ) -> World:
-    """A deterministic world from `seed`. The default sizes are ones a d128, 2-layer simulator
-    memorises to about 95% fact accuracy in a few hundred steps on 2 CPU cores."""
+def make_world(*, seed: int = 0, people: int = 150, cities: int = 40, countries: int = 10,
+               occupations: bool = True) -> World:
+    """A deterministic world from `seed`. `occupations`: people also have an occupation (a
+    fact no question asks about, a distractor in their documents); without, a person has one
+    fact, so a simulator memorises a world of more people in the same steps."""
     if not 1 <= countries <= cities or people < 1:
         raise ValueError(f"a world needs people >= 1 and 1 <= countries <= cities; got "
                          f"people={people}, cities={cities}, countries={countries}")
@@ -183,4 +186,7 @@ def make_world(*, seed: int = 0, people: int = 150, cities: int = 40, countries:
     city_country = {c: country_names[i % countries] for i, c in enumerate(city_names)}
     persons = {f"{f} {l}": {"city": rng.choice(city_names), "occupation": rng.choice(OCCUPATIONS)}
                for f, l in zip(first, last)}
-    return World(persons, city_country, country_names, seed)
+    if not occupations:  # the same people and cities as with them
+        persons = {n: {"city": p["city"]} for n, p in persons.items()}
+    return World(persons, city_country, country_names, seed,
+                 list(OCCUPATIONS) if occupations else [])

@@ -18,19 +18,19 @@ base is frozen by the optimizer's own mechanism (`FROZEN`: no gradient, no optim
 checkpoints hold the adapters and their optimizer state only (`saved_part`); the KL reference is
 the base itself.
 
-Merged or not, measured (`benchmarks/lora.py`, docs/PERFORMANCE.md):
-- Training forward passes (`apply`) are un-merged: every adapted projection computes
-  x W + s (x A) B, its output plus the adapter's, by intercepting the model's Dense layers
-  (`flax.linen.intercept_methods`), so the model code is unchanged. Differentiating a merged
-  W + s A B instead makes the backward pass form each kernel's full gradient x^T dy before
-  reducing it to A's and B's: full fine-tuning's cost and a kernel-sized transient, where the
-  un-merged backward needs only rank-sized products.
+Merged or not, chosen by measurement (`benchmarks/lora.py`, docs/PERFORMANCE.md):
 - Rollouts decode merged weights (`merged`, once a step): an un-merged decode runs the base's
   matmuls plus two small ones per adapted projection and token, so it can be no faster than
-  decoding merged weights, and the merge costs a few percent of one step's decode.
-LoRA dropout would act on the adapter's input in the un-merged pass, but the sampler decodes
-merged weights without it, and dropout in the training pass would break the exact on-policy
-ratio: `LoraConfig` refuses `dropout > 0`.
+  decoding merged weights, and the merge costs about 6% of one step's decode (SmolLM2, CPU).
+- Training passes (`apply`) differentiate the merged weights W + s A B too. The alternative,
+  un-merged projections x W + s (x A) B (`LoraParams.unmerged`: the model's Dense layers are
+  intercepted with `flax.linen.intercept_methods`, the model code unchanged), skips each
+  kernel's full gradient x^T dy in the backward pass, yet measured slower on a CPU (SmolLM2,
+  8 x 256 tokens: 13.5 s a GRPO step against 11.1 s, and 7.1 GB peak against 6.7 GB). It is
+  kept for `benchmarks/lora.py` to measure on accelerators, where the saved FLOPs may win.
+LoRA dropout acts on the adapter's own input, which merged weights do not have; in RL it would
+also break the exact on-policy ratio (the sampler decodes without it): `LoraConfig` refuses
+`dropout > 0`.
 """
 
 from __future__ import annotations
@@ -148,13 +148,13 @@ def _merge(params, adapters, scale: float):
 @flax.struct.dataclass
 class LoraParams:
     """A train state's params under LoRA: the frozen base weights and the trained adapters
-    ({kernel path: {"a", "b"}}), with the scale alpha / rank (static). `merged_forward`
-    (static): training passes on merged weights instead of un-merged projections (slower;
-    kept to measure the choice, `benchmarks/lora.py`)."""
+    ({kernel path: {"a", "b"}}), with the scale alpha / rank (static). `unmerged` (static):
+    training passes through un-merged projections instead of merged weights (slower on a CPU;
+    kept to measure the choice elsewhere, `benchmarks/lora.py`)."""
     base: Any
     adapters: dict
     scale: float = flax.struct.field(pytree_node=False)
-    merged_forward: bool = flax.struct.field(pytree_node=False, default=False)
+    unmerged: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 # The optimizer's `freeze` pattern (`zsjax.rl.step.make_optimizer`) that leaves a LoraParams'
@@ -194,11 +194,11 @@ merged = jax.jit(weights)  # a step's rollout weights, merged once
 
 
 def apply(model: nn.Module, params, *args, **kwargs):
-    """`model.apply({"params": params}, ...)`; for LoraParams, on the base with every adapted
-    projection adding s (x A) B to its output (or on `weights(params)` with merged_forward)."""
+    """`model.apply({"params": params}, ...)`; for LoraParams, on `weights(params)` (or, when
+    `unmerged`, on the base with every adapted projection adding s (x A) B to its output)."""
     if not isinstance(params, LoraParams):
         return model.apply({"params": params}, *args, **kwargs)
-    if params.merged_forward:
+    if not params.unmerged:
         return model.apply({"params": weights(params)}, *args, **kwargs)
     with nn.intercept_methods(_adapter_interceptor(params.adapters, params.scale)):
         return model.apply({"params": params.base}, *args, **kwargs)

@@ -12,9 +12,9 @@ reference and the simulator in bfloat16; trajectories up to 4096 tokens, simulat
 With `--lora-rank R` (`policy.lora.rank`, zsjax/models/lora.py), the plan of a LoRA run on
 the default targets (every attention and MLP projection): the base in bfloat16 is the only copy
 of the policy's weights on the training mesh and is also the KL reference; the adapters, their
-gradients and AdamW's moments are float32 and replicated. The update's pass is un-merged
-(x W + s (x A) B), so it forms no merged weights and no kernel-sized gradients; its rank-sized
-activations are left out with the rest of the activations.
+gradients and AdamW's moments are float32 and replicated; the update differentiates the merged
+weights W + s A B (bfloat16), whose backward pass forms the adapted kernels' gradients before
+reducing them to the adapters' (counted in float32, all at once: an upper bound).
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ def n_lora(m, rank: int) -> int:
     return m["layers"] * sum(rank * (i + o) for i, o in kernels(m))
 
 
+def n_adapted(m) -> int:
+    """Params of the adapted kernels (every projection)."""
+    return m["layers"] * sum(i * o for i, o in kernels(m))
+
+
 def kv_bytes_per_token(m, dtype_bytes) -> int:
     return 2 * m["kv"] * m["hd"] * m["layers"] * dtype_bytes
 
@@ -67,6 +72,9 @@ def plan(name, *, devices, per_process, train_shards, rollout_tensor, sim_tensor
              pb * p / train_shards),
             (f"LoRA adapters (rank {lora_rank}, {a / 1e6:.1f}M) + gradients + AdamW m + v, "
              "fp32, replicated", 4 * master * a),
+            ("merged weights in the update, bf16 (transient)", pb * n_adapted(pol) / train_shards),
+            ("adapted kernels' gradients through the merge, fp32 (transient, at most)",
+             master * n_adapted(pol) / train_shards),
         ]
     else:
         rows = [
