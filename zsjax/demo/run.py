@@ -69,7 +69,7 @@ def settings_for(preset: str = "default") -> dict:
         "model": {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
                   "d_ff": 512},
         "vocab": 1536, "docs": 3,
-        "sim_steps": 700, "sim_batch": 32, "sim_lr": 3e-3,
+        "sim_steps": 700, "sim_batch": 32, "sim_lr": 3e-3, "sim_decay": "constant",
         "copy_steps": 400, "policy_steps": 200, "policy_batch": 32, "policy_lr": 2e-3,
         "rl_steps": 120, "questions": 16, "rollouts": 8, "rl_lr": 5e-4, "entropy_coef": 0.001,
         "kl_coef": 0.1, "rl_freeze": "embed", "splits": (0.7, 0.1, 0.2),
@@ -470,7 +470,7 @@ def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
     _log(f"simulator: fine-tuning on {len(sim_rows)} (query, documents) pairs")
     _sft(sim_init, _write_jsonl(os.path.join(data, "simulator_pairs.jsonl"), sim_rows),
          os.path.join(workdir, "simulator_sft"), sim_dir, steps=s["sim_steps"],
-         batch=s["sim_batch"], lr=s["sim_lr"])
+         batch=s["sim_batch"], lr=s["sim_lr"], decay=s["sim_decay"])
     sim_acc = simulator_accuracy(sim_dir, world, s["docs"])
     _log(f"simulator: {sim_acc:.0%} of greedy useful documents state the true facts")
     times["simulator"] = time.time() - t
