@@ -8,6 +8,7 @@ message when the chat has none). Tests that compare with a real checkpoint use S
 
 from __future__ import annotations
 
+from zsjax.data.bpe import train_bpe
 from zsjax.search import prompts as P
 from zsjax.search.simulator import FINETUNED_TEMPLATE
 
@@ -35,19 +36,9 @@ _TEXTS = [
 
 def build(vocab_size: int = 1000):
     """A transformers fast tokenizer (no torch needed), EOS `<|im_end|>`, pad `<|endoftext|>`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(_TEXTS * 8, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>",
-                                  additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return train_bpe(_TEXTS * 8, vocab_size=vocab_size, specials=SPECIALS, eos="<|im_end|>",
+                     pad="<|endoftext|>", extra_specials=["<|im_start|>"],
+                     chat_template=CHAT_TEMPLATE)
 
 
 def save(path: str, vocab_size: int = 1000):

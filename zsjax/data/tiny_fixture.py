@@ -12,6 +12,7 @@ import os
 
 import jax
 
+from zsjax.data.bpe import train_bpe
 from zsjax.models import ModelConfig, init_params, save_hf
 from zsjax.search import prompts as P
 from zsjax.search.simulator import FINETUNED_TEMPLATE
@@ -27,17 +28,10 @@ def qa_rows() -> list[dict]:
 
 
 def _tokenizer(path: str, vocab_size: int = 600):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     texts = [P.POLICY_TEMPLATE, P.INVALID_ACTION, P.information_block("Doc 1: x"),
              FINETUNED_TEMPLATE] + [json.dumps(r) for r in qa_rows()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast = train_bpe(texts * 4, vocab_size=vocab_size, specials=["<pad>", "<eos>"],
+                     eos="<eos>", pad="<pad>")
     fast.save_pretrained(path)
     return fast
 

@@ -30,11 +30,10 @@ import sys
 import time
 
 import jax
-import tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from zsjax import sft, train
 from zsjax.cli import repo_config
+from zsjax.data.bpe import train_bpe
 from zsjax.data.qa import QARow
 from zsjax.demo import world as W
 from zsjax.errors import InputError, Stopped
@@ -92,14 +91,8 @@ def make_tokenizer(world: W.World, questions: list[W.Question], path: str, vocab
     texts += [P.POLICY_TEMPLATE, P.INVALID_ACTION, P.information_block("Doc 1: x")]
     texts += [simulator_prompt(SearchRequest("q", "Q", ("A",), noisy)) for noisy in (0, 1)]
     texts += [f"<search> {e} </search> <answer> {e} </answer>" for e in world.entities()]
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts * 3, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast = train_bpe(texts * 3, vocab_size=vocab, specials=["<pad>", "<eos>"], eos="<eos>",
+                     pad="<pad>")
     fast.save_pretrained(path)
     return fast
 
