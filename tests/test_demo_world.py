@@ -1,6 +1,7 @@
 """The demo's generated world and the training rows built from it (no model involved)."""
 
 import collections
+import random
 
 import pytest
 
@@ -24,6 +25,18 @@ def test_same_seed_same_world_and_names_are_unique(world):
     for e in world.entities():
         assert [x for x in world.entities() if W.mentions(x, e)] == [e]
     assert len(set(names)) == len(names)
+
+
+def test_a_world_without_occupations_has_the_same_people_and_one_fact_each(world):
+    bare = W.make_world(seed=3, people=40, cities=12, countries=4, occupations=False)
+    assert {n: p["city"] for n, p in bare.people.items()} == {
+        n: p["city"] for n, p in world.people.items()}
+    assert bare.cities == world.cities and bare.occupations == []
+    person = next(iter(bare.people))
+    assert bare.facts_about(person) == [f"{person} was born in {bare.people[person]['city']}."]
+    for seed in range(20):  # a noisy document about a person can only misplace their birth
+        wrong = bare._wrong_fact(person, random.Random(seed))
+        assert "was born in" in wrong and bare.people[person]["city"] not in wrong
 
 
 def test_bad_sizes_are_refused():
