@@ -18,7 +18,8 @@ def lora_config() -> ml_collections.ConfigDict:
     the adapters W + (alpha / rank) A B on the kernels whose path ("layers_0/attn/q_proj/
     kernel") matches `targets` are trained, held by the optimizer and checkpointed; the base is
     held in the compute dtype and is the KL reference; the export is the merged model plus a
-    PEFT adapter folder. dropout: only 0 (the adapters are merged into the weights)."""
+    PEFT adapter folder. dropout > 0 drops the adapters' inputs in training passes (then
+    un-merged, slower on a CPU); rollouts and evaluation run without it."""
     return ml_collections.ConfigDict({
         "rank": 0, "alpha": 32.0, "dropout": 0.0,
         "targets": r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"})

@@ -28,10 +28,10 @@ def _lines(path):
     return [json.loads(x) for x in open(path)]
 
 
-def _lora_config(steps=3):
+def _lora_config(steps=3, dropout=0.0):
     c = tiny.get_config()
     c.unlock()
-    c.policy.lora.update(rank=4, alpha=8.0)
+    c.policy.lora.update(rank=4, alpha=8.0, dropout=dropout)
     c.train.update(steps=steps, checkpoint_every=1)
     c.rl.lr = 1e-2  # large enough that 3 steps move the adapters visibly
     c.lock()
@@ -92,15 +92,21 @@ def test_rl_with_lora_trains_and_checkpoints_the_adapters_only(lora_run):
     assert np.abs(ours - np.asarray(forward(config, base, ids))).max() > 1e-3
 
 
-def test_rl_with_lora_resumes_to_bit_identical_adapters(lora_run, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["merged", "dropout"])
+def test_rl_with_lora_resumes_to_bit_identical_adapters(lora_run, tmp_path, dropout):
     """A run killed after step 2's checkpoint (its step-3 checkpoint and exports removed) and
-    resumed ends with the uninterrupted run's adapters, bit for bit, and its rewards."""
-    reference, _ = lora_run
+    resumed ends with the uninterrupted run's adapters, bit for bit, and its rewards; with LoRA
+    dropout too (its masks are drawn again, the same)."""
+    if dropout:
+        reference = str(tmp_path / "reference")
+        train.run(_lora_config(dropout=dropout), reference)
+    else:
+        reference, _ = lora_run
     workdir = str(tmp_path / "run")
     shutil.copytree(reference, workdir)
     for name in ("checkpoints/3", "policy_hf", "policy_peft"):
         shutil.rmtree(os.path.join(workdir, name))
-    history = train.run(_lora_config(), workdir)
+    history = train.run(_lora_config(dropout=dropout), workdir)
     assert [h["step"] for h in history] == [3]
     want = load_file(os.path.join(reference, "policy_peft", "adapter_model.safetensors"))
     got = load_file(os.path.join(workdir, "policy_peft", "adapter_model.safetensors"))
@@ -120,7 +126,7 @@ def test_lora_settings_errors(lora_run, tmp_path):
     c.policy.lora.rank = 0
     with pytest.raises(InputError, match="written with LoRA rank 4.*this run is without LoRA"):
         train.run(c, workdir)
-    for key, value, match in (("dropout", 0.1, "only 0 is supported"),
+    for key, value, match in (("dropout", 1.0, r"dropout must be in \[0, 1\)"),
                               ("targets", "no_such_kernel", "matches no kernel"),
                               ("targets", "(", "not a regular expression")):
         c = _lora_config()

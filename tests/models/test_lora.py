@@ -111,3 +111,30 @@ def test_gradients_equal_torch_autograd(tiny, merged):
     assert set(ours) == set(theirs)
     for key in ours:
         np.testing.assert_allclose(ours[key], theirs[key], atol=2e-5, rtol=1e-3, err_msg=key)
+
+
+def test_dropout_drops_the_adapter_input_and_averages_to_no_dropout():
+    """LoRA dropout on one Dense layer: each draw differs from the no-dropout output only in the
+    adapter's term, the same tokens and key give the same draw, and the mean over many keys is
+    the no-dropout output (inverted dropout keeps the expectation)."""
+    import flax.linen as nn
+    layer = nn.Dense(6, use_bias=False)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32)
+    params = layer.init(jax.random.key(0), x)["params"]
+    rng = np.random.default_rng(1)
+    adapters = {"kernel": {"a": jnp.asarray(rng.normal(size=(5, 2)), jnp.float32),
+                           "b": jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)}}
+    want = np.asarray(x @ (params["kernel"] + 0.5 * adapters["kernel"]["a"]
+                           @ adapters["kernel"]["b"]))
+
+    def run(key, p=0.3):
+        lp = lora.LoraParams(params, adapters, 0.5, dropout=p, dropout_seed=key)
+        return np.asarray(lora.apply(layer, lp, x))
+    np.testing.assert_allclose(run(0, p=0.0), want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(run(7), run(7)) and not np.allclose(run(7), want)
+    base = np.asarray(x @ params["kernel"])
+    for key in range(3):  # the base's term is untouched: the difference is rank-2 at most
+        assert 1 <= np.linalg.matrix_rank(run(key) - base, tol=1e-4) <= 2
+    assert not np.array_equal(run(1), run(2))  # another key, another mask
+    mean = np.mean([run(k) for k in range(2000)], axis=0)
+    np.testing.assert_allclose(mean, want, atol=0.1 * np.abs(want).max())

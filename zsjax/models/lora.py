@@ -28,9 +28,12 @@ Merged or not, chosen by measurement (`benchmarks/lora.py`, docs/PERFORMANCE.md)
   kernel's full gradient x^T dy in the backward pass, yet measured slower on a CPU (SmolLM2,
   8 x 256 tokens: 13.5 s a GRPO step against 11.1 s, and 7.1 GB peak against 6.7 GB). It is
   kept for `benchmarks/lora.py` to measure on accelerators, where the saved FLOPs may win.
-LoRA dropout acts on the adapter's own input, which merged weights do not have; in RL it would
-also break the exact on-policy ratio (the sampler decodes without it): `LoraConfig` refuses
-`dropout > 0`.
+LoRA dropout (`dropout > 0`) acts on the adapter's own input, which merged weights do not
+have: with it, training passes are un-merged and drop entries of x in s (dropout(x) A) B, as
+PEFT does. Its masks are a function of a number fixed at the start (from the seed) and of the
+pass's tokens, so a resumed run draws the same ones; rollouts and evaluation decode without it.
+In RL the trainer's first pass then differs from the sampler's policy (the PPO ratio is not
+exactly 1); with `rl.old_logprobs=recompute` the old logprobs see the same masks.
 """
 
 from __future__ import annotations
@@ -66,10 +69,8 @@ class LoraConfig:
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"lora.rank must be an integer >= 1; got {self.rank!r}")
-        if self.dropout != 0.0:
-            raise ValueError(f"lora.dropout={self.dropout}: only 0 is supported (zsjax merges "
-                             "the adapters into the weights for each forward pass, and dropout "
-                             "acts on the adapter's own input; see zsjax/models/lora.py)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1); got {self.dropout}")
         if not self.alpha > 0:
             raise ValueError(f"lora.alpha must be > 0; got {self.alpha!r}")
         try:
@@ -150,11 +151,16 @@ class LoraParams:
     """A train state's params under LoRA: the frozen base weights and the trained adapters
     ({kernel path: {"a", "b"}}), with the scale alpha / rank (static). `unmerged` (static):
     training passes through un-merged projections instead of merged weights (slower on a CPU;
-    kept to measure the choice elsewhere, `benchmarks/lora.py`)."""
+    kept to measure the choice elsewhere, `benchmarks/lora.py`). `dropout` (static) > 0:
+    un-merged passes that drop the adapters' inputs, with masks drawn from `dropout_seed`
+    (static: a key among the params would pass through the optimizer's float arithmetic) and
+    the pass's tokens."""
     base: Any
     adapters: dict
     scale: float = flax.struct.field(pytree_node=False)
     unmerged: bool = flax.struct.field(pytree_node=False, default=False)
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+    dropout_seed: int = flax.struct.field(pytree_node=False, default=0)
 
 
 # The optimizer's `freeze` pattern (`zsjax.rl.step.make_optimizer`) that leaves a LoraParams'
@@ -172,14 +178,19 @@ def from_settings(settings) -> LoraConfig | None:
 
 
 def attach(params, config: LoraConfig, key: jax.Array) -> LoraParams:
-    """Fresh adapters (`init`) beside `params`. On a mesh, the adapters (a few MB) are
-    replicated over it."""
-    adapters = init(params, config, key)
+    """Fresh adapters (`init`) beside `params` (and a dropout key when config.dropout > 0). On a
+    mesh, the adapters (a few MB) are replicated over it."""
+    init_key, dropout_key = jax.random.split(key)
+    adapters = init(params, config, init_key)
+    extra = {}
+    if config.dropout:
+        extra = {"dropout": config.dropout,
+                 "dropout_seed": int(jax.random.randint(dropout_key, (), 0, 2 ** 31 - 1))}
     mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
                  if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
     if mesh is not None:
         adapters = jax.device_put(adapters, NamedSharding(mesh, PartitionSpec()))
-    return LoraParams(base=params, adapters=adapters, scale=config.scale)
+    return LoraParams(base=params, adapters=adapters, scale=config.scale, **extra)
 
 
 def weights(params):
@@ -193,31 +204,52 @@ def weights(params):
 merged = jax.jit(weights)  # a step's rollout weights, merged once
 
 
-def apply(model: nn.Module, params, *args, **kwargs):
-    """`model.apply({"params": params}, ...)`; for LoraParams, on `weights(params)` (or, when
-    `unmerged`, on the base with every adapted projection adding s (x A) B to its output)."""
+def apply(model: nn.Module, params, tokens, *args, **kwargs):
+    """`model.apply({"params": params}, tokens, ...)`; for LoraParams, on `weights(params)`
+    (or, when `unmerged` or with dropout, on the base with every adapted projection adding
+    s (dropout(x) A) B to its output)."""
     if not isinstance(params, LoraParams):
-        return model.apply({"params": params}, *args, **kwargs)
-    if not params.unmerged:
-        return model.apply({"params": weights(params)}, *args, **kwargs)
-    with nn.intercept_methods(_adapter_interceptor(params.adapters, params.scale)):
-        return model.apply({"params": params.base}, *args, **kwargs)
+        return model.apply({"params": params}, tokens, *args, **kwargs)
+    if not (params.unmerged or params.dropout):
+        return model.apply({"params": weights(params)}, tokens, *args, **kwargs)
+    key = None
+    if params.dropout:
+        key = jax.random.fold_in(jax.random.key(params.dropout_seed), _fingerprint(tokens))
+    with nn.intercept_methods(_adapter_interceptor(params.adapters, params.scale,
+                                                   params.dropout, key)):
+        return model.apply({"params": params.base}, tokens, *args, **kwargs)
 
 
-def _adapter_interceptor(adapters: dict, scale: float):
+def _fingerprint(tokens) -> jax.Array:
+    """A uint32 function of a token array (its entries weighted by position, wrapping), so that
+    different batches draw different dropout masks and the same batch the same ones."""
+    t = jnp.asarray(tokens).astype(jnp.uint32).reshape(-1)
+    return jnp.sum(t * (jnp.arange(t.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)))
+
+
+def _adapter_interceptor(adapters: dict, scale: float, dropout: float = 0.0, key=None):
     """A `flax.linen.intercept_methods` interceptor: the Dense / DenseGeneral layers whose
-    kernel is adapted return x W (+ bias) + scale * (x A) B, in the layer's compute dtype."""
+    kernel is adapted return x W (+ bias) + scale * (dropout(x) A) B, in the layer's compute
+    dtype; each kernel's mask from `key` folded with the kernel's index."""
+    index = {path: i for i, path in enumerate(sorted(adapters))}
+
     def intercept(next_fun, args, kwargs, context):
         y = next_fun(*args, **kwargs)
         module = context.module
         if (context.method_name != "__call__"
                 or not isinstance(module, (nn.Dense, nn.DenseGeneral))):
             return y
-        ad = adapters.get("/".join(module.path) + "/kernel")
+        path = "/".join((*module.path, "kernel"))
+        ad = adapters.get(path)
         if ad is None:
             return y
         a, b = ad["a"].astype(y.dtype), ad["b"].astype(y.dtype)
-        xa = jnp.tensordot(args[0].astype(y.dtype), a, axes=a.ndim - 1)  # the kernel's input axes
+        x = args[0].astype(y.dtype)
+        if dropout:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, index[path]), 1.0 - dropout,
+                                        x.shape)
+            x = jnp.where(keep, x / (1.0 - dropout), 0).astype(y.dtype)
+        xa = jnp.tensordot(x, a, axes=a.ndim - 1)  # over the kernel's input axes
         return y + scale * jnp.tensordot(xa, b, axes=1)
     return intercept
 
