@@ -67,12 +67,10 @@ def run(config, workdir: str) -> dict:
         raise InputError(f"train.lr_decay='cosine' needs train.steps ({tc.steps}) > "
                          f"train.warmup_steps ({tc.warmup_steps})")
     try:
-        lora_cfg = lora.from_settings(config.model.get("lora"))
-    except (ValueError, TypeError) as e:
-        raise InputError(f"model.lora: {e}") from None
-    if lora_cfg is not None and tc.freeze:
-        raise InputError(f"train.freeze={tc.freeze!r} with model.lora: LoRA trains the "
-                         "adapters only; choose the adapted kernels with model.lora.targets")
+        lora_cfg = lora.from_training_config(config.model.get("lora"), tc.freeze, "model.lora",
+                                             "train.freeze")
+    except ValueError as e:
+        raise InputError(str(e)) from None
     os.makedirs(workdir, exist_ok=True)
     try:  # bad input: a one-line error (status 2 from the command line), before any compute
         mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)

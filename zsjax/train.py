@@ -217,13 +217,10 @@ def _check_values(config) -> None:
     except ValueError as e:
         raise InputError(str(e)) from None
     try:
-        lora_cfg = lora.from_settings(config.policy.get("lora"))
-    except (ValueError, TypeError) as e:
-        raise InputError(f"policy.lora: {e}") from None
-    if lora_cfg is not None and rl.freeze:
-        raise InputError(f"rl.freeze={rl.freeze!r} with policy.lora: LoRA trains the adapters "
-                         "only (the base is frozen); choose the adapted kernels with "
-                         "policy.lora.targets")
+        lora_cfg = lora.from_training_config(config.policy.get("lora"), rl.freeze, "policy.lora",
+                                             "rl.freeze")
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if lora_cfg is not None and config.reference.path and (
             os.path.abspath(config.reference.path) != os.path.abspath(config.policy.path)):
         raise InputError("reference.path with policy.lora: the KL reference of a LoRA run is "

@@ -177,6 +177,22 @@ def from_settings(settings) -> LoraConfig | None:
                       dropout=float(settings["dropout"]), targets=settings["targets"])
 
 
+def from_training_config(settings, freeze: str, where: str, freeze_key: str
+                         ) -> LoraConfig | None:
+    """`from_settings` for a trainer: a ValueError that names the config keys (`where`, e.g.
+    "policy.lora"; `freeze_key`, e.g. "rl.freeze") for a bad value, or for a freeze pattern
+    set beside LoRA (which trains the adapters only)."""
+    try:
+        config = from_settings(settings)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if config is not None and freeze:
+        raise ValueError(f"{freeze_key}={freeze!r} with {where}: LoRA trains the adapters only "
+                         f"(the base is frozen); choose the adapted kernels with "
+                         f"{where}.targets")
+    return config
+
+
 def attach(params, config: LoraConfig, key: jax.Array) -> LoraParams:
     """Fresh adapters (`init`) beside `params` (and a dropout key when config.dropout > 0). On a
     mesh, the adapters (a few MB) are replicated over it."""
