@@ -21,12 +21,13 @@ the base itself.
 Merged or not, chosen by measurement (`benchmarks/lora.py`, docs/PERFORMANCE.md):
 - Rollouts decode merged weights (`merged`, once a step): an un-merged decode runs the base's
   matmuls plus two small ones per adapted projection and token, so it can be no faster than
-  decoding merged weights, and the merge costs about 6% of one step's decode (SmolLM2, CPU).
+  decoding merged weights, and the merge costs 6-7% of one step's decode (SmolLM2, CPU).
 - Training passes (`apply`) differentiate the merged weights W + s A B too. The alternative,
   un-merged projections x W + s (x A) B (`LoraParams.unmerged`: the model's Dense layers are
   intercepted with `flax.linen.intercept_methods`, the model code unchanged), skips each
   kernel's full gradient x^T dy in the backward pass, yet measured slower on a CPU (SmolLM2,
-  8 x 256 tokens: 13.5 s a GRPO step against 11.1 s, and 7.1 GB peak against 6.7 GB). It is
+  8 x 256 tokens: 13.5 s and 15.6 s a GRPO step against 11.1 s and 12.6 s in two runs, and
+  7.1 GB peak against 6.7 GB). It is
   kept for `benchmarks/lora.py` to measure on accelerators, where the saved FLOPs may win.
 LoRA dropout (`dropout > 0`) acts on the adapter's own input, which merged weights do not
 have: with it, training passes are un-merged and drop entries of x in s (dropout(x) A) B, as
