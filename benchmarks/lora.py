@@ -81,7 +81,8 @@ def variant(model_dir: str, name: str, rank: int, batch: int, length: int, dtype
         t = time.perf_counter()
         state, m = U.run_step(step, state, b)
         times.append(time.perf_counter() - t)
-    out = {"rank": rank if lcfg else 0, "step_s": float(np.median(times)), "compile_and_first_step_s": compile_s,
+    out = {"rank": rank if lcfg else 0, "step_s": float(np.median(times)),
+           "compile_and_first_step_s": compile_s,
            "tokens_per_s": batch * length / float(np.median(times)),
            "trained_params": (lora.count(state.params.adapters) if lcfg else
                               sum(x.size for x in jax.tree.leaves(params))),

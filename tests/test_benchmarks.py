@@ -112,3 +112,19 @@ def test_attention_benchmark_runs_and_blocks_agree():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["attention"] for r in rows] == ["whole", "8-row blocks"]  # 32 >= T: skipped
     assert rows[1]["max_rel_diff"] < 1e-5 and rows[0]["ms"] > 0
+
+
+def test_lora_benchmark_variants_run_on_a_tiny_model(tmp_path):
+    """benchmarks/lora.py's variants end to end on the tiny fixture's policy: both LoRA passes
+    compute the same loss, train far fewer params than full fine-tuning and checkpoint less."""
+    from zsjax.data import tiny_fixture
+    model = tiny_fixture.make(str(tmp_path / "fixture"))["policy"]
+    bench = _load("lora")
+    kwargs = dict(rank=2, batch=2, length=32, dtype="float32", steps=1, decode_batch=1,
+                  new_tokens=4)
+    rows = {name: bench.variant(model, name, **kwargs) for name in bench.VARIANTS}
+    assert rows["lora"]["policy_loss"] == pytest.approx(rows["lora_unmerged"]["policy_loss"],
+                                                        abs=1e-5)
+    assert rows["lora"]["trained_params"] < rows["full"]["trained_params"] / 5
+    assert rows["lora"]["checkpoint_mb"] < rows["full"]["checkpoint_mb"]
+    assert 0 < rows["lora"]["merge_s"] and 0 < rows["lora"]["decode_s"]

@@ -65,9 +65,9 @@ def test_rl_with_lora_trains_and_checkpoints_the_adapters_only(lora_run):
     assert any(np.abs(v).max() > 0 for k, v in adapters.items() if "lora_B" in k)
 
     # Only adapted kernels changed, each by exactly (alpha / rank) A @ B.
-    flat_base = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(base)[0]}
-    flat_merged = {jax.tree_util.keystr(p): x
-                   for p, x in jax.tree_util.tree_flatten_with_path(merged)[0]}
+    def flat(tree):
+        return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat_base, flat_merged = flat(base), flat(merged)
     changed = [k for k in flat_base if not np.array_equal(flat_base[k], flat_merged[k])]
     assert changed and all(k.endswith("['kernel']") and "embed" not in k for k in changed)
     assert "['embed']['embedding']" in flat_base

@@ -27,8 +27,8 @@ Merged or not, chosen by measurement (`benchmarks/lora.py`, docs/PERFORMANCE.md)
   intercepted with `flax.linen.intercept_methods`, the model code unchanged), skips each
   kernel's full gradient x^T dy in the backward pass, yet measured slower on a CPU (SmolLM2,
   8 x 256 tokens: 13.5 s and 15.6 s a GRPO step against 11.1 s and 12.6 s in two runs, and
-  7.1 GB peak against 6.7 GB). It is
-  kept for `benchmarks/lora.py` to measure on accelerators, where the saved FLOPs may win.
+  7.1 GB peak against 6.7 GB). It is kept for `benchmarks/lora.py` to measure on
+  accelerators, where the saved FLOPs may win.
 LoRA dropout (`dropout > 0`) acts on the adapter's own input, which merged weights do not
 have: with it, training passes are un-merged and drop entries of x in s (dropout(x) A) B, as
 PEFT does. Its masks are a function of a number fixed at the start (from the seed) and of the
@@ -195,8 +195,8 @@ def from_training_config(settings, freeze: str, where: str, freeze_key: str
 
 
 def attach(params, config: LoraConfig, key: jax.Array) -> LoraParams:
-    """Fresh adapters (`init`) beside `params` (and a dropout key when config.dropout > 0). On a
-    mesh, the adapters (a few MB) are replicated over it."""
+    """Fresh adapters (`init`) beside `params` (and a dropout seed when config.dropout > 0).
+    On a mesh, the adapters (a few MB) are replicated over it."""
     init_key, dropout_key = jax.random.split(key)
     adapters = init(params, config, init_key)
     extra = {}
@@ -241,7 +241,8 @@ def _fingerprint(tokens) -> jax.Array:
     """A uint32 function of a token array (its entries weighted by position, wrapping), so that
     different batches draw different dropout masks and the same batch the same ones."""
     t = jnp.asarray(tokens).astype(jnp.uint32).reshape(-1)
-    return jnp.sum(t * (jnp.arange(t.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)))
+    weights_ = jnp.arange(t.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(t * weights_)
 
 
 def _adapter_interceptor(adapters: dict, scale: float, dropout: float = 0.0, key=None):
