@@ -23,6 +23,14 @@ import pytest  # noqa: E402
 from hf_models import build_torch_model  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test file, drops JAX's caches of compiled programs, so that a worker process
+    does not hold every program of every file it ran (files rarely share programs)."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def hf_model_dir(tmp_path_factory):
     """Builds (once per session and variant) a saved transformers model; returns (dir, model)."""

@@ -12,6 +12,7 @@ are moved into a fresh model of the same class first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib.util
 import os
@@ -106,6 +107,30 @@ def fetch(out_dir: str | None = None, *, force: bool = False) -> str:
         return out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    # One fetch at a time (the test suite's worker processes all ask for it): the others wait,
+    # then find the finished folder.
+    with _lock(out_dir + ".lock"):
+        if os.path.exists(os.path.join(out_dir, _DONE)) and not force:
+            return out_dir
+        return _fetch(out_dir, parent)
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fetch(out_dir: str, parent: str) -> str:
     check_converter()
     start = time.time()
     with tempfile.TemporaryDirectory(dir=parent) as tmp:
