@@ -23,6 +23,21 @@ import pytest  # noqa: E402
 from hf_models import build_torch_model  # noqa: E402
 
 
+# The longest test files, longest first (measured with --durations): tests/run.sh's worker
+# processes take whole files in collection order, so the longest start first and the short
+# ones fill in around them, instead of the quick demo starting last and running alone.
+LONGEST_FIRST = ("tests/test_demo.py", "tests/test_train.py", "tests/search/test_rollout.py",
+                 "tests/rl/test_update.py", "tests/test_multiprocess.py",
+                 "tests/sampling/test_sampler.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """After each test file, drops JAX's caches of compiled programs, so that a worker process

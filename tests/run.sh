@@ -3,7 +3,7 @@
 #   bash tests/run.sh              # default suite (skips tests marked slow)
 #   bash tests/run.sh --slow       # everything, slow tests included
 #   bash tests/run.sh -k parity    # any other arguments go to pytest
-#   ZSJAX_TEST_WORKERS=0 bash tests/run.sh -s -k demo   # in one process (pytest-xdist off)
+#   bash tests/run.sh -s -k demo   # -s (show prints) runs in this process, not in 2 workers
 set -euo pipefail
 ZSJAX_EXTRAS="${ZSJAX_EXTRAS:-test}" source "$(dirname "${BASH_SOURCE[0]}")/../launch/env.sh"
 cd "$ZSJAX_ROOT"
@@ -14,13 +14,15 @@ cd "$ZSJAX_ROOT"
 # its own.
 export JAX_ENABLE_COMPILATION_CACHE="${JAX_ENABLE_COMPILATION_CACHE:-false}"
 args=()
+workers="${ZSJAX_TEST_WORKERS:-2}"
 for a in "$@"; do
   if [[ "$a" == "--slow" ]]; then args+=(-m "slow or not slow"); else args+=("$a"); fi
+  # Worker processes' prints never reach the terminal: `-s` runs the tests in this process.
+  if [[ "$a" == "-s" || "$a" == "--capture=no" ]]; then workers="${ZSJAX_TEST_WORKERS:-0}"; fi
 done
 # Two worker processes (pytest-xdist; ZSJAX_TEST_WORKERS=0 runs in this process), each taking
 # whole test files: the machine's 2 cores stay busy while one worker compiles, and no process
 # lives through the whole suite (XLA:CPU has crashed late in one long-lived process). A worker
 # that crashes fails its test, and pytest's exit code says so.
-workers=("-n" "${ZSJAX_TEST_WORKERS:-2}" "--dist" "loadfile")
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
-exec python -m pytest "${workers[@]}" "${args[@]}"
+exec python -m pytest -n "$workers" --dist loadfile "${args[@]}"
