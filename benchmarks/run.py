@@ -12,6 +12,9 @@ Runs, each in its own process (so one's memory and compiled programs do not affe
   serve        zsjax.serve under 32 concurrent openai-client requests vs one direct batch
   lora         the GRPO step with LoRA rank 16 vs full fine-tuning: time, peak memory,
                checkpoint size; the adapters' merge vs the decode it precedes
+  tunix        decode and the GRPO step vs Tunix on the same weights, in the Python of the
+               environment ZSJAX_TUNIX_PYTHON names (Tunix pins packages zsjax pins otherwise;
+               see benchmarks/tunix_peer.py); skipped where Tunix is not installed
 
 --quick fits a 2-core machine in a few minutes (smaller batches, fewer repeats). On a GPU or
 TPU the same suite runs with the accelerator's ceilings; the PyTorch/transformers reference
@@ -42,6 +45,7 @@ FULL = {
     "update_small": ["update.py", "--small", "--batch", "16", "--length", "256"],
     "serve": ["serve.py", "--clients", "32", "--new-tokens", "64"],
     "lora": ["lora.py", "--batch", "8", "--length", "256"],
+    "tunix": ["tunix_peer.py", "--batches", "1", "8", "32", "--new-tokens", "128"],
 }
 QUICK = {
     "decode": ["decode.py", "--batches", "1", "8", "--new-tokens", "32", "--repeats", "1"],
@@ -54,6 +58,8 @@ QUICK = {
     "update_small": ["update.py", "--small", "--batch", "8", "--length", "128", "--steps", "2"],
     "serve": ["serve.py", "--clients", "8", "--new-tokens", "16", "--repeats", "1"],
     "lora": ["lora.py", "--batch", "2", "--length", "128", "--steps", "1", "--new-tokens", "16"],
+    "tunix": ["tunix_peer.py", "--batches", "1", "8", "--new-tokens", "32", "--repeats", "1",
+              "--update-batch", "2", "--update-length", "128", "--steps", "1"],
 }
 ACCELERATOR = {  # larger sizes where there is a GPU or TPU
     "decode": ["decode.py", "--batches", "1", "8", "32", "128", "--new-tokens", "128"],
@@ -127,12 +133,16 @@ def main(argv=None) -> int:
     no_reference = accelerated and not _torch_has_accelerator()
     for name, cmd in plan.items():
         out = os.path.join(args.out, f"{name}.json")
-        full = [sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:], "--out", out]
+        python = sys.executable
+        env = dict(os.environ)
+        if cmd[0] == "tunix_peer.py":  # Tunix's own environment, with this checkout on the path
+            python = os.environ.get("ZSJAX_TUNIX_PYTHON", sys.executable)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        full = [python, os.path.join(HERE, cmd[0]), *cmd[1:], "--out", out]
         if no_reference and cmd[0] in ("decode.py", "update.py"):
             full.append("--no-reference")
         print(f"[bench] {name}: {' '.join(full[1:])}", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        env = dict(os.environ)
         if accelerated and not no_reference and cmd[0] in ("decode.py", "update.py"):
             # JAX and torch share the device there: split its memory
             env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
@@ -140,6 +150,10 @@ def main(argv=None) -> int:
         proc = subprocess.run(full, cwd=ROOT, timeout=args.timeout, text=True, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - t
+        if cmd[0] == "tunix_peer.py" and proc.returncode == 3:  # tunix_peer.NOT_INSTALLED
+            results[name] = {"skipped": "Tunix is not installed (set ZSJAX_TUNIX_PYTHON)",
+                             "seconds": round(seconds, 1)}
+            continue
         if proc.returncode != 0 or not os.path.exists(out):
             print(proc.stdout[-3000:], file=sys.stderr)
             failed.append(name)
@@ -167,6 +181,8 @@ def main(argv=None) -> int:
         md = os.path.join(args.out, f"{name}.md")
         if "error" in results[name]:
             lines.append(f"failed: {results[name]['error']}")
+        elif "skipped" in results[name]:
+            lines.append(f"skipped: {results[name]['skipped']}")
         elif os.path.exists(md):
             lines.append(open(md).read().strip())
         lines.append("")

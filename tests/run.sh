@@ -21,8 +21,9 @@ for a in "$@"; do
   if [[ "$a" == "-s" || "$a" == "--capture=no" ]]; then workers="${ZSJAX_TEST_WORKERS:-0}"; fi
 done
 # Two worker processes (pytest-xdist; ZSJAX_TEST_WORKERS=0 runs in this process), each taking
-# whole test files: the machine's 2 cores stay busy while one worker compiles, and no process
-# lives through the whole suite (XLA:CPU has crashed late in one long-lived process). A worker
-# that crashes fails its test, and pytest's exit code says so.
+# whole test files in collection order (tests/conftest.py puts the longest first): the
+# machine's 2 cores stay busy while one worker compiles, and no process lives through the whole
+# suite (XLA:CPU has crashed late in one long-lived process). A worker that crashes fails its
+# test, and pytest's exit code says so.
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
-exec python -m pytest -n "$workers" --dist loadfile "${args[@]}"
+exec python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "${args[@]}"

@@ -40,6 +40,23 @@ def test_quick_suite_writes_json_and_markdown(tmp_path):
     assert "## update_small" in md and "MFU" in md
 
 
+def test_tunix_peer_is_skipped_where_tunix_is_not_installed(tmp_path):
+    """Tunix lives in an environment of its own (benchmarks/tunix_peer.py): without it the
+    suite reports the peer benchmark as skipped and still succeeds."""
+    pytest.importorskip("jax")
+    if importlib.util.find_spec("tunix") is not None:
+        pytest.skip("Tunix is installed here")
+    out = tmp_path / "bench"
+    env = {k: v for k, v in os.environ.items() if k != "ZSJAX_TUNIX_PYTHON"}
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--only", "tunix",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(out / "report.json"))
+    assert "Tunix is not installed" in report["results"]["tunix"]["skipped"]
+    assert "skipped: Tunix is not installed" in open(out / "report.md").read()
+
+
 def test_rollout_bound_by_hand():
     bench = _load("rollout")
     config = SimpleNamespace(num_params=lambda: 1000, n_layers=2, n_kv_heads=1, head_dim=4)
