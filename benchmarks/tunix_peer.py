@@ -29,6 +29,8 @@ part).
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import os
 import platform
@@ -56,10 +58,19 @@ def tunix_llama(model_dir: str):
         embed_dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"],
         num_heads=hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        num_kv_heads=hf["num_key_value_heads"], rope_theta=int(hf["rope_theta"]),
+        num_kv_heads=hf["num_key_value_heads"], rope_theta=int(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]),
         norm_eps=hf["rms_norm_eps"], weight_tying=hf.get("tie_word_embeddings", False))
+    # Tunix 0.1.7's attention calls `apply_rope` without the config's rope_theta, so every
+    # model gets its default of 1e6 (SmolLM2's is 1e5): pass the config's, so that both sides
+    # compute the same function (the cost is the same either way).
+    if "rope_theta" not in inspect.signature(tunix_model.Attention.block).parameters:
+        tunix_model.apply_rope = functools.partial(_ORIGINAL_ROPE.setdefault(
+            "f", tunix_model.apply_rope), rope_theta=cfg.rope_theta)
     model = tunix_params.create_model_from_safe_tensors(model_dir, cfg, dtype=jnp.float32)
     return cfg, model
+
+
+_ORIGINAL_ROPE = {}
 
 
 def _alternate(fns: dict, repeats: int) -> dict:
@@ -153,6 +164,7 @@ def update_row(config, params, tmodel, batch, length, steps):
 
     # Tunix: its GRPO loss, value_and_grad and an nnx.Optimizer step in one nnx.jit
     algo = grpo_learner.GRPOConfig(beta=0.0, epsilon=0.2, num_generations=2)
+    algo.temperature = 1.0  # GRPOLearner copies it from the rollout config
     example = grpo_learner.TrainExample(
         prompt_ids=jnp.asarray(tokens[:, :half]), prompt_mask=jnp.ones((batch, half), jnp.int32),
         completion_ids=jnp.asarray(tokens[:, half:]),
