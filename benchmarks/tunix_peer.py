@@ -87,7 +87,7 @@ def _alternate(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def decode_rows(model_dir, tok, config, params, tcfg, tmodel, batches, new, repeats):
+def decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, batches, new, repeats):
     from tunix.generate import sampler as tunix_sampler
     from zsjax.sampling import generate
     never = [config.vocab_size + 7]  # an id no row can sample: every row makes `new` tokens
@@ -97,7 +97,7 @@ def decode_rows(model_dir, tok, config, params, tcfg, tmodel, batches, new, repe
                                          tokenize=False, add_generation_prompt=True)
                  for i in range(batch)]
         def tunix_sampler_for(size):
-            return tunix_sampler.Sampler(tmodel, tok, tunix_sampler.CacheConfig(
+            return tunix_sampler.Sampler(tmodel, tunix_tok, tunix_sampler.CacheConfig(
                 cache_size=size, num_layers=tcfg.num_layers, num_kv_heads=tcfg.num_kv_heads,
                 head_dim=tcfg.head_dim))
 
@@ -117,7 +117,7 @@ def decode_rows(model_dir, tok, config, params, tcfg, tmodel, batches, new, repe
             out["tunix"] = [np.asarray(t) for t in res.tokens]
 
         secs = _alternate({"zsjax": zs, "tunix": tx}, repeats)
-        same = np.mean([list(a[:16]) == list(np.asarray(b)[:16])
+        same = np.mean([list(a[:16]) == [int(x) for x in b[:16]]
                         for a, b in zip(out["zsjax"], out["tunix"])])
         assert all(len(x) == new for x in out["zsjax"])
         rows.append({"batch": batch, "new_tokens": new,
@@ -223,9 +223,14 @@ def main(argv=None) -> int:
     from zsjax.tools.fetch_smollm2 import fetch
     model_dir = args.model or fetch()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    # Tunix's sampler takes every pad id in a prompt for padding; SmolLM2 pads with
+    # <|im_end|>, which every chat prompt holds. Its copy of the tokenizer pads with a token no
+    # prompt holds (without it, the rows Tunix left-pads decode other text).
+    tunix_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tunix_tok.pad_token = tunix_tok.unk_token or tunix_tok.eos_token
     config, params = load_hf(model_dir)
     tcfg, tmodel = tunix_llama(model_dir)
-    decode = decode_rows(model_dir, tok, config, params, tcfg, tmodel, args.batches,
+    decode = decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, args.batches,
                          args.new_tokens, args.repeats)
     update = None if args.skip_update else update_row(config, params, tmodel, args.update_batch,
                                                       args.update_length, args.steps)
