@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import write as write_report  # noqa: E402  (benchmarks/report.py)
+
 QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "Name three colours.",
              "Explain photosynthesis in one sentence.", "What is 12 times 7?",
              "Give me a synonym for happy.", "Where is Mount Everest?", "What do bees make?"]
@@ -159,8 +162,7 @@ def main():
                      f"| {r['fraction_of_roofline']} |")
     print("\n".join(lines))
     if args.out:
-        json.dump(report, open(args.out, "w"), indent=2)
-        open(os.path.splitext(args.out)[0] + ".md", "w").write("\n".join(lines) + "\n")
+        write_report(args.out, report, lines)
 
 
 if __name__ == "__main__":

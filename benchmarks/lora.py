@@ -32,6 +32,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import write as write_report  # noqa: E402  (benchmarks/report.py)
+
 
 def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
@@ -173,10 +176,7 @@ def main(argv=None) -> int:
               "an un-merged decode could save."]
     print("\n".join(lines))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_report(args.out, result, lines)
     return 0
 
 

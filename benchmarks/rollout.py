@@ -23,6 +23,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import write as write_report  # noqa: E402  (benchmarks/report.py)
+
 QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "When did World War II end?",
              "What is the largest planet?", "Who painted the Mona Lisa?",
              "What is the boiling point of water?", "Which river flows through Cairo?",
@@ -219,9 +222,8 @@ def main():
         lines.append(f"\n{name} throughput: {ratio:.2f}x")
     print("\n".join(lines))
     if args.out:
-        json.dump({"rows": rows, "ratios": ratios, "command": " ".join(["python"] + sys.argv)},
-                  open(args.out, "w"), indent=2)
-        open(os.path.splitext(args.out)[0] + ".md", "w").write("\n".join(lines) + "\n")
+        write_report(args.out, {"rows": rows, "ratios": ratios,
+                                "command": " ".join(["python"] + sys.argv)}, lines)
 
 
 if __name__ == "__main__":

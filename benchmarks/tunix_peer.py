@@ -44,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import QUESTIONS  # noqa: E402  (benchmarks/decode.py: the same prompts)
+from report import write as write_report  # noqa: E402  (benchmarks/report.py)
 
 NOT_INSTALLED = 3  # the exit status without Tunix: benchmarks/run.py reports it as skipped
 
@@ -252,8 +253,7 @@ def main(argv=None) -> int:
                   f"{update['tunix_step_s']} | {update['speedup']}x |"]
     print("\n".join(lines))
     if args.out:
-        json.dump(report, open(args.out, "w"), indent=2)
-        open(os.path.splitext(args.out)[0] + ".md", "w").write("\n".join(lines) + "\n")
+        write_report(args.out, report, lines)
     return 0
 
 

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import write as write_report  # noqa: E402  (benchmarks/report.py)
+
 
 def peak_memory() -> dict:
     """The accelerator's peak bytes in use (GPU/TPU), or this process's peak RSS (CPU)."""
@@ -164,8 +167,7 @@ def main():
              f"{torch_loss:.6g} |"]
     print("\n".join(lines))
     if args.out:
-        json.dump(report, open(args.out, "w"), indent=2)
-        open(os.path.splitext(args.out)[0] + ".md", "w").write("\n".join(lines) + "\n")
+        write_report(args.out, report, lines)
 
 
 if __name__ == "__main__":

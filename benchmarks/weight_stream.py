@@ -24,6 +24,9 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import write as write_report  # noqa: E402  (benchmarks/report.py)
+
 
 def chain(x, weights):
     """x through every weight in turn (tanh between, so nothing folds); [rows, K] out."""
@@ -98,9 +101,8 @@ def main():
               for r in results]
     print("\n".join(lines))
     if args.out:
-        json.dump({"rows": results, "command": " ".join(["python"] + sys.argv)},
-                  open(args.out, "w"), indent=2)
-        open(os.path.splitext(args.out)[0] + ".md", "w").write("\n".join(lines) + "\n")
+        write_report(args.out, {"rows": results, "command": " ".join(["python"] + sys.argv)},
+                     lines)
 
 
 if __name__ == "__main__":
