@@ -59,19 +59,17 @@ def tunix_llama(model_dir: str):
         embed_dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"],
         num_heads=hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        num_kv_heads=hf["num_key_value_heads"], rope_theta=int(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]),
+        num_kv_heads=hf["num_key_value_heads"],
+        rope_theta=int(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]),
         norm_eps=hf["rms_norm_eps"], weight_tying=hf.get("tie_word_embeddings", False))
     # Tunix 0.1.7's attention calls `apply_rope` without the config's rope_theta, so every
     # model gets its default of 1e6 (SmolLM2's is 1e5): pass the config's, so that both sides
     # compute the same function (the cost is the same either way).
-    if "rope_theta" not in inspect.signature(tunix_model.Attention.block).parameters:
-        tunix_model.apply_rope = functools.partial(_ORIGINAL_ROPE.setdefault(
-            "f", tunix_model.apply_rope), rope_theta=cfg.rope_theta)
+    if "rope_theta" not in inspect.getsource(tunix_model.Attention.block):
+        rope = getattr(tunix_model.apply_rope, "func", tunix_model.apply_rope)  # unpatched
+        tunix_model.apply_rope = functools.partial(rope, rope_theta=cfg.rope_theta)
     model = tunix_params.create_model_from_safe_tensors(model_dir, cfg, dtype=jnp.float32)
     return cfg, model
-
-
-_ORIGINAL_ROPE = {}
 
 
 def _alternate(fns: dict, repeats: int) -> dict:

@@ -60,3 +60,32 @@ def test_generate_cli_chat_without_a_template_is_a_one_line_error(tmp_path, caps
     fx = tiny_fixture.make(str(tmp_path / "fx"))  # its tokenizer has no chat template
     assert main(["--model", fx["policy"], "--prompt", "hi", "--chat"]) == 2
     assert "error: --chat given but the tokenizer has no chat template" in capsys.readouterr().err
+
+
+
+_SLOW_BUILD = """
+import os, sys, time
+from zsjax.tools import fetch_smollm2 as F
+out, log = sys.argv[1], sys.argv[2]
+
+def build(out_dir, parent):
+    time.sleep(1.0)  # long enough for the other process to reach the lock
+    os.makedirs(out_dir)
+    open(os.path.join(out_dir, F._DONE), "w").write("x\\n")
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    return out_dir
+
+F._fetch = build
+assert F.fetch(out) == os.path.abspath(out)
+"""
+
+
+def test_concurrent_fetches_build_the_fixture_once(tmp_path):
+    """The suite's worker processes ask for the fixture at once: one builds it while the other
+    waits on the lock, then finds the finished folder instead of building it again. The build
+    is replaced by one that takes a second and records that it ran."""
+    out, log = str(tmp_path / "model"), str(tmp_path / "builds.txt")
+    procs = [subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, out, log]) for _ in range(2)]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    assert len(open(log).read().split()) == 1  # built once
