@@ -1,5 +1,6 @@
 """Where code lives: the library (models, sampling, search, rl, data, checkpointing, sharding)
-never imports a command-line module, and the package has no import cycle between modules."""
+never imports a command-line module, the package has no import cycle between modules, and no
+function is too long to read."""
 
 import ast
 import os
@@ -9,6 +10,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..", "zsjax")
 LIBRARY = ("models", "sampling", "search", "rl", "data", "checkpointing.py", "sharding.py",
            "errors.py")
+MAX_FUNCTION_LINES = 120
 CLI = ("zsjax.cli", "zsjax.generate", "zsjax.evaluate", "zsjax.infer", "zsjax.train",
        "zsjax.sft", "zsjax.tools")
 
@@ -65,3 +67,14 @@ def test_no_import_cycle_between_modules():
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles
+
+
+def test_no_function_is_longer_than_the_limit():
+    long = []
+    for rel, _, path in _modules():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"split these functions (limit {MAX_FUNCTION_LINES} lines): {long}"

@@ -31,8 +31,8 @@ from zsjax.models.tokenizer import load_tokenizer
 from zsjax.rl import update as U
 
 
-def run(config, workdir: str) -> dict:
-    """Trains per `config`; returns the final metrics. Importable (tests, notebooks)."""
+def _check(config):
+    """Checks `config` before any compute; returns its LoRA settings (None without LoRA)."""
     if not config.model.path:
         raise InputError("config.model.path is empty: pass the model folder as the config "
                          "argument (configs/sft_simulator.py:DIR) or --config.model.path=DIR")
@@ -71,6 +71,13 @@ def run(config, workdir: str) -> dict:
                                              "train.freeze")
     except ValueError as e:
         raise InputError(str(e)) from None
+    return lora_cfg
+
+
+def run(config, workdir: str) -> dict:
+    """Trains per `config`; returns the final metrics. Importable (tests, notebooks)."""
+    lora_cfg = _check(config)
+    tc = config.train
     os.makedirs(workdir, exist_ok=True)
     try:  # bad input: a one-line error (status 2 from the command line), before any compute
         mesh = sharding.mesh_from_config(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -155,7 +162,6 @@ def run(config, workdir: str) -> dict:
                        base_model=os.path.abspath(config.model.path))
         print(f"[sft] exported the adapters as a PEFT folder: {peft_dir}", file=sys.stderr)
     return last
-
 
 
 if __name__ == "__main__":
