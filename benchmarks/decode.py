@@ -82,6 +82,8 @@ def main():
     from zsjax.tools.fetch_smollm2 import fetch
     torch.set_num_threads(os.cpu_count())
     model_dir = args.model or fetch()
+    name = (os.path.basename(os.path.normpath(args.model)) if args.model
+            else "SmolLM2-135M-Instruct")
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     if tok.pad_token is None:  # some transformers versions convert the GGUF without one
@@ -89,10 +91,11 @@ def main():
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     if device == "cuda":  # JAX runs float32 matmuls on a GPU with TF32; let torch do the same
         torch.backends.cuda.matmul.allow_tf32 = True
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
-                                                            dtype=getattr(torch, args.dtype))
-    hf = hf.to(device).eval()
-    hf.generation_config.eos_token_id = None
+    if not args.no_reference:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                                dtype=getattr(torch, args.dtype))
+        hf = hf.to(device).eval()
+        hf.generation_config.eos_token_id = None
     config, params = load_hf(model_dir, dtype=args.dtype)
     width = jnp.dtype(args.dtype).itemsize
 
@@ -150,15 +153,18 @@ def main():
                          f"torch {torch.__version__} ({'skipped' if args.no_reference else device})",
               "matmul_gflop_s": round(flops_s / 1e9, 1),
               "copy_bandwidth_gb_s": round(bytes_s / 1e9, 1),
-              "model": f"SmolLM2-135M-Instruct {args.dtype}", "rows": rows,
+              "model": f"{name} {args.dtype}", "rows": rows,
               "command": " ".join(["python"] + sys.argv)}
-    lines = [f"Machine: {report['machine']}; matmul {report['matmul_gflop_s']} GFLOP/s, copy "
+    lines = [f"{report['model']}. Machine: {report['machine']}; matmul "
+             f"{report['matmul_gflop_s']} GFLOP/s, copy "
              f"bandwidth {report['copy_bandwidth_gb_s']} GB/s (same run).", "",
              "| batch | zsjax tok/s | transformers tok/s | speedup | zsjax compile s | "
              "roofline tok/s | zsjax / roofline |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['zsjax_tokens_s']} | {r['transformers_tokens_s']} | "
-                     f"{r['speedup']}x | {r['zsjax_compile_s_est']} | {r['roofline_tokens_s']} "
+        ref = (f"{r['transformers_tokens_s']} | {r['speedup']}x" if r["speedup"] is not None
+               else "- | -")
+        lines.append(f"| {r['batch']} | {r['zsjax_tokens_s']} | {ref} | "
+                     f"{r['zsjax_compile_s_est']} | {r['roofline_tokens_s']} "
                      f"| {r['fraction_of_roofline']} |")
     print("\n".join(lines))
     if args.out:

@@ -1,19 +1,21 @@
 """Multi-turn rollout throughput: KV-cache reuse across turns vs re-prefilling each turn.
 
     python benchmarks/rollout.py [--questions 16] [--turns 2] [--response-tokens 64]
-        [--backend scripted|simulator] [--modes kv_reuse re_prefill full_batch] [--out FILE]
+        [--backend scripted|simulator] [--modes kv_reuse re_prefill full_batch]
+        [--model DIR] [--dtype float32|bfloat16] [--out FILE]
 
 Modes: kv_reuse (the default generator), re_prefill (the whole context prefilled each turn),
 full_batch (KV reuse with batches that never shrink as rows finish, `shrink_above=0`).
 
-SmolLM2-135M-Instruct as the policy (sampling at the reference's temperature 1.0, top-p 0.95),
-the same seed for every mode. The search backend is either scripted (five ~30-word documents,
-instantly) or the in-process simulator (SmolLM2-135M-Instruct, prompt-only, temperature 0.8,
---sim-tokens new tokens, behind the trainer's per-step query cache; the first turn's search is
-scripted, since the untrained policy does not search by itself, and later turns are the model's). Reports trajectories/s and
-generated tokens/s per mode after --warmup untimed rollouts (the first one, which compiles, is
-reported apart), where the time goes (policy generation, simulator, everything else), and the
-bound on generation set by this machine's matmul rate and memory bandwidth (class Bound).
+SmolLM2-135M-Instruct as the policy (--model: another Hugging Face folder; sampling at the
+reference's temperature 1.0, top-p 0.95), the same seed for every mode. The search backend is
+either scripted (five ~30-word documents, instantly) or the in-process simulator (the policy's
+model, prompt-only, temperature 0.8, --sim-tokens new tokens, behind the trainer's per-step
+query cache; the first turn's search is scripted, since the untrained policy does not search by
+itself, and later turns are the model's). Reports trajectories/s and generated tokens/s per mode
+after --warmup untimed rollouts (the first one, which compiles, is reported apart), where the
+time goes (policy generation, simulator, everything else), and the bound on generation set by
+this machine's matmul rate and memory bandwidth (class Bound).
 """
 
 import argparse
@@ -61,8 +63,10 @@ class Bound:
 
     def __init__(self, config, flops_s, bytes_s):
         self.p, self.flops_s, self.bytes_s = config.num_params(), flops_s, bytes_s
-        self.param_bytes = self.p * 4  # float32
-        self.kv_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 4
+        # weights and cache in the compute dtype
+        width = {"float32": 4, "bfloat16": 2, "float16": 2}[getattr(config, "dtype", "float32")]
+        self.param_bytes = self.p * width
+        self.kv_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * width
         self.seconds = 0.0
 
     def add(self, new_lens, ctx_lens, out_lens):
@@ -139,6 +143,8 @@ def main():
     parser.add_argument("--shrink-above", type=int, default=None,
                         help="the generator's shrink_above in the kv_reuse and re_prefill modes "
                              "(default: zsjax.sampling.sampler.SHRINK_ABOVE)")
+    parser.add_argument("--model", default=None, help="a Hugging Face folder (default SmolLM2)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
     args = parser.parse_args()
 
@@ -151,14 +157,16 @@ def main():
     from zsjax.tools.fetch_smollm2 import fetch
     if args.shrink_above is None:
         args.shrink_above = SHRINK_ABOVE
-    model_dir = fetch()
+    model_dir = args.model or fetch()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    config, params = load_hf(model_dir)
+    config, params = load_hf(model_dir, dtype=args.dtype)
+    name = (os.path.basename(os.path.normpath(args.model)) if args.model
+            else "SmolLM2-135M-Instruct")
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.questions)]
     settings = RolloutSettings(max_turns=args.turns, max_response_tokens=args.response_tokens,
                                temperature=1.0, top_p=0.95)
     from decode import ceilings  # benchmarks/decode.py: matmul rate and memory bandwidth
-    flops_s, bytes_s = ceilings()
+    flops_s, bytes_s = ceilings(dtype=args.dtype)
     bound = Bound(config, flops_s, bytes_s)
     bound.install()
     rows = []
@@ -201,7 +209,7 @@ def main():
                      "row_utilisation": round(med(7), 2)})
         print(json.dumps(rows[-1]), flush=True)
     head = (f"{len(qs)} questions, max_turns={args.turns}, {args.response_tokens} tokens/turn, "
-            f"SmolLM2-135M-Instruct float32, T=1.0 top-p 0.95, backend {args.backend}"
+            f"{name} {args.dtype}, T=1.0 top-p 0.95, backend {args.backend}"
             + (f" ({args.sim_tokens} tokens/call)" if args.backend == "simulator" else "")
             + f", {os.cpu_count()} cores; matmul {flops_s / 1e9:.1f} GFLOP/s, copy bandwidth "
             f"{bytes_s / 1e9:.1f} GB/s (same run)")

@@ -1,6 +1,7 @@
 """The benchmark suite: every benchmark side by side in one run, with a JSON and a Markdown report.
 
     python benchmarks/run.py [--quick] [--out runs/bench] [--only decode rollout ...]
+    python benchmarks/run.py --gpu [--smoke] [--out runs/bench_gpu]   # what benchmarks/gpu.sh runs
 
 Runs, each in its own process (so one's memory and compiled programs do not affect the next):
   ceilings     matmul FLOP/s and memory copy bandwidth of this machine (the roofline inputs)
@@ -9,7 +10,9 @@ Runs, each in its own process (so one's memory and compiled programs do not affe
   rollout_sim  multi-turn rollouts against the in-process simulator, with the time breakdown
   update       the GRPO step vs a PyTorch eager reference: tokens/s, MFU, peak memory
   update_small the same on a random 5.3M-param Llama
-  serve        zsjax.serve under 32 concurrent openai-client requests vs one direct batch
+  serve        zsjax.serve under 32 concurrent openai-client requests vs one direct batch and
+               vs llama.cpp's server on the same GGUF (llama-cpp-python[server] in the Python
+               ZSJAX_LLAMACPP_PYTHON names; those rows skipped where it is not installed)
   lora         the GRPO step with LoRA rank 16 vs full fine-tuning: time, peak memory,
                checkpoint size; the adapters' merge vs the decode it precedes
   tunix        decode and the GRPO step vs Tunix on the same weights, in the Python of the
@@ -21,6 +24,13 @@ TPU the same suite runs with the accelerator's ceilings; the PyTorch/transformer
 runs only where torch sees the same kind of device (a CPU-only torch is skipped there rather
 than compared). Results go to OUT/report.json and OUT/report.md, and each benchmark's own
 JSON and Markdown to OUT/NAME.json / .md.
+
+--gpu runs the GPU suite instead (benchmarks/gpu.sh): decode, multi-turn rollouts (KV reuse vs
+re-prefill) and the GRPO update in bfloat16, on SmolLM2-135M and on a random-weight
+Qwen2.5-1.5B-shaped model (benchmarks/random_model.py; the SmolLM2 fixture's weights where they
+are cached, else random weights of its shape), sized for about 8 minutes of an H100 or H200.
+--smoke runs the same benchmarks on tiny shapes and sizes: the CPU check that the suite runs end
+to end before a lent device's minutes are spent on it.
 """
 
 from __future__ import annotations
@@ -61,6 +71,33 @@ QUICK = {
     "tunix": ["tunix_peer.py", "--batches", "1", "8", "--new-tokens", "32", "--repeats", "1",
               "--update-batch", "2", "--update-length", "128", "--steps", "1"],
 }
+GPU = {  # {smollm2}, {qwen1_5b}: model folders made by `_gpu_models`
+    "decode_smollm2": ["decode.py", "--model", "{smollm2}", "--batches", "1", "64", "256",
+                       "--new-tokens", "128", "--dtype", "bfloat16"],
+    "decode_qwen1.5b": ["decode.py", "--model", "{qwen1_5b}", "--batches", "1", "128",
+                        "--new-tokens", "128", "--dtype", "bfloat16", "--no-reference"],
+    "rollout_smollm2": ["rollout.py", "--model", "{smollm2}", "--dtype", "bfloat16",
+                        "--questions", "64", "--turns", "2", "--response-tokens", "128",
+                        "--modes", "kv_reuse", "re_prefill", "--warmup", "1", "--repeats", "2"],
+    "update_smollm2": ["update.py", "--model", "{smollm2}", "--dtype", "bfloat16", "--batch",
+                       "16", "--length", "1024", "--steps", "3"],
+    "update_qwen1.5b": ["update.py", "--model", "{qwen1_5b}", "--dtype", "bfloat16", "--batch",
+                        "8", "--length", "1024", "--steps", "3", "--remat", "--no-reference"],
+}
+GPU_SMOKE = {  # the same benchmarks, tiny: runs in a few minutes on 2 CPU cores
+    "decode_smollm2": ["decode.py", "--model", "{smollm2}", "--batches", "1", "4",
+                       "--new-tokens", "8", "--repeats", "1", "--dtype", "bfloat16"],
+    "decode_qwen1.5b": ["decode.py", "--model", "{qwen1_5b}", "--batches", "4",
+                        "--new-tokens", "8", "--repeats", "1", "--dtype", "bfloat16",
+                        "--no-reference"],
+    "rollout_smollm2": ["rollout.py", "--model", "{smollm2}", "--dtype", "bfloat16",
+                        "--questions", "4", "--turns", "2", "--response-tokens", "16",
+                        "--modes", "kv_reuse", "re_prefill", "--warmup", "1", "--repeats", "1"],
+    "update_smollm2": ["update.py", "--model", "{smollm2}", "--dtype", "bfloat16", "--batch",
+                       "2", "--length", "64", "--steps", "1"],
+    "update_qwen1.5b": ["update.py", "--model", "{qwen1_5b}", "--dtype", "bfloat16", "--batch",
+                        "2", "--length", "64", "--steps", "1", "--remat", "--no-reference"],
+}
 ACCELERATOR = {  # larger sizes where there is a GPU or TPU
     "decode": ["decode.py", "--batches", "1", "8", "32", "128", "--new-tokens", "128"],
     "update": ["update.py", "--batch", "16", "--length", "512"],
@@ -89,6 +126,30 @@ def ceilings() -> dict:
             "host_copy_gb_s": round(2 * host.nbytes / best_host / 1e9, 1)}
 
 
+def _gpu_models(out: str, smoke: bool) -> dict[str, str]:
+    """The GPU suite's model folders, by placeholder: the SmolLM2 fixture where it is cached
+    (a device machine reaches no package index), else random weights of its shape; a random
+    Qwen2.5-1.5B-shaped model. Made in child processes (JAX here would hold the device)."""
+    sys.path.insert(0, ROOT)
+    from zsjax.tools import fetch_smollm2
+    models = {}
+    cached = fetch_smollm2.default_dir()
+    # smoke shapes have small vocabularies: a tokenizer trained on the spot, as on a device
+    tokenizer = cached if not smoke and fetch_smollm2.is_complete(cached) else ""
+    for key, shape in (("smollm2", "smollm2-135m"), ("qwen1_5b", "qwen2.5-1.5b")):
+        if key == "smollm2" and not smoke and fetch_smollm2.is_complete(cached):
+            models[key] = cached
+            continue
+        path = os.path.join(out, "models", shape + ("-smoke" if smoke else ""))
+        cmd = [sys.executable, os.path.join(HERE, "random_model.py"), path, "--shape", shape]
+        cmd += ["--smoke"] if smoke else []
+        cmd += ["--tokenizer", tokenizer] if tokenizer else []
+        print(f"[bench] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        models[key] = path
+    return models
+
+
 def _torch_has_accelerator() -> bool:
     try:
         import torch
@@ -107,7 +168,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "bench"))
-    parser.add_argument("--only", nargs="+", choices=sorted(FULL), default=None)
+    parser.add_argument("--only", nargs="+", choices=sorted(set(FULL) | set(GPU)), default=None)
+    parser.add_argument("--gpu", action="store_true", help="the GPU suite (benchmarks/gpu.sh)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="with --gpu: tiny shapes and sizes, a CPU check of the suite")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per benchmark")
     parser.add_argument("--ceilings-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -122,12 +186,16 @@ def main(argv=None) -> int:
                           cwd=ROOT, text=True, stdout=subprocess.PIPE, check=True)
     ceil = json.loads(proc.stdout.strip().splitlines()[-1])
     accelerated = ceil["backend"] != "cpu"
-    plan = dict(QUICK if args.quick else FULL)
-    if accelerated and not args.quick:
-        plan.update(ACCELERATOR)
+    if args.gpu:
+        plan = dict(GPU_SMOKE if args.smoke else GPU)
+    else:
+        plan = dict(QUICK if args.quick else FULL)
+        if accelerated and not args.quick:
+            plan.update(ACCELERATOR)
     if args.only:
         plan = {k: v for k, v in plan.items() if k in args.only}
     print(f"[bench] {ceil}", file=sys.stderr, flush=True)
+    models = _gpu_models(args.out, args.smoke) if args.gpu else {}
 
     results, failed = {}, []
     no_reference = accelerated and not _torch_has_accelerator()
@@ -138,7 +206,8 @@ def main(argv=None) -> int:
         if cmd[0] == "tunix_peer.py":  # Tunix's own environment, with this checkout on the path
             python = os.environ.get("ZSJAX_TUNIX_PYTHON", sys.executable)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-        full = [python, os.path.join(HERE, cmd[0]), *cmd[1:], "--out", out]
+        full = [python, os.path.join(HERE, cmd[0]), *(a.format(**models) for a in cmd[1:]),
+                "--out", out]
         if no_reference and cmd[0] in ("decode.py", "update.py"):
             full.append("--no-reference")
         print(f"[bench] {name}: {' '.join(full[1:])}", file=sys.stderr, flush=True)
@@ -170,7 +239,9 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    lines = [f"# Benchmark report ({'quick' if args.quick else 'full'})", "",
+    kind = ("GPU suite, smoke" if args.smoke else "GPU suite") if args.gpu else (
+        "quick" if args.quick else "full")
+    lines = [f"# Benchmark report ({kind})", "",
              f"`{report['command']}`, {report['date']}", "",
              f"Machine: {report['machine']}; backend {ceil['backend']} ({ceil['device']}); "
              f"matmul {ceil['matmul_gflop_s']} GFLOP/s, device copy {ceil['device_copy_gb_s']} "

@@ -48,7 +48,8 @@ def _free_port() -> int:
 
 
 def _has_llama_cpp(python: str) -> bool:
-    return subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True).returncode == 0
+    proc = subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True)
+    return proc.returncode == 0
 
 
 def _gguf(path: str) -> str:

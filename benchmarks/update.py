@@ -1,12 +1,16 @@
 """GRPO update throughput: zsjax's jitted step vs a PyTorch eager reference, one run.
 
     python benchmarks/update.py [--batch 8] [--length 128] [--steps 3] [--micro 1]
+                                [--model DIR] [--dtype float32|bfloat16] [--remat]
 
-Same SmolLM2-135M-Instruct weights (float32), same batch (a prompt and an information block
-masked out of the loss), same loss (PPO-clip + entropy bonus, token mean), global-norm clipping
-and AdamW. PyTorch runs transformers' LlamaForCausalLM in eager mode. zsjax computes no
-logits at the prompt's positions, as the trainer does (`--full-logits` computes them). MFU
-counts 6 x params x tokens against the matmul rate measured in the same run.
+Same SmolLM2-135M-Instruct weights (float32; --model: another Hugging Face folder), same batch
+(a prompt and an information block masked out of the loss), same loss (PPO-clip + entropy bonus,
+token mean), global-norm clipping and AdamW. PyTorch runs the transformers model in eager mode.
+zsjax computes no logits at the prompt's positions, as the trainer does (`--full-logits`
+computes them). MFU counts 6 x params x tokens against the matmul rate measured in the same run
+(in --dtype).
+--dtype bfloat16 computes in bfloat16 with float32 trained weights, as the trainer's
+`policy.dtype`; PyTorch then runs its float32 model under autocast to bfloat16.
 """
 
 import argparse
@@ -34,6 +38,11 @@ def peak_memory() -> dict:
                                        2)}
 
 
+def none(value, suffix="", fmt=""):
+    """A table cell: '-' where the reference was skipped."""
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -47,6 +56,9 @@ def main():
     parser.add_argument("--full-logits", action="store_true",
                         help="compute logits at the prompt's positions too (as PyTorch does); "
                              "by default zsjax skips them like the trainer (logits_from)")
+    parser.add_argument("--model", default=None, help="a Hugging Face folder (default SmolLM2)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype (the trained weights stay float32)")
     parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip PyTorch (e.g. JAX on a GPU with a CPU-only torch)")
@@ -67,8 +79,8 @@ def main():
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(small).save_pretrained(model_dir)
     else:
-        model_dir = fetch()
-    config, params = load_hf(model_dir)
+        model_dir = args.model or fetch()
+    config, params = load_hf(model_dir, dtype=args.dtype, param_dtype="float32")
     b, t = args.batch, args.length
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (b, t)).astype(np.int32)
@@ -83,7 +95,7 @@ def main():
                     advantages=jnp.asarray(adv))
     cfg = U.LossConfig(entropy_coef=0.001)
     from decode import matmul_rate  # benchmarks/decode.py
-    ceiling = matmul_rate()
+    ceiling = matmul_rate(dtype=args.dtype)
     flops = 6 * config.num_params() * b * t
 
     # zsjax
@@ -115,8 +127,11 @@ def main():
     tt, tm, ta, to = (torch.tensor(x, device=device)
                       for x in (tokens.astype(np.int64), mask, adv, old))
 
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
     def torch_step():
-        logits = model(tt).logits[:, :-1].float()
+        with autocast:
+            logits = model(tt).logits[:, :-1].float()
         logp_all = torch.log_softmax(logits, -1)
         logp = logp_all.gather(-1, tt[:, 1:, None])[..., 0]
         ent = -(logp_all.exp() * logp_all).sum(-1)
@@ -143,7 +158,9 @@ def main():
     report = {
         "machine": f"{os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), "
                    f"torch {torch.__version__} ({'skipped' if args.no_reference else device})",
-        "model": "random 6M Llama" if args.small else "SmolLM2-135M-Instruct",
+        "model": "random 6M Llama" if args.small else (
+            os.path.basename(os.path.normpath(args.model)) if args.model
+            else "SmolLM2-135M-Instruct"), "dtype": args.dtype,
         "params": config.num_params(),
         "batch": f"{b} x {t} tokens ({int(mask.sum())} in the loss)", "micro_batches": args.micro,
         "remat": args.remat, "logits_from": logits_from, "matmul_gflop_s": round(ceiling / 1e9, 1),
@@ -156,15 +173,17 @@ def main():
     report = {k: None if isinstance(v, float) and v != v else v for k, v in report.items()}
     print(json.dumps(report, indent=2))
     mem = ", ".join(f"{k} {v}" for k, v in peak.items())
-    lines = [f"{report['model']}, batch {report['batch']}, {report['machine']}; matmul "
-             f"{report['matmul_gflop_s']} GFLOP/s (same run); {mem}", "",
+    lines = [f"{report['model']} ({args.dtype} compute), batch {report['batch']}, "
+             f"{report['machine']}; matmul {report['matmul_gflop_s']} GFLOP/s (same run); "
+             f"{mem}", "",
              "| zsjax step s | PyTorch step s | speedup | zsjax tokens/s | PyTorch tokens/s | "
              "MFU zsjax / PyTorch | zsjax compile s | policy loss zsjax / PyTorch |",
              "|---|---|---|---|---|---|---|---|",
-             f"| {report['zsjax_step_s']} | {report['torch_step_s']} | {report['speedup']}x | "
-             f"{report['zsjax_tokens_s']} | {report['torch_tokens_s']} | {report['zsjax_mfu']} / "
-             f"{report['torch_mfu']} | {report['zsjax_compile_s']} | {zs_loss:.6g} / "
-             f"{torch_loss:.6g} |"]
+             f"| {report['zsjax_step_s']} | {none(report['torch_step_s'])} | "
+             f"{none(report['speedup'], 'x')} | {report['zsjax_tokens_s']} | "
+             f"{none(report['torch_tokens_s'])} | {report['zsjax_mfu']} / "
+             f"{none(report['torch_mfu'])} | {report['zsjax_compile_s']} | {zs_loss:.6g} / "
+             f"{none(report['policy_loss_torch'], fmt='.6g')} |"]
     print("\n".join(lines))
     if args.out:
         write_report(args.out, report, lines)

@@ -8,21 +8,12 @@ message when the chat has none). Tests that compare with a real checkpoint use S
 
 from __future__ import annotations
 
-from zsjax.data.bpe import train_bpe
+from zsjax.data.bpe import CHATML_SPECIALS, CHATML_TEMPLATE, train_bpe
 from zsjax.search import prompts as P
 from zsjax.search.simulator import FINETUNED_TEMPLATE
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-# ChatML, written here (not copied from a model): a default system message when the first
-# message is not a system one, as SmolLM2's and Qwen2.5's templates do.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+SPECIALS = list(CHATML_SPECIALS)
+CHAT_TEMPLATE = CHATML_TEMPLATE
 
 _TEXTS = [
     P.POLICY_TEMPLATE, P.INVALID_ACTION, P.information_block("Doc 1: x"), FINETUNED_TEMPLATE,

@@ -144,3 +144,44 @@ def test_lora_benchmark_variants_run_on_a_tiny_model(tmp_path):
     assert rows["lora"]["trained_params"] < rows["full"]["trained_params"] / 5
     assert rows["lora"]["checkpoint_mb"] < rows["full"]["checkpoint_mb"]
     assert 0 < rows["lora"]["merge_s"] and 0 < rows["lora"]["decode_s"]
+
+
+def test_random_model_has_the_named_shape_and_loads_in_transformers(tmp_path):
+    """benchmarks/random_model.py: the real model's config.json values (smoke: the family and
+    flags, small widths), readable by transformers, with a chat template that applies."""
+    import transformers
+    bench = _load("random_model")
+    path = bench.write(str(tmp_path / "qwen"), "qwen2.5-1.5b", smoke=True)
+    hf = transformers.AutoConfig.from_pretrained(path)
+    assert hf.architectures == ["Qwen2ForCausalLM"] and hf.tie_word_embeddings
+    rope = getattr(hf, "rope_parameters", None) or {"rope_theta": hf.rope_theta}
+    assert rope["rope_theta"] == 1e6 and hf.num_key_value_heads == 2 and hf.hidden_size == 64
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert max(ids) < hf.vocab_size
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2's q/k/v biases
+    full = bench.SHAPES["qwen2.5-1.5b"]  # Qwen2.5-1.5B's published config.json
+    assert (full["d_model"], full["n_layers"], full["d_ff"], full["vocab_size"]) == (
+        1536, 28, 8960, 151936)
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
+    """`bash benchmarks/gpu.sh --cpu`: every benchmark of the GPU suite, on tiny shapes, writes
+    its report, so a lent device's minutes are not spent on a broken script."""
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--cpu", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(out / "report.json"))
+    names = {"decode_smollm2", "decode_qwen1.5b", "rollout_smollm2", "update_smollm2",
+             "update_qwen1.5b"}
+    assert set(report["results"]) == names
+    assert all("result" in r for r in report["results"].values()), report["results"]
+    rollout = {r["mode"] for r in report["results"]["rollout_smollm2"]["result"]["rows"]}
+    assert rollout == {"kv_reuse", "re_prefill"}
+    assert "GPU suite, smoke" in open(out / "report.md").read()

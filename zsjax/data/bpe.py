@@ -9,6 +9,18 @@ from typing import Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+# ChatML's special tokens and a ChatML chat template of the SmolLM2 / Qwen2.5 kind (a default
+# system message when the chat has none), written here, not copied from a model: for tokenizers
+# that must apply chat templates as instruct models' do.
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
 
 def train_bpe(texts: Sequence[str], *, vocab_size: int, specials: Sequence[str], eos: str,
               pad: str, extra_specials: Sequence[str] = (),

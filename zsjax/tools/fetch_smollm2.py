@@ -100,17 +100,22 @@ def convert(gguf_path: str, out_dir: str) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def is_complete(out_dir: str | None = None) -> bool:
+    """Whether `out_dir` (default: the cache) holds a finished fetch."""
+    return os.path.exists(os.path.join(out_dir or default_dir(), _DONE))
+
+
 def fetch(out_dir: str | None = None, *, force: bool = False) -> str:
     """Makes sure `out_dir` holds the converted model; returns its path. Idempotent."""
     out_dir = os.path.abspath(out_dir or default_dir())
-    if os.path.exists(os.path.join(out_dir, _DONE)) and not force:
+    if is_complete(out_dir) and not force:
         return out_dir
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     # One fetch at a time (the test suite's worker processes all ask for it): the others wait,
     # then find the finished folder.
     with _lock(out_dir + ".lock"):
-        if os.path.exists(os.path.join(out_dir, _DONE)) and not force:
+        if is_complete(out_dir) and not force:
             return out_dir
         return _fetch(out_dir, parent)
 
