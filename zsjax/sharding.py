@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # scan_layers' stacked axis: every device holds every layer's shard
 )
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]

@@ -46,7 +46,7 @@ def _get_path(tree: dict, path: str):
 
 
 def load_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
-            mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES
+            mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES, scan_layers: bool = False
             ) -> tuple[ModelConfig, dict]:
     """A Hugging Face folder (config.json + safetensors, single or sharded) -> (config, params).
 
@@ -54,6 +54,8 @@ def load_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None
     weights to train want float32 (`param_dtype="float32"`) under bfloat16 compute, since an
     update of lr 1e-6 is far below a bfloat16 weight's rounding step (about 1e-4 at 0.02).
     With a mesh, each param is placed on its NamedSharding from the logical axis rules.
+    `scan_layers` returns the config and params in the scanned layout (`decoder.stack_layers`);
+    the per-layer tensors are read first, so the layers' weights are held twice for a moment.
     """
     config = read_hf_config(path, dtype=dtype)
     if param_dtype is not None:
@@ -108,6 +110,13 @@ def load_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None
         raise CheckpointError(f"model dir {path} lacks {len(missing)} tensor(s) that its "
                               f"config.json needs: {', '.join(missing[:5])}"
                               + (" ..." if len(missing) > 5 else ""))
+    if scan_layers:
+        config = dataclasses.replace(config, scan_layers=True)
+        params = decoder.stack_layers(params, config.n_layers)
+        if mesh is not None:
+            params = jax.device_put(params, sharding.tree_shardings(
+                decoder.param_logical_axes(config),
+                jax.tree.map(lambda s: s.shape, decoder.param_shapes(config)), mesh, rules))
     return config, params
 
 
@@ -128,9 +137,12 @@ def save_hf(config: ModelConfig, params: dict, path: str, *, dtype: str | None =
 
     Streams one param at a time to host (gathering it if sharded). Files above
     `max_shard_bytes` are split, with a `model.safetensors.index.json`. `tokenizer_dir`, if given,
-    is a folder whose tokenizer files are copied alongside.
+    is a folder whose tokenizer files are copied alongside. Params in the scan_layers layout
+    are written per layer, as Hugging Face holds them.
     """
     os.makedirs(path, exist_ok=True)
+    if "layers" in params:  # the scan_layers layout: checkpoints are per layer
+        params = decoder.unstack_layers(params)
     out_dtype = np.dtype(jax.numpy.dtype(dtype or config.param_dtype))
     entries = []  # (hf_name, hf_shape, param_path, rule)
     for param_path, (rule, hf_name) in hf_mapping.expected(config).items():

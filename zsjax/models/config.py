@@ -69,6 +69,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # The layers as one scan over stacked params (zsjax.models.decoder): compile time that does
+    # not grow with depth. A layout of zsjax's params, not of the model: never in config.json.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.family not in SUPPORTED_ARCHITECTURES.values():

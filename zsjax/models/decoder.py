@@ -8,6 +8,12 @@ logical axis names (see `zsjax.sharding`); `param_logical_axes` reads them off t
 
 Attention, and on a CPU the projections and the tied head, run through products with
 hand-written backward passes (`zsjax.models.kernels`); this module is the architecture.
+
+With `config.scan_layers` the layers are one `nn.scan` over params stacked on a leading
+"layers" axis (`params["layers"]`, each leaf [n_layers, ...]) instead of a Python loop over
+`layers_0 ... layers_{n-1}`: one layer is traced and compiled, whatever the depth. The cache
+then holds one stacked array for keys and one for values. `stack_layers` / `unstack_layers`
+convert params between the two layouts (Hugging Face checkpoints are per layer).
 """
 
 from __future__ import annotations
@@ -37,10 +43,10 @@ class KVCache:
     hold real tokens, so rows may be left-padded or carry padding in the middle (ragged appends).
     """
 
-    k: tuple[jax.Array, ...]  # per layer [B, KVH, S, Dh]
+    k: tuple[jax.Array, ...]  # per layer [B, KVH, S, Dh] (scan_layers: one [L, B, KVH, S, Dh])
     # Values are stored transposed, slots last, so both attention contractions run over the
     # minor dimension: on XLA:CPU this took batch-32 attention from 21 to 14 ms a step.
-    v: tuple[jax.Array, ...]  # per layer [B, KVH, Dh, S]
+    v: tuple[jax.Array, ...]  # per layer [B, KVH, Dh, S] (scan_layers: one [L, B, KVH, Dh, S])
     valid: jax.Array  # [B, S] bool
     index: jax.Array  # [] int32, next slot to write
 
@@ -55,6 +61,10 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: str | None
     k_shape = (batch, config.n_kv_heads, capacity, config.head_dim)
     v_shape = (batch, config.n_kv_heads, config.head_dim, capacity)
     dt = jnp.dtype(dtype or config.dtype)
+    if config.scan_layers:
+        return KVCache(k=(jnp.zeros((config.n_layers,) + k_shape, dt),),
+                       v=(jnp.zeros((config.n_layers,) + v_shape, dt),),
+                       valid=jnp.zeros((batch, capacity), bool), index=jnp.zeros((), jnp.int32))
     return KVCache(k=tuple(jnp.zeros(k_shape, dt) for _ in range(config.n_layers)),
                    v=tuple(jnp.zeros(v_shape, dt) for _ in range(config.n_layers)),
                    valid=jnp.zeros((batch, capacity), bool), index=jnp.zeros((), jnp.int32))
@@ -110,7 +120,17 @@ class Attention(nn.Module):
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         k = k.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
         v = v.transpose(0, 2, 3, 1)  # [B, KVH, Dh, T], the cache's layout
-        if kv_cache is not None:
+        if kv_cache is not None and len(kv_cache) == 3:
+            # scan_layers: every layer's cache stacked, this layer's index; only the new slots
+            # are written, in place in the loop's carry
+            k_all, v_all, layer = kv_cache
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype),
+                                                 (layer, 0, 0, cache_index, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype),
+                                                 (layer, 0, 0, 0, cache_index))
+            k, v = k_all[layer], v_all[layer]
+            kv_cache = (k_all, v_all, layer)
+        elif kv_cache is not None:
             k_cache, v_cache = kv_cache
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
                                              (0, 0, cache_index, 0))
@@ -159,6 +179,18 @@ class MLP(nn.Module):
                      name="down_proj")(ACTIVATIONS[c.activation](gate) * up)
 
 
+def _block(module, x, cos, sin, mask_bts, kv_cache, cache_index):
+    """One decoder layer, its submodules created in `module`'s scope (Block and ScannedBlock
+    share it, so both hold the same param tree)."""
+    c = module.config
+    norm = functools.partial(RMSNorm, c.rms_norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
+    h, kv_cache = Attention(c, module.mesh, module.rules, module.causal, name="attn")(
+        norm(name="attn_norm")(x), cos, sin, mask_bts, kv_cache, cache_index)
+    x = x + h
+    x = x + MLP(c, name="mlp")(norm(name="mlp_norm")(x))
+    return x, kv_cache
+
+
 class Block(nn.Module):
     config: ModelConfig
     mesh: Mesh | None = None
@@ -167,14 +199,25 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask_bts, kv_cache, cache_index):
-        c = self.config
-        norm = functools.partial(RMSNorm, c.rms_norm_eps, jnp.dtype(c.dtype),
-                                 jnp.dtype(c.param_dtype))
-        h, kv_cache = Attention(c, self.mesh, self.rules, self.causal, name="attn")(
-            norm(name="attn_norm")(x), cos, sin, mask_bts, kv_cache, cache_index)
-        x = x + h
-        x = x + MLP(c, name="mlp")(norm(name="mlp_norm")(x))
-        return x, kv_cache
+        return _block(self, x, cos, sin, mask_bts, kv_cache, cache_index)
+
+
+class ScannedBlock(nn.Module):
+    """A layer as the body of `nn.scan`: carry (x,) or (x, k_all, v_all), scanned over the
+    layer index."""
+
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: Any = sharding.DEFAULT_RULES
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, carry, layer, cos, sin, mask_bts, cache_index):
+        x, *kv = carry
+        kv_cache = (kv[0], kv[1], layer) if kv else None
+        x, kv_cache = _block(self, x, cos, sin, mask_bts, kv_cache, cache_index)
+        x = sharding.constrain(x, ("batch", "length", "embed"), self.mesh, self.rules)
+        return (x, *kv_cache[:2]) if kv else (x,), None
 
 
 class Decoder(nn.Module):
@@ -224,7 +267,18 @@ class Decoder(nn.Module):
 
         new_k, new_v = [], []
         block_cls = nn.remat(Block) if self.remat else Block
-        for i in range(c.n_layers):
+        if c.scan_layers:
+            body = nn.remat(ScannedBlock, prevent_cse=False) if self.remat else ScannedBlock
+            layers = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                             length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            carry = (x,) if cache is None else (x, cache.k[0], cache.v[0])
+            carry, _ = layers(c, self.mesh, self.rules, cache is None, name="layers")(
+                carry, jnp.arange(c.n_layers), cos, sin, mask_bts, index)
+            x = carry[0]
+            if cache is not None:
+                new_k, new_v = [carry[1]], [carry[2]]
+        for i in range(0 if c.scan_layers else c.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x, layer_cache = block_cls(c, self.mesh, self.rules, cache is None,
                                        name=f"layers_{i}")(
@@ -259,6 +313,24 @@ class Decoder(nn.Module):
         if cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + t)
         return logits, cache
+
+
+def stack_layers(params: Params, n_layers: int) -> Params:
+    """Per-layer params (`layers_0 ... layers_{n-1}`) -> the scan_layers layout
+    (`layers`, each leaf stacked on a new leading axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                                 *[params[f"layers_{i}"] for i in range(n_layers)])
+    return out
+
+
+def unstack_layers(params: Params) -> Params:
+    """The scan_layers layout -> per-layer params (what Hugging Face checkpoints hold)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], params["layers"])
+    return out
 
 
 def _abstract_variables(config: ModelConfig):

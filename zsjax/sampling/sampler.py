@@ -185,8 +185,9 @@ def _resume_core(params, d, max_new, eos_ids, stop_next, stop_matched, **static)
 @jax.jit
 def _take(d: _Decode, idx, filler) -> _Decode:
     """Rows idx of d; rows where `filler` is true only pad the batch and count as finished."""
-    d = jax.tree.map(lambda x: x if x.ndim == 0 else x[idx], d)
-    return d.replace(reason=jnp.where(filler, _LENGTH, d.reason))
+    cache = _take_rows(d.cache, idx)
+    d = jax.tree.map(lambda x: x if x.ndim == 0 else x[idx], d.replace(cache=None))
+    return d.replace(cache=cache, reason=jnp.where(filler, _LENGTH, d.reason))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -195,13 +196,16 @@ def _put(d: _Decode, sub: _Decode, dest) -> _Decode:
     step and the cache's slot index are sub's. Logits and keys are left as they were."""
     def put(x, y):
         return y if x.ndim == 0 else x.at[dest].set(y, mode="drop")
-    moved = jax.tree.map(put, (d.cache, d.reason, d.stop_state, d.lengths, d.tokens, d.logprobs,
-                               d.model_logprobs, d.step),
-                         (sub.cache, sub.reason, sub.stop_state, sub.lengths, sub.tokens,
-                          sub.logprobs, sub.model_logprobs, sub.step))
-    names = ("cache", "reason", "stop_state", "lengths", "tokens", "logprobs", "model_logprobs",
-             "step")
-    return d.replace(**dict(zip(names, moved)))
+
+    def put_kv(x, y):  # rows at axis -4 (see _take_rows)
+        return x.at[(slice(None),) * (x.ndim - 4) + (dest,)].set(y, mode="drop")
+    cache = d.cache.replace(k=tuple(map(put_kv, d.cache.k, sub.cache.k)),
+                            v=tuple(map(put_kv, d.cache.v, sub.cache.v)),
+                            valid=put(d.cache.valid, sub.cache.valid), index=sub.cache.index)
+    names = ("reason", "stop_state", "lengths", "tokens", "logprobs", "model_logprobs", "step")
+    moved = jax.tree.map(put, tuple(getattr(d, n) for n in names),
+                         tuple(getattr(sub, n) for n in names))
+    return d.replace(cache=cache, **dict(zip(names, moved)))
 
 
 def _shrink_below(b: int, mesh, min_batch: int) -> int:
@@ -460,18 +464,21 @@ def _forget_slots(valid, slots):
     return valid & (jnp.arange(valid.shape[1])[None, :] != slots[:, None])
 
 
+# Axes counted from the end, so that a per-layer cache [B, KVH, S, Dh] and a stacked one
+# (scan_layers: [L, B, KVH, S, Dh]) take the same code: rows at -4, key slots at -2, value
+# slots at -1.
 @jax.jit
 def _take_rows(cache: KVCache, idx) -> KVCache:
-    take = lambda x: jnp.take(x, idx, axis=0)  # noqa: E731
+    take = lambda x: jnp.take(x, idx, axis=-4)  # noqa: E731
     return KVCache(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
-                   valid=take(cache.valid), index=cache.index)
+                   valid=jnp.take(cache.valid, idx, axis=0), index=cache.index)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _grow(cache: KVCache, capacity: int) -> KVCache:
     extra = capacity - cache.capacity
-    pad_k = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731
-    pad_v = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))  # noqa: E731
+    pad_k = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])  # noqa: E731
+    pad_v = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])  # noqa: E731
     return KVCache(k=tuple(map(pad_k, cache.k)), v=tuple(map(pad_v, cache.v)),
                    valid=jnp.pad(cache.valid, ((0, 0), (0, extra))), index=cache.index)
 
