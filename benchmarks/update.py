@@ -2,6 +2,7 @@
 
     python benchmarks/update.py [--batch 8] [--length 128] [--steps 3] [--micro 1]
                                 [--model DIR] [--dtype float32|bfloat16] [--remat]
+                                [--scan-layers]
 
 Same SmolLM2-135M-Instruct weights (float32; --model: another Hugging Face folder), same batch
 (a prompt and an information block masked out of the loss), same loss (PPO-clip + entropy bonus,
@@ -50,6 +51,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--micro", type=int, default=1, help="zsjax micro-batches per step")
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="the layers as one scan over stacked params (model.scan_layers)")
     parser.add_argument("--small", action="store_true",
                         help="a random ~6M-param Llama (d256, 4 layers, vocab 8192) instead of "
                              "SmolLM2, like the design prototype's small decoder")
@@ -80,7 +83,8 @@ def main():
         transformers.LlamaForCausalLM(small).save_pretrained(model_dir)
     else:
         model_dir = args.model or fetch()
-    config, params = load_hf(model_dir, dtype=args.dtype, param_dtype="float32")
+    config, params = load_hf(model_dir, dtype=args.dtype, param_dtype="float32",
+                             scan_layers=args.scan_layers)
     b, t = args.batch, args.length
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (b, t)).astype(np.int32)
@@ -163,7 +167,8 @@ def main():
             else "SmolLM2-135M-Instruct"), "dtype": args.dtype,
         "params": config.num_params(),
         "batch": f"{b} x {t} tokens ({int(mask.sum())} in the loss)", "micro_batches": args.micro,
-        "remat": args.remat, "logits_from": logits_from, "matmul_gflop_s": round(ceiling / 1e9, 1),
+        "remat": args.remat, "scan_layers": args.scan_layers, "logits_from": logits_from,
+        "matmul_gflop_s": round(ceiling / 1e9, 1),
         "zsjax_step_s": round(z, 3), "torch_step_s": round(p, 3),
         "zsjax_tokens_s": round(b * t / z, 1), "torch_tokens_s": round(b * t / p, 1),
         "speedup": round(p / z, 2), "zsjax_compile_s": round(first - z, 1),

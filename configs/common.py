@@ -34,8 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
     # compute: an update of lr 1e-6 is far below a bfloat16 weight's rounding step (about
     # 1e-4 at 0.02), so bfloat16 weights would hardly move. The reference and the simulator,
     # which are not trained, are held in `dtype`.
+    # scan_layers: the layers as one scan over stacked params (zsjax.models.decoder): compile
+    # time that does not grow with depth; not with policy.lora or per-layer rl.freeze patterns.
     c.policy = ml_collections.ConfigDict({"path": "", "dtype": "float32",
-                                          "param_dtype": "float32", "lora": lora_config()})
+                                          "param_dtype": "float32", "scan_layers": False,
+                                          "lora": lora_config()})
     c.reference = ml_collections.ConfigDict({"path": ""})  # empty: the initial policy
     c.simulator = ml_collections.ConfigDict({
         "path": "", "dtype": "float32",

@@ -689,6 +689,44 @@ def test_same_config_on_a_mesh(tmp_path, algorithm):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_scan_layers_trains_like_the_unrolled_layers(tmp_path, algorithm):
+    """policy.scan_layers (the layers as one scan over stacked params), on a 2 x 2 x 2 mesh:
+    the metrics and the exported weights of the unrolled run on one device; PPO's critic too."""
+    out = {}
+    for name, scan, mesh in (("unrolled", False, (1, 1, 1)), ("scanned", True, (2, 2, 2))):
+        config = tiny.get_config(algorithm)
+        config.train.steps = 2
+        config.policy.scan_layers = scan
+        config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+        out[name] = train.run(config, str(tmp_path / name), generator=ScriptedGenerator)
+    for a, b in zip(out["unrolled"], out["scanned"]):
+        for key in ("reward_mean", "entropy", "policy_loss", "kl", "grad_norm", "value_loss"):
+            if a[key] is not None or b[key] is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    from zsjax.models import load_hf
+    _, want = load_hf(str(tmp_path / "unrolled" / "policy_hf"))
+    _, got = load_hf(str(tmp_path / "scanned" / "policy_hf"))  # written per layer
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("policy.lora.rank", 4, "scan_layers with policy.lora"),
+    ("rl.freeze", "layers_0", "names per-layer paths"),
+])
+def test_scan_layers_refuses_per_layer_settings(tmp_path, key, value, match):
+    config = tiny.get_config()
+    config.policy.scan_layers = True
+    group, *rest = key.split(".")
+    target = config[group]
+    for k in rest[:-1]:
+        target = target[k]
+    target[rest[-1]] = value
+    with pytest.raises(InputError, match=match):
+        train.run(config, str(tmp_path / "run"))
+
+
 def test_generation_mesh_sizes_left_unset():
     """The documented generation meshes: sizes left at 0 beside set ones are 1, except data,
     which takes the rest of the process's devices (or of the `devices` slice)."""

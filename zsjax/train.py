@@ -221,6 +221,14 @@ def _check_values(config) -> None:
                                              "rl.freeze")
     except ValueError as e:
         raise InputError(str(e)) from None
+    if config.policy.get("scan_layers", False):
+        if lora_cfg is not None:
+            raise InputError("policy.scan_layers with policy.lora: LoRA adapters attach to "
+                             "per-layer kernels; turn one of them off")
+        if rl.freeze and "layers_" in rl.freeze:
+            raise InputError(f"rl.freeze={rl.freeze!r} names per-layer paths (layers_N), which "
+                             "policy.scan_layers stacks into one 'layers' tree; turn "
+                             "scan_layers off to freeze by layer")
     if lora_cfg is not None and config.reference.path and (
             os.path.abspath(config.reference.path) != os.path.abspath(config.policy.path)):
         raise InputError("reference.path with policy.lora: the KL reference of a LoRA run is "
@@ -491,11 +499,14 @@ def _setup(config, workdir: str, backend):
     # --- Models, search, losses, optimizers. -------------------------------------------------
     lora_cfg = lora.from_settings(config.policy.get("lora"))  # checked in _check_values
     # With LoRA the base is not trained: held in the compute dtype, it is also the reference.
+    scan = bool(config.policy.get("scan_layers", False))
     policy_config, params = _load(
         paths, "policy", dtype=config.policy.dtype,
-        param_dtype=config.policy.dtype if lora_cfg else config.policy.param_dtype, mesh=mesh)
+        param_dtype=config.policy.dtype if lora_cfg else config.policy.param_dtype, mesh=mesh,
+        scan_layers=scan)
     # (under LoRA the reference is the state's own base: `_reference`)
-    ref_params = (_load(paths, "reference", dtype=config.policy.dtype, mesh=mesh)[1]
+    ref_params = (_load(paths, "reference", dtype=config.policy.dtype, mesh=mesh,
+                        scan_layers=scan)[1]
                   if use_ref and lora_cfg is None else None)
     freeze = rl.freeze
     if lora_cfg is not None:
