@@ -15,6 +15,8 @@ Runs, each in its own process (so one's memory and compiled programs do not affe
                ZSJAX_LLAMACPP_PYTHON names; those rows skipped where it is not installed)
   lora         the GRPO step with LoRA rank 16 vs full fine-tuning: time, peak memory,
                checkpoint size; the adapters' merge vs the decode it precedes
+  scan_layers  compile and run time of the forward, a decode step and the update at Qwen2.5-3B's
+               depth (36 layers, narrowed), layers unrolled vs scanned (model.scan_layers)
   tunix        decode and the GRPO step vs Tunix on the same weights, in the Python of the
                environment ZSJAX_TUNIX_PYTHON names (Tunix pins packages zsjax pins otherwise;
                see benchmarks/tunix_peer.py); skipped where Tunix is not installed
@@ -56,6 +58,7 @@ FULL = {
     "serve": ["serve.py", "--clients", "32", "--new-tokens", "64"],
     "lora": ["lora.py", "--batch", "8", "--length", "256"],
     "tunix": ["tunix_peer.py", "--batches", "1", "8", "32", "--new-tokens", "128"],
+    "scan_layers": ["scan_layers.py", "--layers", "36", "--d-model", "256"],
 }
 QUICK = {
     "decode": ["decode.py", "--batches", "1", "8", "--new-tokens", "32", "--repeats", "1"],
@@ -70,6 +73,7 @@ QUICK = {
     "lora": ["lora.py", "--batch", "2", "--length", "128", "--steps", "1", "--new-tokens", "16"],
     "tunix": ["tunix_peer.py", "--batches", "1", "8", "--new-tokens", "32", "--repeats", "1",
               "--update-batch", "2", "--update-length", "128", "--steps", "1"],
+    "scan_layers": ["scan_layers.py", "--layers", "8", "--d-model", "64"],
 }
 GPU = {  # {smollm2}, {qwen1_5b}: model folders made by `_gpu_models`
     "decode_smollm2": ["decode.py", "--model", "{smollm2}", "--batches", "1", "64", "256",

@@ -35,9 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
     # 1e-4 at 0.02), so bfloat16 weights would hardly move. The reference and the simulator,
     # which are not trained, are held in `dtype`.
     # scan_layers: the layers as one scan over stacked params (zsjax.models.decoder): compile
-    # time that does not grow with depth; not with policy.lora or per-layer rl.freeze patterns.
+    # time that does not grow with depth; "yes", "no" or "auto": for models of 8 layers or
+    # more, except with policy.lora or an rl.freeze pattern naming layers (layers_N), which
+    # need them apart.
     c.policy = ml_collections.ConfigDict({"path": "", "dtype": "float32",
-                                          "param_dtype": "float32", "scan_layers": False,
+                                          "param_dtype": "float32", "scan_layers": "auto",
                                           "lora": lora_config()})
     c.reference = ml_collections.ConfigDict({"path": ""})  # empty: the initial policy
     c.simulator = ml_collections.ConfigDict({

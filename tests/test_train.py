@@ -1,5 +1,6 @@
 """`zsjax.train` on configs/tiny.py: metrics, the curriculum's realised noise, resume, export."""
 
+import dataclasses
 import json
 import os
 
@@ -447,6 +448,7 @@ def test_other_bad_inputs(tmp_path):
     ("mesh.fsdp", 0, "mesh sizes are integers >= 1, or -1"),
     ("train.log_every", -1, "log_every must be an integer >= 0"),
     ("curriculum.base", 1.0, "base must be > 0 and not 1"),
+    ("policy.scan_layers", "maybe", "expected auto, yes or no"),
 ])
 def test_bad_values_fail_before_anything_runs(tmp_path, key, value, match):
     config = tiny.get_config()
@@ -694,7 +696,7 @@ def test_scan_layers_trains_like_the_unrolled_layers(tmp_path, algorithm):
     """policy.scan_layers (the layers as one scan over stacked params), on a 2 x 2 x 2 mesh:
     the metrics and the exported weights of the unrolled run on one device; PPO's critic too."""
     out = {}
-    for name, scan, mesh in (("unrolled", False, (1, 1, 1)), ("scanned", True, (2, 2, 2))):
+    for name, scan, mesh in (("unrolled", "no", (1, 1, 1)), ("scanned", "yes", (2, 2, 2))):
         config = tiny.get_config(algorithm)
         config.train.steps = 2
         config.policy.scan_layers = scan
@@ -704,11 +706,37 @@ def test_scan_layers_trains_like_the_unrolled_layers(tmp_path, algorithm):
         for key in ("reward_mean", "entropy", "policy_loss", "kl", "grad_norm", "value_loss"):
             if a[key] is not None or b[key] is not None:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    from zsjax import evaluate
     from zsjax.models import load_hf
     _, want = load_hf(str(tmp_path / "unrolled" / "policy_hf"))
     _, got = load_hf(str(tmp_path / "scanned" / "policy_hf"))  # written per layer
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(x, y, atol=1e-6)
+    # the checkpoint holds the stacked layers; evaluation reads them as they are
+    cfg, params, _ = evaluate.load_policy(str(tmp_path / "scanned"))
+    assert cfg.scan_layers and "layers" in params
+    np.testing.assert_allclose(params["layers"]["mlp"]["up_proj"]["kernel"][1],
+                               want["layers_1"]["mlp"]["up_proj"]["kernel"], atol=1e-6)
+
+
+def test_scan_layers_auto_scans_deep_models_only(tmp_path):
+    from configs import common
+    from zsjax.models import ModelConfig, init_params, save_hf
+    deep = ModelConfig(vocab_size=64, d_model=16, n_layers=8, n_heads=2, n_kv_heads=1,
+                       head_dim=8, d_ff=32)
+    save_hf(deep, init_params(deep, jax.random.key(0)), str(tmp_path / "deep"))
+    config = tiny.get_config()
+    assert config.policy.scan_layers == common.base_config().policy.scan_layers == "auto"
+    assert train._scan_layers(config, str(tmp_path / "deep"), None)
+    config.rl.freeze = "layers_0/"  # per-layer freezing needs the layers apart
+    assert not train._scan_layers(config, str(tmp_path / "deep"), None)
+    config.rl.freeze = ""
+    assert not train._scan_layers(config, str(tmp_path / "deep"), lora_cfg=object())
+    shallow = dataclasses.replace(deep, n_layers=2)  # the tiny fixture's depth
+    save_hf(shallow, init_params(shallow, jax.random.key(0)), str(tmp_path / "shallow"))
+    assert not train._scan_layers(config, str(tmp_path / "shallow"), None)
+    config.policy.scan_layers = "yes"
+    assert train._scan_layers(config, str(tmp_path / "shallow"), None)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -717,7 +745,7 @@ def test_scan_layers_trains_like_the_unrolled_layers(tmp_path, algorithm):
 ])
 def test_scan_layers_refuses_per_layer_settings(tmp_path, key, value, match):
     config = tiny.get_config()
-    config.policy.scan_layers = True
+    config.policy.scan_layers = "yes"
     group, *rest = key.split(".")
     target = config[group]
     for k in rest[:-1]:

@@ -13,6 +13,7 @@ or its checkpoints/ folder. The evaluation loop itself is `zsjax.search.evaluati
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -90,6 +91,9 @@ def _restore_params(ckpt_dir: str, step: int | None, dtype: str, mesh
                                     f"{[c for c in candidates if c]}")
         tokenizer = load_tokenizer(tok_dir)
         check_vocab(tokenizer, config, f"checkpoint {ckpt_dir}/{step} (tokenizer {tok_dir})")
+        saved = mgr.item_metadata(step)["state"].tree
+        if "layers" in saved[0]["params"]:  # trained with policy.scan_layers: stacked layers
+            config = dataclasses.replace(config, scan_layers=True)
         if mesh is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, param_shapes(config))
@@ -99,7 +103,7 @@ def _restore_params(ckpt_dir: str, step: int | None, dtype: str, mesh
                               param_shapes(config), shardings)
         # The saved state is (TrainState(step, params, opt_state), critic_state): restore the
         # params and skip every other leaf.
-        item = jax.tree.map(lambda _: ocp.PLACEHOLDER, mgr.item_metadata(step)["state"].tree)
+        item = jax.tree.map(lambda _: ocp.PLACEHOLDER, saved)
         item[0]["params"] = target
         state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))).state

@@ -221,7 +221,10 @@ def _check_values(config) -> None:
                                              "rl.freeze")
     except ValueError as e:
         raise InputError(str(e)) from None
-    if config.policy.get("scan_layers", False):
+    scan = config.policy.get("scan_layers", "no")
+    if scan not in ("auto", "yes", "no"):
+        raise InputError(f"policy.scan_layers={scan!r}; expected auto, yes or no")
+    if scan == "yes":
         if lora_cfg is not None:
             raise InputError("policy.scan_layers with policy.lora: LoRA adapters attach to "
                              "per-layer kernels; turn one of them off")
@@ -499,7 +502,7 @@ def _setup(config, workdir: str, backend):
     # --- Models, search, losses, optimizers. -------------------------------------------------
     lora_cfg = lora.from_settings(config.policy.get("lora"))  # checked in _check_values
     # With LoRA the base is not trained: held in the compute dtype, it is also the reference.
-    scan = bool(config.policy.get("scan_layers", False))
+    scan = _scan_layers(config, paths["policy"], lora_cfg)
     policy_config, params = _load(
         paths, "policy", dtype=config.policy.dtype,
         param_dtype=config.policy.dtype if lora_cfg else config.policy.param_dtype, mesh=mesh,
@@ -567,6 +570,25 @@ def _setup(config, workdir: str, backend):
                             decoder.param_shardings(policy_config, rollout_mesh)),
              freeze=freeze, lora=lora_cfg)
     return r, state, critic_state
+
+
+SCAN_FROM_LAYERS = 8  # policy.scan_layers="auto" scans models at least this deep
+
+
+def _scan_layers(config, policy_path: str, lora_cfg) -> bool:
+    """policy.scan_layers ("yes", "no" or "auto") resolved: "auto" scans models of SCAN_FROM_LAYERS layers or more
+    (measured no slower to train, and far faster to compile: docs/PERFORMANCE.md), unless LoRA
+    or a per-layer rl.freeze pattern needs the layers apart."""
+    scan = config.policy.get("scan_layers", "no")
+    if scan != "auto":
+        return scan == "yes"
+    n_layers = read_hf_config(policy_path).n_layers
+    scan = (n_layers >= SCAN_FROM_LAYERS and lora_cfg is None
+            and "layers_" not in (config.rl.freeze or ""))
+    if scan:
+        print(f"[train] policy.scan_layers=auto: the policy's {n_layers} layers as one scan",
+              file=sys.stderr)
+    return scan
 
 
 def _eos(path, model_config, tokenizer):
