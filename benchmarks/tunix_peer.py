@@ -11,7 +11,7 @@ transformers), so it gets an environment of its own, with zsjax on the path
     python -m venv .venv-tunix && .venv-tunix/bin/pip install google-tunix==0.1.7
     PYTHONPATH=. .venv-tunix/bin/python benchmarks/tunix_peer.py
 
-- decode: greedy, --new-tokens tokens for every row (EOS disabled on both sides), the same chat
+- decode: greedy, --new-tokens tokens for every row (EOS disabled on every side), the same chat
   prompts; zsjax's `zsjax.sampling.generate` and Tunix's `tunix.generate.sampler.Sampler` on
   Tunix's Llama-3 model loaded from the same safetensors folder. The two sides alternate,
   --repeats times each, after one untimed call each (compilation); the median is reported.
@@ -21,7 +21,10 @@ transformers), so it gets an environment of its own, with zsjax on the path
   `nnx.value_and_grad` and an `nnx.Optimizer` step, jitted; both with PPO clipping 0.2, no KL
   term, global-norm clipping 1.0 and AdamW. Alternating, median of --steps each.
 
-Both sides run float32 on JAX's default device. The greedy texts are compared as a check that
+Where the environment has torch (`pip install torch`), transformers runs beside them: its
+greedy `generate` on the same prompt ids, and the PyTorch eager GRPO step of
+`benchmarks/update.py` on the same batch (--no-transformers leaves it out); the three sides
+alternate. Every side runs float32 (JAX's default device, PyTorch's CPU). The greedy texts are compared as a check that
 the two models are the same model (their float rounding differs, so long continuations may
 part).
 """
@@ -86,7 +89,37 @@ def _alternate(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, batches, new, repeats):
+def _torch():
+    """torch, where this environment has it (the transformers side), else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count())
+    return torch
+
+
+def hf_decoder(model_dir: str, torch):
+    """fn(prompts, new) -> token lists: transformers' greedy `generate` on the same prompt ids
+    (left-padded, EOS off), float32 eager."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    model.generation_config.eos_token_id = None
+
+    def run(prompts, new):
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return [row[width:].tolist() for row in out]
+    return run
+
+
+def decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, batches, new, repeats,
+                hf=None):
     from tunix.generate import sampler as tunix_sampler
     from zsjax.sampling import generate
     never = [config.vocab_size + 7]  # an id no row can sample: every row makes `new` tokens
@@ -115,7 +148,11 @@ def decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, batches, new, repe
                           eos_tokens=never, temperature=0.0)
             out["tunix"] = [np.asarray(t) for t in res.tokens]
 
-        secs = _alternate({"zsjax": zs, "tunix": tx}, repeats)
+        def th():
+            out["transformers"] = hf(prompts, new)
+
+        sides = {"zsjax": zs, "tunix": tx, **({"transformers": th} if hf else {})}
+        secs = _alternate(sides, repeats)
         same = np.mean([list(a[:16]) == [int(x) for x in b[:16]]
                         for a, b in zip(out["zsjax"], out["tunix"])])
         assert all(len(x) == new for x in out["zsjax"])
@@ -124,11 +161,18 @@ def decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, batches, new, repe
                      "tunix_tokens_s": round(batch * new / secs["tunix"], 1),
                      "speedup": round(secs["tunix"] / secs["zsjax"], 2),
                      "rows_with_same_first_16_tokens": float(same)})
+        if hf:
+            rows[-1].update({
+                "transformers_tokens_s": round(batch * new / secs["transformers"], 1),
+                "speedup_vs_transformers": round(secs["transformers"] / secs["zsjax"], 2),
+                "transformers_rows_with_same_first_16_tokens": float(np.mean(
+                    [list(a[:16]) == list(b[:16])
+                     for a, b in zip(out["zsjax"], out["transformers"])]))})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def update_row(config, params, tmodel, batch, length, steps):
+def update_row(config, params, tmodel, batch, length, steps, model_dir=None):
     """One GRPO policy step on each side, the same tokens, advantages and old logprobs."""
     import optax
     from flax import nnx
@@ -187,13 +231,25 @@ def update_row(config, params, tmodel, batch, length, steps):
         loss = jax.block_until_ready(tunix_step(tmodel, opt, example))
         losses.setdefault("tunix", float(loss))
 
-    secs = _alternate({"zsjax": zs, "tunix": tx}, steps)
+    sides = {"zsjax": zs, "tunix": tx}
+    if model_dir is not None:  # PyTorch eager on the transformers model, the same loss
+        from update import torch_grpo_step  # benchmarks/update.py
+        torch_step = torch_grpo_step(model_dir, tokens, mask, adv_row[:, None] * mask, old)
+
+        def th():
+            losses.setdefault("transformers", torch_step())
+        sides["transformers"] = th
+    secs = _alternate(sides, steps)
     row = {"batch": batch, "length": length, "zsjax_step_s": round(secs["zsjax"], 3),
            "tunix_step_s": round(secs["tunix"], 3),
            "speedup": round(secs["tunix"] / secs["zsjax"], 2),
            # the first step's loss on each side: the same loss of the same batch (every row's
            # completion is whole, so Tunix's sequence-mean-token-mean is zsjax's token mean)
            "policy_loss_zsjax": losses["zsjax"], "policy_loss_tunix": losses["tunix"]}
+    if "transformers" in secs:
+        row.update({"transformers_step_s": round(secs["transformers"], 3),
+                    "speedup_vs_transformers": round(secs["transformers"] / secs["zsjax"], 2),
+                    "policy_loss_transformers": losses["transformers"]})
     print(json.dumps(row), flush=True)
     return row
 
@@ -208,6 +264,9 @@ def main(argv=None) -> int:
     parser.add_argument("--update-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--skip-update", action="store_true")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="leave out the transformers / PyTorch side (it runs where this "
+                             "environment has torch)")
     parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
     args = parser.parse_args(argv)
     try:
@@ -229,26 +288,39 @@ def main(argv=None) -> int:
     tunix_tok.pad_token = tunix_tok.unk_token or tunix_tok.eos_token
     config, params = load_hf(model_dir)
     tcfg, tmodel = tunix_llama(model_dir)
+    torch = None if args.no_transformers else _torch()
     decode = decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, args.batches,
-                         args.new_tokens, args.repeats)
-    update = None if args.skip_update else update_row(config, params, tmodel, args.update_batch,
-                                                      args.update_length, args.steps)
+                         args.new_tokens, args.repeats,
+                         hf=hf_decoder(model_dir, torch) if torch else None)
+    update = None if args.skip_update else update_row(
+        config, params, tmodel, args.update_batch, args.update_length, args.steps,
+        model_dir=model_dir if torch else None)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
                          f"({jax.default_backend()}), google-tunix "
-                         f"{importlib.metadata.version('google-tunix')}",
+                         f"{importlib.metadata.version('google-tunix')}, transformers "
+                         f"{transformers.__version__}"
+                         + (f", torch {torch.__version__}" if torch else " (no torch)"),
               "model": "SmolLM2-135M-Instruct float32", "decode": decode, "update": update,
               "command": " ".join(["python"] + sys.argv)}
     lines = [f"Machine: {report['machine']}.", "",
-             "| decode batch | new tokens | zsjax tok/s | Tunix tok/s | zsjax / Tunix | rows "
-             "with the same first 16 tokens |", "|---|---|---|---|---|---|"]
+             "| decode batch | new tokens | zsjax tok/s | Tunix tok/s | zsjax / Tunix | "
+             "transformers tok/s | zsjax / transformers | rows with zsjax's first 16 tokens "
+             "(Tunix / transformers) |", "|---|---|---|---|---|---|---|---|"]
     for r in decode:
+        hf = (f"{r['transformers_tokens_s']} | {r['speedup_vs_transformers']}x"
+              if "transformers_tokens_s" in r else "- | -")
+        same = f"{r['rows_with_same_first_16_tokens']:.0%}" + (
+            f" / {r['transformers_rows_with_same_first_16_tokens']:.0%}"
+            if "transformers_tokens_s" in r else "")
         lines.append(f"| {r['batch']} | {r['new_tokens']} | {r['zsjax_tokens_s']} | "
-                     f"{r['tunix_tokens_s']} | {r['speedup']}x | "
-                     f"{r['rows_with_same_first_16_tokens']:.0%} |")
+                     f"{r['tunix_tokens_s']} | {r['speedup']}x | {hf} | {same} |")
     if update:
-        lines += ["", "| GRPO step | zsjax s | Tunix s | zsjax / Tunix |", "|---|---|---|---|",
+        hf = (f"{update['transformers_step_s']} | {update['speedup_vs_transformers']}x"
+              if "transformers_step_s" in update else "- | -")
+        lines += ["", "| GRPO step | zsjax s | Tunix s | zsjax / Tunix | PyTorch (transformers) "
+                  "s | zsjax / PyTorch |", "|---|---|---|---|---|---|",
                   f"| {update['batch']} x {update['length']} tokens | {update['zsjax_step_s']} | "
-                  f"{update['tunix_step_s']} | {update['speedup']}x |"]
+                  f"{update['tunix_step_s']} | {update['speedup']}x | {hf} |"]
     print("\n".join(lines))
     if args.out:
         write_report(args.out, report, lines)

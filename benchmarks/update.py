@@ -39,6 +39,37 @@ def peak_memory() -> dict:
                                        2)}
 
 
+def torch_grpo_step(model_dir, tokens, mask, adv, old, *, device="cpu", bfloat16=False,
+                    entropy_coef=0.0, lr=1e-6):
+    """The PyTorch eager reference of a GRPO policy step on a transformers model: PPO-clip
+    0.2 with an entropy bonus, token mean over `mask`, global-norm clipping 1.0, AdamW;
+    `bfloat16`: float32 weights under autocast. Returns step() -> the policy loss."""
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    tt, tm, ta, to = (torch.tensor(x, device=device)
+                      for x in (tokens.astype(np.int64), mask, adv, old))
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bfloat16):
+            logits = model(tt).logits[:, :-1].float()
+        logp_all = torch.log_softmax(logits, -1)
+        logp = logp_all.gather(-1, tt[:, 1:, None])[..., 0]
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        m_, a_, o_ = tm[:, 1:], ta[:, 1:], to[:, 1:]
+        ratio = torch.exp(logp - o_)
+        pg = torch.maximum(-a_ * ratio, -a_ * ratio.clamp(0.8, 1.2))
+        loss = ((pg - entropy_coef * ent) * m_).sum() / m_.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return float(((pg * m_).sum() / m_.sum()).detach())
+    return step
+
+
 def none(value, suffix="", fmt=""):
     """A table cell: '-' where the reference was skipped."""
     return "-" if value is None else f"{value:{fmt}}{suffix}"
@@ -125,32 +156,10 @@ def main():
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     if device == "cuda":  # JAX runs float32 matmuls on a GPU with TF32; let torch do the same
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
-    tt, tm, ta, to = (torch.tensor(x, device=device)
-                      for x in (tokens.astype(np.int64), mask, adv, old))
-
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-
-    def torch_step():
-        with autocast:
-            logits = model(tt).logits[:, :-1].float()
-        logp_all = torch.log_softmax(logits, -1)
-        logp = logp_all.gather(-1, tt[:, 1:, None])[..., 0]
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-        m_, a_, o_ = tm[:, 1:], ta[:, 1:], to[:, 1:]
-        ratio = torch.exp(logp - o_)
-        pg = torch.maximum(-a_ * ratio, -a_ * ratio.clamp(0.8, 1.2))
-        loss = ((pg - 0.001 * ent) * m_).sum() / m_.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return float(((pg * m_).sum() / m_.sum()).detach())
-
     ts, torch_loss = [], float("nan")
     if not args.no_reference:
+        torch_step = torch_grpo_step(model_dir, tokens, mask, adv, old, device=device,
+                                     bfloat16=args.dtype == "bfloat16", entropy_coef=0.001)
         torch_step()
         for _ in range(args.steps):
             t0 = time.perf_counter()
