@@ -23,8 +23,9 @@ transformers), so it gets an environment of its own, with zsjax on the path
 
 Where the environment has torch (`pip install torch`), transformers runs beside them: its
 greedy `generate` on the same prompt ids, and the PyTorch eager GRPO step of
-`benchmarks/update.py` on the same batch (--no-transformers leaves it out); the three sides
-alternate. Every side runs float32 (JAX's default device, PyTorch's CPU). The greedy texts are compared as a check that
+`benchmarks/update.py` on the same batch (--no-transformers leaves it out), in a process of its
+own after the two JAX sides' rounds (PyTorch's threads in the same process slowed the JAX step by
+a fifth). Every side runs float32 (JAX's default device, PyTorch's CPU). The greedy texts are compared as a check that
 the two models are the same model (their float rounding differs, so long continuations may
 part).
 """
@@ -89,37 +90,57 @@ def _alternate(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _torch():
-    """torch, where this environment has it (the transformers side), else None."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(os.cpu_count())
-    return torch
+def _has_torch() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
 
 
-def hf_decoder(model_dir: str, torch):
-    """fn(prompts, new) -> token lists: transformers' greedy `generate` on the same prompt ids
-    (left-padded, EOS off), float32 eager."""
+def _in_child(kind: str, model_dir: str, arrays: dict, repeats: int) -> dict:
+    """Runs the transformers side (`kind`: decode or update) in a process of its own, so that
+    PyTorch's threads do not share a process with the JAX sides: {seconds, ...}."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "inputs.npz")
+        np.savez(path, **arrays)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind,
+                               model_dir, path, str(repeats)], capture_output=True, text=True,
+                              check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child(kind: str, model_dir: str, path: str, repeats: int) -> int:
+    """The transformers side: one untimed call, then the median of `repeats`, as JSON."""
+    import torch
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    model.generation_config.eos_token_id = None
+    torch.set_num_threads(os.cpu_count())
+    a = dict(np.load(path))
+    if kind == "decode":
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.eval()
+        model.generation_config.eos_token_id = None
+        ids, attn, new = torch.tensor(a["ids"]), torch.tensor(a["attn"]), int(a["new"])
+        out = {}
 
-    def run(prompts, new):
-        width = max(map(len, prompts))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new,
-                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
-        return [row[width:].tolist() for row in out]
-    return run
+        def call():
+            with torch.no_grad():
+                out["tokens"] = model.generate(
+                    input_ids=ids, attention_mask=attn, max_new_tokens=new, min_new_tokens=new,
+                    do_sample=False, pad_token_id=0)[:, ids.shape[1]:].tolist()
+    else:
+        from update import torch_grpo_step  # benchmarks/update.py
+        step = torch_grpo_step(model_dir, a["tokens"], a["mask"], a["adv"], a["old"])
+        out = {}
+
+        def call():
+            out.setdefault("loss", step())
+    secs = _alternate({"transformers": call}, repeats)["transformers"]
+    print(json.dumps({"seconds": secs, **out}))
+    return 0
 
 
 def decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, batches, new, repeats,
-                hf=None):
+                model_dir=None):
     from tunix.generate import sampler as tunix_sampler
     from zsjax.sampling import generate
     never = [config.vocab_size + 7]  # an id no row can sample: every row makes `new` tokens
@@ -148,11 +169,14 @@ def decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, batches, new, repe
                           eos_tokens=never, temperature=0.0)
             out["tunix"] = [np.asarray(t) for t in res.tokens]
 
-        def th():
-            out["transformers"] = hf(prompts, new)
-
-        sides = {"zsjax": zs, "tunix": tx, **({"transformers": th} if hf else {})}
-        secs = _alternate(sides, repeats)
+        secs = _alternate({"zsjax": zs, "tunix": tx}, repeats)
+        if model_dir is not None:  # transformers, in its own process (_in_child)
+            w = max(map(len, prompts))
+            hf = _in_child("decode", model_dir, {
+                "ids": np.array([[0] * (w - len(p)) + p for p in prompts]),
+                "attn": np.array([[0] * (w - len(p)) + [1] * len(p) for p in prompts]),
+                "new": np.array(new)}, repeats)
+            secs["transformers"], out["transformers"] = hf["seconds"], hf["tokens"]
         same = np.mean([list(a[:16]) == [int(x) for x in b[:16]]
                         for a, b in zip(out["zsjax"], out["tunix"])])
         assert all(len(x) == new for x in out["zsjax"])
@@ -161,7 +185,7 @@ def decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, batches, new, repe
                      "tunix_tokens_s": round(batch * new / secs["tunix"], 1),
                      "speedup": round(secs["tunix"] / secs["zsjax"], 2),
                      "rows_with_same_first_16_tokens": float(same)})
-        if hf:
+        if model_dir is not None:
             rows[-1].update({
                 "transformers_tokens_s": round(batch * new / secs["transformers"], 1),
                 "speedup_vs_transformers": round(secs["transformers"] / secs["zsjax"], 2),
@@ -231,15 +255,11 @@ def update_row(config, params, tmodel, batch, length, steps, model_dir=None):
         loss = jax.block_until_ready(tunix_step(tmodel, opt, example))
         losses.setdefault("tunix", float(loss))
 
-    sides = {"zsjax": zs, "tunix": tx}
-    if model_dir is not None:  # PyTorch eager on the transformers model, the same loss
-        from update import torch_grpo_step  # benchmarks/update.py
-        torch_step = torch_grpo_step(model_dir, tokens, mask, adv_row[:, None] * mask, old)
-
-        def th():
-            losses.setdefault("transformers", torch_step())
-        sides["transformers"] = th
-    secs = _alternate(sides, steps)
+    secs = _alternate({"zsjax": zs, "tunix": tx}, steps)
+    if model_dir is not None:  # PyTorch eager on the transformers model, in its own process
+        hf = _in_child("update", model_dir, {"tokens": tokens, "mask": mask,
+                                             "adv": adv_row[:, None] * mask, "old": old}, steps)
+        secs["transformers"], losses["transformers"] = hf["seconds"], hf["loss"]
     row = {"batch": batch, "length": length, "zsjax_step_s": round(secs["zsjax"], 3),
            "tunix_step_s": round(secs["tunix"], 3),
            "speedup": round(secs["tunix"] / secs["zsjax"], 2),
@@ -268,6 +288,10 @@ def main(argv=None) -> int:
                         help="leave out the transformers / PyTorch side (it runs where this "
                              "environment has torch)")
     parser.add_argument("--out", default=None, help="write JSON here (and FILE.md)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--child"]:  # the transformers side (_in_child)
+        return _child(argv[1], argv[2], argv[3], int(argv[4]))
     args = parser.parse_args(argv)
     try:
         import tunix  # noqa: F401
@@ -288,18 +312,18 @@ def main(argv=None) -> int:
     tunix_tok.pad_token = tunix_tok.unk_token or tunix_tok.eos_token
     config, params = load_hf(model_dir)
     tcfg, tmodel = tunix_llama(model_dir)
-    torch = None if args.no_transformers else _torch()
+    hf_dir = None if args.no_transformers or not _has_torch() else model_dir
     decode = decode_rows(tok, tunix_tok, config, params, tcfg, tmodel, args.batches,
-                         args.new_tokens, args.repeats,
-                         hf=hf_decoder(model_dir, torch) if torch else None)
+                         args.new_tokens, args.repeats, model_dir=hf_dir)
     update = None if args.skip_update else update_row(
         config, params, tmodel, args.update_batch, args.update_length, args.steps,
-        model_dir=model_dir if torch else None)
+        model_dir=hf_dir)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
                          f"({jax.default_backend()}), google-tunix "
                          f"{importlib.metadata.version('google-tunix')}, transformers "
                          f"{transformers.__version__}"
-                         + (f", torch {torch.__version__}" if torch else " (no torch)"),
+                         + (", torch " + importlib.metadata.version("torch") if hf_dir
+                            else " (no torch)"),
               "model": "SmolLM2-135M-Instruct float32", "decode": decode, "update": update,
               "command": " ".join(["python"] + sys.argv)}
     lines = [f"Machine: {report['machine']}.", "",
