@@ -576,9 +576,9 @@ SCAN_FROM_LAYERS = 8  # policy.scan_layers="auto" scans models at least this dee
 
 
 def _scan_layers(config, policy_path: str, lora_cfg) -> bool:
-    """policy.scan_layers ("yes", "no" or "auto") resolved: "auto" scans models of SCAN_FROM_LAYERS layers or more
-    (measured no slower to train, and far faster to compile: docs/PERFORMANCE.md), unless LoRA
-    or a per-layer rl.freeze pattern needs the layers apart."""
+    """policy.scan_layers ("yes", "no" or "auto") resolved: "auto" scans models of
+    SCAN_FROM_LAYERS layers or more (measured no slower to train, and far faster to compile:
+    docs/PERFORMANCE.md), unless LoRA or a per-layer rl.freeze pattern needs them apart."""
     scan = config.policy.get("scan_layers", "no")
     if scan != "auto":
         return scan == "yes"

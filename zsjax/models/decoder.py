@@ -265,28 +265,20 @@ class Decoder(nn.Module):
             query_slots = index + jnp.arange(t)
             mask_bts = valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
 
-        new_k, new_v = [], []
-        block_cls = nn.remat(Block) if self.remat else Block
         if c.scan_layers:
-            body = nn.remat(ScannedBlock, prevent_cse=False) if self.remat else ScannedBlock
-            layers = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                             length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            carry = (x,) if cache is None else (x, cache.k[0], cache.v[0])
-            carry, _ = layers(c, self.mesh, self.rules, cache is None, name="layers")(
-                carry, jnp.arange(c.n_layers), cos, sin, mask_bts, index)
-            x = carry[0]
-            if cache is not None:
-                new_k, new_v = [carry[1]], [carry[2]]
-        for i in range(0 if c.scan_layers else c.n_layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_cache = block_cls(c, self.mesh, self.rules, cache is None,
-                                       name=f"layers_{i}")(
-                x, cos, sin, mask_bts, layer_cache, index)
-            x = sharding.constrain(x, act_names, self.mesh, self.rules)
-            if cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
+            x, new_k, new_v = self._scanned_layers(x, cos, sin, mask_bts, cache, index)
+        else:
+            new_k, new_v = [], []
+            block_cls = nn.remat(Block) if self.remat else Block
+            for i in range(c.n_layers):
+                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                x, layer_cache = block_cls(c, self.mesh, self.rules, cache is None,
+                                           name=f"layers_{i}")(
+                    x, cos, sin, mask_bts, layer_cache, index)
+                x = sharding.constrain(x, act_names, self.mesh, self.rules)
+                if cache is not None:
+                    new_k.append(layer_cache[0])
+                    new_v.append(layer_cache[1])
 
         if last_logits_only and logits_positions is not None:
             raise ValueError("pass last_logits_only or logits_positions, not both")
@@ -313,6 +305,21 @@ class Decoder(nn.Module):
         if cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + t)
         return logits, cache
+
+
+    def _scanned_layers(self, x, cos, sin, mask_bts, cache, index):
+        """The layers as one `nn.scan` over params stacked under "layers" (scan_layers); the
+        stacked cache rides in the carry. Returns (x, [k], [v]), or empty lists without a
+        cache."""
+        c = self.config
+        body = nn.remat(ScannedBlock, prevent_cse=False) if self.remat else ScannedBlock
+        layers = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                         length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        carry = (x,) if cache is None else (x, cache.k[0], cache.v[0])
+        carry, _ = layers(c, self.mesh, self.rules, cache is None, name="layers")(
+            carry, jnp.arange(c.n_layers), cos, sin, mask_bts, index)
+        return carry[0], list(carry[1:2]), list(carry[2:3])
 
 
 def stack_layers(params: Params, n_layers: int) -> Params:
