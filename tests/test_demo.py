@@ -83,3 +83,15 @@ def test_a_workdir_is_prepared_for_one_seed(tmp_path):
     other = dict(demo.settings_for(), sim_steps=10)
     with pytest.raises(InputError, match="other settings"):
         demo._claim_workdir(workdir, 0, other)
+
+
+def test_reward_kl_algorithms_take_the_reference_kl_coefficient():
+    """PPO and REINFORCE++ put the KL in the reward, summed over every later token of a
+    return: the demo gives them ZeroSearch's 0.001 there (at GRPO's 0.1 in the loss they did
+    not learn); the algorithms with the KL in the loss keep 0.1."""
+    from zsjax.demo import run as demo
+    s = demo.settings_for()
+    paths = {"policy": "p", "simulator": "s", "train": "t.jsonl"}
+    kl = {a: demo.rl_config(s, paths, a, 0).rl.kl_coef
+          for a in ("grpo", "dr_grpo", "rloo", "ppo", "reinforce_pp")}
+    assert kl == {"grpo": 0.1, "dr_grpo": 0.1, "rloo": 0.1, "ppo": 0.001, "reinforce_pp": 0.001}
