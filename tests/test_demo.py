@@ -70,6 +70,20 @@ def test_rerun_skips_finished_stages(quick_run):
     assert again["test_f1_after_rl"] == pytest.approx(s["test_f1_after_rl"])
 
 
+def test_train_vs_test_diagnostic_scores_the_test_questions_as_the_demo_does(quick_run):
+    """The memorisation diagnostic's test F1 (its own greedy rollouts with the engine) is the
+    demo's own evaluation of the policy after RL (`zsjax.search.evaluation.evaluate`)."""
+    from zsjax.experiments import train_vs_test
+    workdir, s = quick_run
+    train_vs_test.main(["--demo", workdir])
+    with open(os.path.join(workdir, "train_vs_test.json")) as f:
+        out = json.load(f)
+    assert out["test"]["all"]["f1"] == pytest.approx(s["after_rl"]["search_engine"]["all"]["f1"],
+                                                     abs=1e-3)
+    assert out["test"]["all"]["n"] == s["after_rl"]["search_engine"]["all"]["n"]
+    assert out["train"]["all"]["n"] > out["test"]["all"]["n"]
+
+
 def test_a_workdir_is_prepared_for_one_seed(tmp_path):
     """The fine-tunes in a demo workdir belong to one world: a rerun with another --seed (or
     other stage settings) is refused; --quick, which changes only the RL steps, shares them."""

@@ -1,10 +1,16 @@
-"""Diagnostic for the claims run: greedy F1 with the world's search engine on 28 training
-questions against the 28 test questions, for the engine-, curriculum- and no-noise-trained
-policies of a finished full run, and two failed test trajectories of each seed-0 policy.
+"""Diagnostic: greedy F1 with the world's search engine on training questions against the test
+questions, which tells reading the documents (both high) from memorising the training answers
+(training high, test low).
 
-    python -m zsjax.experiments.train_vs_test --workdir runs/claims
+    python -m zsjax.experiments.train_vs_test --workdir runs/claims   # a finished full claims run
+    python -m zsjax.experiments.train_vs_test --demo runs/demo        # a finished demo
 
-Not part of the claims command; docs/RESULTS.md quotes its output (WORKDIR/train_vs_test.json).
+With --workdir: 28 training questions against the 28 test questions, for the engine-,
+curriculum- and no-noise-trained policies of seeds 0-2, and two failed test trajectories of
+each seed-0 policy (docs/RESULTS.md quotes the output, WORKDIR/train_vs_test.json). With
+--demo: every training and test question of the demo's world (its seed and settings from
+summary.json), the policy after RL, per question type (WORKDIR/train_vs_test.json;
+docs/DEMO.md quotes it). Not part of either command.
 """
 import argparse
 import json
@@ -18,32 +24,55 @@ from zsjax.search import ModelTurnGenerator, RolloutSettings, rollout
 from zsjax.rl import rewards
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", required=True, help="the claims command's workdir")
-    workdir = parser.parse_args().workdir
+def engine_f1(policy_dir: str, world: W.World, questions: list[W.Question], docs: int):
+    """Greedy trajectories with the world's engine and their F1 (a NumPy array)."""
+    settings = RolloutSettings(**demo._rollout(docs), temperature=0.0)
+    config, params, tok = load_policy(policy_dir)
+    trajs = rollout([q.question for q in questions], [(q.answer,) for q in questions],
+                    tokenizer=tok, generate_fn=ModelTurnGenerator(config, params, tok, settings),
+                    backend=demo.engine_backend(world, docs), settings=settings, seed=0)
+    return trajs, rewards.score([t.answer for t in trajs],
+                                [t.golden_answers for t in trajs])["f1"]
+
+
+def by_kind(questions: list[W.Question], f1) -> dict:
+    out = {"all": {"n": len(questions), "f1": round(float(f1.mean()), 3)}}
+    for kind in ("one_hop", "two_hop"):
+        xs = [float(f) for q, f in zip(questions, f1) if q.kind == kind]
+        out[kind] = {"n": len(xs), "f1": round(sum(xs) / max(1, len(xs)), 3)}
+    return out
+
+
+def demo_workdir(workdir: str) -> dict:
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    s = summary["settings"]
+    world = W.make_world(seed=summary["seed"], **s["world"])
+    splits = world.splits(tuple(s["splits"]))
+    out = {}
+    for name in ("train", "test"):
+        _, f1 = engine_f1(os.path.join(workdir, "rl", "policy_hf"), world, splits[name],
+                          s["docs"])
+        out[name] = by_kind(splits[name], f1)
+        print(name, out[name], flush=True)
+    return out
+
+
+def claims_workdir(workdir: str) -> dict:
     s = demo.settings_for()
     world = W.make_world(seed=0, **s["world"])
     splits = world.splits(s["splits"])
     random.seed(0)
     train = random.sample(splits["train"], 28)
     test = splits["test"]
-    settings = RolloutSettings(**demo._rollout(s["docs"]), temperature=0.0)
-    engine = demo.engine_backend(world, s["docs"])
     out = {}
     for v in ["grpo_engine", "grpo_sim_curriculum", "grpo_sim_no_noise"]:
         for seed in (0, 1, 2):
             d = os.path.join(workdir, "runs", f"{v}_seed{seed}_steps{s['rl_steps']}", "rl",
                              "policy_hf")
-            config, params, tok = load_policy(d)
-            gen = ModelTurnGenerator(config, params, tok, settings)
             row = {}
             for name, qs in (("train", train), ("test", test)):
-                trajs = rollout([q.question for q in qs], [(q.answer,) for q in qs],
-                                tokenizer=tok, generate_fn=gen, backend=engine,
-                                settings=settings, seed=0)
-                f1 = rewards.score([t.answer for t in trajs],
-                                   [t.golden_answers for t in trajs])["f1"]
+                trajs, f1 = engine_f1(d, world, qs, s["docs"])
                 row[name] = round(float(f1.mean()), 3)
                 if name == "test" and seed == 0:
                     bad = [t for t, f in zip(trajs, f1) if f < 0.5][:2]
@@ -53,6 +82,17 @@ def main():
                         print(t.response_text[:900])
             out[f"{v} seed {seed}"] = row
             print(v, seed, row, flush=True)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m zsjax.experiments.train_vs_test")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workdir", help="the claims command's workdir")
+    where.add_argument("--demo", help="a finished demo's workdir")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or args.demo
+    out = claims_workdir(workdir) if args.workdir else demo_workdir(workdir)
     with open(os.path.join(workdir, "train_vs_test.json"), "w") as f:
         json.dump(out, f, indent=1)
 
