@@ -24,15 +24,21 @@ from zsjax.search import ModelTurnGenerator, RolloutSettings, rollout
 from zsjax.rl import rewards
 
 
-def engine_f1(policy_dir: str, world: W.World, questions: list[W.Question], docs: int):
-    """Greedy trajectories with the world's engine and their F1 (a NumPy array)."""
+def engine_scorer(policy_dir: str, world: W.World, docs: int):
+    """The policy loaded once; returns score(questions) -> (greedy trajectories with the
+    world's engine, their F1 as a NumPy array)."""
     settings = RolloutSettings(**demo._rollout(docs), temperature=0.0)
     config, params, tok = load_policy(policy_dir)
-    trajs = rollout([q.question for q in questions], [(q.answer,) for q in questions],
-                    tokenizer=tok, generate_fn=ModelTurnGenerator(config, params, tok, settings),
-                    backend=demo.engine_backend(world, docs), settings=settings, seed=0)
-    return trajs, rewards.score([t.answer for t in trajs],
-                                [t.golden_answers for t in trajs])["f1"]
+    gen = ModelTurnGenerator(config, params, tok, settings)
+    engine = demo.engine_backend(world, docs)
+
+    def score(questions: list[W.Question]):
+        trajs = rollout([q.question for q in questions], [(q.answer,) for q in questions],
+                        tokenizer=tok, generate_fn=gen, backend=engine, settings=settings,
+                        seed=0)
+        return trajs, rewards.score([t.answer for t in trajs],
+                                    [t.golden_answers for t in trajs])["f1"]
+    return score
 
 
 def by_kind(questions: list[W.Question], f1) -> dict:
@@ -49,10 +55,10 @@ def demo_workdir(workdir: str) -> dict:
     s = summary["settings"]
     world = W.make_world(seed=summary["seed"], **s["world"])
     splits = world.splits(tuple(s["splits"]))
+    score = engine_scorer(os.path.join(workdir, "rl", "policy_hf"), world, s["docs"])
     out = {}
     for name in ("train", "test"):
-        _, f1 = engine_f1(os.path.join(workdir, "rl", "policy_hf"), world, splits[name],
-                          s["docs"])
+        _, f1 = score(splits[name])
         out[name] = by_kind(splits[name], f1)
         print(name, out[name], flush=True)
     return out
@@ -70,9 +76,10 @@ def claims_workdir(workdir: str) -> dict:
         for seed in (0, 1, 2):
             d = os.path.join(workdir, "runs", f"{v}_seed{seed}_steps{s['rl_steps']}", "rl",
                              "policy_hf")
+            score = engine_scorer(d, world, s["docs"])
             row = {}
             for name, qs in (("train", train), ("test", test)):
-                trajs, f1 = engine_f1(d, world, qs, s["docs"])
+                trajs, f1 = score(qs)
                 row[name] = round(float(f1.mean()), 3)
                 if name == "test" and seed == 0:
                     bad = [t for t, f in zip(trajs, f1) if f < 0.5][:2]
