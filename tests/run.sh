@@ -2,6 +2,10 @@
 # The test command of the README (and of .ci/run). Installs what the tests need, then runs pytest.
 #   bash tests/run.sh              # default suite (skips tests marked slow)
 #   bash tests/run.sh --slow       # everything, slow tests included
+# A test is marked slow when it takes more than about half a minute on 2 cores and another
+# default test covers the same code path more cheaply (one GRPO run of configs/tiny.py with
+# resume and export stays; the others, such as resume after SIGKILL, meshes, bfloat16, every
+# other algorithm, LoRA RL and SmolLM2 generation, are slow). CI runs the default suite.
 #   bash tests/run.sh -k parity    # any other arguments go to pytest
 #   bash tests/run.sh -s -k demo   # -s (show prints) runs in this process, not in 2 workers
 set -euo pipefail

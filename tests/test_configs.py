@@ -87,6 +87,7 @@ def test_sweeps_expand_and_launch_script_prints_runs(tmp_path):
     assert out.returncode == 0 and len(out.stdout.strip().splitlines()) == 2, out.stderr
 
 
+@pytest.mark.slow
 def test_sweep_runs_apply_their_overrides(tmp_path):
     """One sweep entry, run for real on the tiny config: the override reaches the trainer."""
     import os

@@ -52,6 +52,7 @@ def lora_run(tmp_path_factory):
     return workdir, history
 
 
+@pytest.mark.slow
 def test_rl_with_lora_trains_and_checkpoints_the_adapters_only(lora_run):
     workdir, history = lora_run
     assert [h["step"] for h in history] == [1, 2, 3]
@@ -92,6 +93,7 @@ def test_rl_with_lora_trains_and_checkpoints_the_adapters_only(lora_run):
     assert np.abs(ours - np.asarray(forward(config, base, ids))).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["merged", "dropout"])
 def test_rl_with_lora_resumes_to_bit_identical_adapters(lora_run, tmp_path, dropout):
     """A run killed after step 2's checkpoint (its step-3 checkpoint and exports removed) and
@@ -116,6 +118,7 @@ def test_rl_with_lora_resumes_to_bit_identical_adapters(lora_run, tmp_path, drop
             == [r["reward_mean"] for r in _lines(os.path.join(reference, "metrics.jsonl"))])
 
 
+@pytest.mark.slow
 def test_lora_settings_errors(lora_run, tmp_path):
     reference, _ = lora_run
     workdir = str(tmp_path / "run")

@@ -148,6 +148,7 @@ def test_train_and_sft_refuse_a_bad_wandb_mode_before_anything_runs(tmp_path):
         sft.run(config, str(tmp_path / "sft"))
 
 
+@pytest.mark.slow
 def test_a_tiny_training_run_logs_to_wandb(tmp_path, monkeypatch):
     """configs/tiny.py for 2 steps with train.wandb.project set and WANDB_MODE=offline: the W&B
     run has metrics.jsonl's numbers at each step and the effective config."""

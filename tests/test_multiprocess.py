@@ -75,6 +75,7 @@ def runs(tmp_path_factory):
     return base / "one", base / "two", two.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_export_the_one_process_policy(runs):
     one, two, _ = runs
     a, b = _params(one / "policy_hf"), _params(two / "policy_hf")
@@ -88,6 +89,7 @@ def test_two_processes_export_the_one_process_policy(runs):
     assert os.path.exists(two / "trajectories.process1.jsonl")
 
 
+@pytest.mark.slow
 def test_one_metrics_writer_and_a_multiprocess_checkpoint(runs):
     one, two, log = runs
     steps = [json.loads(x)["step"] for x in open(two / "metrics.jsonl")]

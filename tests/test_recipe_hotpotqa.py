@@ -47,6 +47,7 @@ def _data(root):
                                     "golden_answers": [CITIES[i]]}) + "\n")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_recipe_end_to_end_on_tiny_models(tmp_path, capsys):
     _data(tmp_path / "data")

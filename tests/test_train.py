@@ -64,7 +64,8 @@ def test_tiny_run_logs_metrics_resumes_and_exports(tmp_path):
     assert [r["step"] for r in _lines(os.path.join(workdir, "metrics.jsonl"))] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo", "ppo", "reinforce_pp"])
+@pytest.mark.parametrize("algorithm", ["grpo"] + [
+    pytest.param(a, marks=pytest.mark.slow) for a in ("dr_grpo", "rloo", "ppo", "reinforce_pp")])
 def test_noise_fraction_and_rewards_logged_per_step(tmp_path, algorithm):
     config = tiny.get_config()
     config.train.steps = 4
@@ -109,6 +110,7 @@ def _spy_generation_kwarg(monkeypatch, name: str):
     return seen, Spy
 
 
+@pytest.mark.slow
 def test_shrink_above_reaches_the_policy_and_simulator_generation(tmp_path, monkeypatch):
     """rollout.shrink_above and simulator.shrink_above are passed on to the two generators."""
     seen, spy = _spy_generation_kwarg(monkeypatch, "shrink_above")
@@ -123,6 +125,7 @@ def test_shrink_above_reaches_the_policy_and_simulator_generation(tmp_path, monk
         train.run(config, str(tmp_path / "bad"), generator=spy)
 
 
+@pytest.mark.slow
 def test_reference_mini_batches_the_last_one_smaller(tmp_path, monkeypatch):
     """rl.mini_batch_size cuts a step's trajectories as the reference does (320 -> 256 + 64):
     here 8 -> 6 + 2, one optimizer step each, in micro-batches of 2 rows. Bad splits are
@@ -288,6 +291,7 @@ def _events(tb_dir):
     return out
 
 
+@pytest.mark.slow
 def test_checkpoint_layout_tensorboard_and_keep_last(tmp_path):
     config = tiny.get_config()
     config.train.update(steps=3, checkpoint_every=1, keep_checkpoints=2, eval_every=2)
@@ -312,6 +316,7 @@ def test_checkpoint_layout_tensorboard_and_keep_last(tmp_path):
     assert rewards == [(h["step"], pytest.approx(h["reward_mean"], abs=1e-6)) for h in history]
 
 
+@pytest.mark.slow
 def test_overrides_and_misspelt_keys_from_the_command_line(tmp_path):
     import subprocess
     import sys
@@ -473,6 +478,7 @@ def test_a_workdir_holds_one_run_at_a_time(tmp_path):
         train.run(tiny.get_config(), str(tmp_path / "file"))
 
 
+@pytest.mark.slow
 def test_sampler_old_logprobs_train_like_recomputed_ones(tmp_path):
     """rl.old_logprobs="sampler" takes the rollouts' own model logprobs (before top-p) as the
     PPO ratio's denominator: the same run as recomputing them with the training forward, to
@@ -506,6 +512,7 @@ def test_existing_checkpoints_need_resume(tmp_path):
         train.run(config, str(tmp_path), generator=ScriptedGenerator)
 
 
+@pytest.mark.slow
 def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     import jax
     import jax.numpy as jnp
@@ -572,6 +579,7 @@ def uninterrupted_run(tmp_path_factory):
     return ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after_lines", [1, 2])
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kill_after_lines, uninterrupted_run):
     """A run killed with SIGKILL at a random moment after `kill_after_lines` steps were logged
@@ -614,6 +622,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kill_after_lines, un
     assert [r["entropy"] for r in got_rec] == [r["entropy"] for r in ref_rec]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_step_then_resume_is_bitwise_identical(tmp_path,
                                                                         uninterrupted_run):
     """SIGTERM (a preemption notice) during step 2: the run finishes that step, checkpoints it
@@ -674,6 +683,7 @@ def test_smollm2_recipe_runs_on_real_weights(tmp_path, smollm2_dir):
     assert cfg.vocab_size == 49152 and len(tok) <= cfg.vocab_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_same_config_on_a_mesh(tmp_path, algorithm):
     """The tiny config on a 2 x 2 x 2 mesh of fake CPU devices: the same metrics as on one
@@ -691,6 +701,7 @@ def test_same_config_on_a_mesh(tmp_path, algorithm):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_scan_layers_trains_like_the_unrolled_layers(tmp_path, algorithm):
     """policy.scan_layers (the layers as one scan over stacked params), on a 2 x 2 x 2 mesh:
@@ -781,6 +792,7 @@ def test_generation_mesh_sizes_left_unset():
         shape(data=4, tensor=4)
 
 
+@pytest.mark.slow
 def test_separate_rollout_and_simulator_meshes(tmp_path):
     """Policy rollouts on a tensor-parallel mesh of devices 0-1, the simulator on devices 2-3,
     the update on an fsdp x tensor mesh: the params move between meshes inside the program, and
@@ -814,6 +826,7 @@ def test_separate_rollout_and_simulator_meshes(tmp_path):
         train.run(tiny.get_config(), "gs://bucket/run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_bfloat16_compute_trains_float32_weights(tmp_path, param_dtype):
     """Under bfloat16 compute, `policy.param_dtype` float32 (the default) keeps the trained
@@ -847,6 +860,7 @@ def test_bfloat16_compute_trains_float32_weights(tmp_path, param_dtype):
         assert moved < 0.2, moved
 
 
+@pytest.mark.slow
 def test_resuming_with_another_algorithm_is_a_clear_error(tmp_path):
     config = tiny.get_config()
     config.train.update(steps=1, tensorboard=False)

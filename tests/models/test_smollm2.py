@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from hf_models import chat_ids, torch_logits
 from zsjax.models import forward
@@ -26,6 +27,7 @@ def test_logits_match_transformers_on_chat_prompt(smollm2):
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_generate_cli(smollm2_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "zsjax.generate", "--model", smollm2_dir, "--prompt", QUESTION,

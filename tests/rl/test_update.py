@@ -116,6 +116,7 @@ def _rel(a, b):
     return np.linalg.norm(fa - fb) / np.linalg.norm(fa)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean",
                                          "seq-mean-token-sum"])
 def test_micro_batch_accumulation_is_exact(aggregation):
@@ -198,6 +199,7 @@ def test_cosine_decay_reaches_zero_at_the_last_step(warmup, updates_per_step):
         U.make_optimizer(1.0, warmup_steps=5, decay="cosine", total_steps=5)
 
 
+@pytest.mark.slow
 def test_freeze_leaves_matching_params_unchanged():
     """`freeze` is a regex over param paths: those params stay bit-identical (no weight decay,
     no Adam step) while every other param moves, on one device and on a mesh. A pattern
@@ -227,6 +229,7 @@ def test_freeze_leaves_matching_params_unchanged():
         U.init_state(params, U.make_optimizer(1e-2, freeze="no_such_param"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_micro", [1, 2])
 def test_frozen_params_are_not_differentiated_and_the_rest_is_unchanged(n_micro):
     """With `freeze`, the loss is differentiated with respect to the other params only: their
@@ -283,6 +286,7 @@ def test_logprobs_pass_matches_full_forward():
     np.testing.assert_allclose(np.asarray(lp)[:, 1:][attn], ref[attn], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_logits_from_skips_only_the_prompt_positions():
     """With logits_from <= the position before the first loss token, the step is the same
     (gradients, metrics, old logprobs, the supervised step); one position later it is not."""

@@ -38,6 +38,7 @@ QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea
              "Who wrote Hamlet?", "List three colours."]
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_smollm2_ragged(smollm2):
     _, tokenizer, reference, config, params = smollm2
     prompts = [chat_ids(tokenizer, q) for q in QUESTIONS]
@@ -52,6 +53,7 @@ def test_greedy_matches_transformers_smollm2_ragged(smollm2):
     assert "length" in result.finish_reasons and "eos" in result.finish_reasons
 
 
+@pytest.mark.slow
 def test_stop_string_straddling_tokens_end_to_end(smollm2):
     _, tokenizer, _, config, params = smollm2
     prompt = chat_ids(tokenizer, QUESTIONS[0])
@@ -263,6 +265,7 @@ def test_drop_last_token_forgets_exactly_the_listed_rows_last_slots(caplog):
     assert session.drop_last_token([1]) is session  # nothing to forget
 
 
+@pytest.mark.slow
 def test_shrinking_batch_samples_what_the_whole_batch_does(hf_model_dir):
     """Rows that finish early leave the batch (it shrinks by halves as they do): every row's
     tokens, logprobs and finish reason are those of the batch that never shrinks, for fewer

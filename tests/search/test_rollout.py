@@ -230,7 +230,8 @@ def test_qwen3_style_template_leaves_thinking_to_the_policy(tokenizer):
     assert off.endswith("<think>\n\n</think>\n\n")  # what zsjax does not ask for
 
 
-@pytest.mark.parametrize("kv_reuse,model", [(True, "smollm2"), (False, "smollm2_short")])
+@pytest.mark.parametrize("kv_reuse,model", [
+    pytest.param(True, "smollm2", marks=pytest.mark.slow), (False, "smollm2_short")])
 def test_real_policy_logprobs_match_training_forward(request, smol_tokenizer, kv_reuse, model):
     """Multi-turn on-policy exactness: SmolLM2 rollout, then a full forward on the trajectory.
     The whole model with KV reuse (the default); re-prefilling each turn, its first 2 layers."""
@@ -272,6 +273,7 @@ def test_kv_reuse_equals_re_prefill_greedy(smollm2_short, smol_tokenizer):
     assert sum(t.turns for t in runs[True]) > len(qs)
 
 
+@pytest.mark.slow
 def test_split_batch_samples_what_the_whole_batch_does(smollm2_short, smol_tokenizer):
     """Per-trajectory randomness: a batch rolled out in two parts (as two processes do) with
     their trajectory ids gives the whole batch's trajectories: the same sampled tokens and the
@@ -295,6 +297,7 @@ def test_split_batch_samples_what_the_whole_batch_does(smollm2_short, smol_token
     assert [t.token_ids for t in shifted] != [t.token_ids for t in whole[:2]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_shared_prompt_prefix_changes_nothing(smollm2_short, smol_tokenizer, temperature):
     """The first turn prefills the prompts' common prefix once (share_prefix): the same tokens
