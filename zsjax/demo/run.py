@@ -48,7 +48,7 @@ from zsjax.search.simulator import InProcessSimulator, simulator_prompt
 STAGES = ("world", "simulator", "policy", "eval_before", "rl", "eval_after")
 
 
-PRESETS = ("default", "quick")
+PRESETS = ("default", "quick", "tiny")
 
 
 def settings_for(preset: str = "default") -> dict:
@@ -85,6 +85,15 @@ def settings_for(preset: str = "default") -> dict:
         raise ValueError(f"unknown demo preset {preset!r}; expected one of {PRESETS}")
     if preset == "quick":
         s.update(rl_steps=70)
+    if preset == "tiny":
+        # The test suite's learning check: a smaller world and model, two documents a search,
+        # no simulator (RL and evaluation against the world's engine), 25 RL steps.
+        s.update(world={"people": 30, "cities": 8, "countries": 4},
+                 model={"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                        "head_dim": 16, "d_ff": 256},
+                 vocab=1024, docs=2, sim_steps=0, copy_steps=400, copy_lr=6e-3,
+                 policy_steps=150, policy_batch=16, policy_lr=3e-3, rl_steps=25, questions=8,
+                 rl_lr=1e-3)
     return s
 
 
@@ -273,15 +282,16 @@ def evaluate_policy(model_dir: str, sim_dir: str, world: W.World, test: list[W.Q
     """Test F1/EM per backend (simulator, perfect search engine) and question type, plus the
     score of answering without searching."""
     config, params, tok = load_policy(model_dir)
-    sim_config, sim_params, sim_tok = load_policy(sim_dir)
-    simulator = InProcessSimulator(sim_config, sim_params, sim_tok, temperature=0.0,
-                                   max_new_tokens=16 * docs, top_k_docs=docs)
-    engine = engine_backend(world, docs)
+    backends = {"search_engine": engine_backend(world, docs)}
+    if sim_dir is not None:  # None: a demo without a simulator (the `tiny` preset)
+        sim_config, sim_params, sim_tok = load_policy(sim_dir)
+        backends = {"simulator": InProcessSimulator(sim_config, sim_params, sim_tok,
+                                                    temperature=0.0, max_new_tokens=16 * docs,
+                                                    top_k_docs=docs), **backends}
     sets = {kind: [QARow(q.question, (q.answer,)) for q in test if q.kind == kind]
             for kind in ("one_hop", "two_hop")}
     settings = RolloutSettings(**_rollout(docs))
     out = {}
-    backends = {"simulator": simulator, "search_engine": engine}
     for name, backend in backends.items():
         out[name] = evaluate(config, params, tok, sets, backend, settings=settings,
                              batch_size=128)
@@ -318,7 +328,9 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     c.unlock()
     c.fixture = False
     c.seed = seed
-    c.policy.path, c.simulator.path = paths["policy"], paths["simulator"]
+    c.policy.path, c.simulator.path = paths["policy"], paths["simulator"] or ""
+    if paths["simulator"] is None:  # no simulator (`tiny`): the world's engine, registered
+        c.backend.kind = ENGINE_KIND  # by `register_engine`
     c.data.train_path = paths["train"]
     c.data.length_multiple = 16
     # share_documents: as the demo was measured (identical searches of a step, such as a
@@ -332,6 +344,8 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     c.rollout.shrink_above = 0
     c.simulator.shrink_above = 0
     c.curriculum.update(start=0.0, end=0.3, base=4.0)
+    if paths["simulator"] is None:  # the world's engine has no noisy documents to give
+        c.curriculum.update(end=0.0)
     # warmup_steps counts training steps (2 mini-batch updates each): 2 steps give the same
     # total rate over the warm-up as the 5 updates the demo was tuned with. 5 steps left the
     # quick demo's seed-0 gains at +0.07 / +0.07 (simulator / search engine), against
@@ -398,7 +412,8 @@ def plot(metrics_path: str, out: str, before: dict | None = None,
         a.set_xlabel("RL step")
         a.grid(alpha=0.3)
     if before and after:
-        groups = [(b, t) for b in ("simulator", "search_engine") for t in ("one_hop", "two_hop")]
+        groups = [(b, t) for b in ("simulator", "search_engine") if b in after
+                  for t in ("one_hop", "two_hop")]
         x = range(len(groups))
         width = 0.38
         for shift, (label, ev) in zip((-width / 2, width / 2), (("before RL", before),
@@ -457,25 +472,35 @@ def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
              for name, qs in splits.items()}
     all_q = [q for qs in splits.values() for q in qs]
     tok_dir = os.path.join(workdir, "tokenizer")
-    tok = make_tokenizer(world, all_q, tok_dir, s["vocab"])
-    sim_init = make_model(os.path.join(workdir, "init", "simulator"), tok_dir, tok, s["model"],
-                          seed)
-    pol_init = make_model(os.path.join(workdir, "init", "policy"), tok_dir, tok, s["model"],
-                          seed + 1)
+    # The tokenizer and the initial models are made once: a rerun (or a run beside another on
+    # a prepared workdir, as `zsjax.experiments.claims` does) reads them, never rewrites them.
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+        tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    else:
+        tok = make_tokenizer(world, all_q, tok_dir, s["vocab"])
+    sim_init = os.path.join(workdir, "init", "simulator")
+    pol_init = os.path.join(workdir, "init", "policy")
+    for path, model_seed, wanted in ((sim_init, seed, s["sim_steps"] > 0),
+                                     (pol_init, seed + 1, True)):
+        if wanted and not os.path.exists(os.path.join(path, "config.json")):
+            make_model(path, tok_dir, tok, s["model"], model_seed)
     _log(f"world: {len(world.people)} people, {len(world.cities)} cities, "
          f"{len(world.countries)} countries; questions "
          + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; vocab {len(tok)}")
     times["world"] = time.time() - t
 
     t = time.time()
-    sim_rows = simulator_rows(world, all_q, s["docs"], seed)
-    sim_dir = os.path.join(workdir, "simulator_hf")
-    _log(f"simulator: fine-tuning on {len(sim_rows)} (query, documents) pairs")
-    _sft(sim_init, _write_jsonl(os.path.join(data, "simulator_pairs.jsonl"), sim_rows),
-         os.path.join(workdir, "simulator_sft"), sim_dir, steps=s["sim_steps"],
-         batch=s["sim_batch"], lr=s["sim_lr"], decay=s["sim_decay"])
-    sim_acc = simulator_accuracy(sim_dir, world, s["docs"])
-    _log(f"simulator: {sim_acc:.0%} of greedy useful documents state the true facts")
+    sim_dir, sim_acc = None, None
+    if s["sim_steps"]:
+        sim_rows = simulator_rows(world, all_q, s["docs"], seed)
+        sim_dir = os.path.join(workdir, "simulator_hf")
+        _log(f"simulator: fine-tuning on {len(sim_rows)} (query, documents) pairs")
+        _sft(sim_init, _write_jsonl(os.path.join(data, "simulator_pairs.jsonl"), sim_rows),
+             os.path.join(workdir, "simulator_sft"), sim_dir, steps=s["sim_steps"],
+             batch=s["sim_batch"], lr=s["sim_lr"], decay=s["sim_decay"])
+        sim_acc = simulator_accuracy(sim_dir, world, s["docs"])
+        _log(f"simulator: {sim_acc:.0%} of greedy useful documents state the true facts")
     times["simulator"] = time.time() - t
 
     t = time.time()
@@ -484,7 +509,7 @@ def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
     _log(f"policy: learning to repeat names ({len(rows)} search-only rows)")
     _sft(pol_init, _write_jsonl(os.path.join(data, "policy_copy.jsonl"), rows),
          os.path.join(workdir, "policy_copy_sft"), copy_dir, steps=s["copy_steps"],
-         batch=s["policy_batch"], lr=s["policy_lr"])
+         batch=s["policy_batch"], lr=s.get("copy_lr", s["policy_lr"]))
     rows = policy_rows(world, splits["train"], s["docs"], seed, n=4000)
     warm_dir = os.path.join(workdir, "policy_warm_hf")
     _log(f"policy: warm start on {len(rows)} format-only trajectories")
@@ -494,6 +519,11 @@ def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
     times["policy"] = time.time() - t
     return {"world": world, "splits": splits, "paths": paths, "sim_dir": sim_dir,
             "warm_dir": warm_dir, "sim_acc": sim_acc, "times": times}
+
+
+def _scores(ev: dict) -> str:
+    return ", ".join(f"{ev[b]['all']['f1']:.3f} ({b.replace('_', ' ')})"
+                     for b in ("simulator", "search_engine", "no_search") if b in ev)
 
 
 def run(workdir: str, *, preset: str = "default", algorithm: str = "grpo", seed: int = 0
@@ -508,29 +538,29 @@ def run(workdir: str, *, preset: str = "default", algorithm: str = "grpo", seed:
     t = time.time()
     test = splits["test"]
     before = evaluate_policy(warm_dir, sim_dir, world, test, s["docs"])
-    _log(f"before RL: test F1 {before['simulator']['all']['f1']:.3f} (simulator), "
-         f"{before['search_engine']['all']['f1']:.3f} (search engine), "
-         f"{before['no_search']['all']['f1']:.3f} (no search)")
+    _log(f"before RL: test F1 {_scores(before)}")
     times["eval_before"] = time.time() - t
 
     t = time.time()
     rl_dir = os.path.join(workdir, "rl")
     rl_paths = {"policy": warm_dir, "simulator": sim_dir, "train": paths["train"]}
+    if sim_dir is None:
+        register_engine(world, s["docs"])
     train.run(rl_config(s, rl_paths, algorithm, seed), rl_dir)
     times["rl"] = time.time() - t
 
     t = time.time()
     after = evaluate_policy(os.path.join(rl_dir, "policy_hf"), sim_dir, world, test, s["docs"])
-    _log(f"after RL: test F1 {after['simulator']['all']['f1']:.3f} (simulator), "
-         f"{after['search_engine']['all']['f1']:.3f} (search engine), "
-         f"{after['no_search']['all']['f1']:.3f} (no search)")
+    _log(f"after RL: test F1 {_scores(after)}")
     times["eval_after"] = time.time() - t
     plot(os.path.join(rl_dir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), before,
          after)
 
+    main_backend = "simulator" if "simulator" in after else "search_engine"
     summary = {
-        "test_f1_before_rl": before["simulator"]["all"]["f1"],
-        "test_f1_after_rl": after["simulator"]["all"]["f1"],
+        # with the simulator; with the engine when the preset has no simulator
+        "test_f1_before_rl": before[main_backend]["all"]["f1"],
+        "test_f1_after_rl": after[main_backend]["all"]["f1"],
         "simulator_fact_accuracy": sim_acc,
         "before_rl": before, "after_rl": after,
         "algorithm": algorithm, "preset": preset, "seed": seed, "settings": s,
@@ -546,15 +576,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m zsjax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--quick", action="store_true",
-                   help="the same stages with fewer RL steps (70 instead of 120)")
+                   help="the same stages with fewer RL steps (70 instead of 120); the same as "
+                        "--preset quick")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="default; quick (70 RL steps); tiny (the test suite's learning check: "
+                        "a 30-person world, a 64-wide model, no simulator, 25 RL steps against "
+                        "the world's engine, about a minute)")
     p.add_argument("--algorithm", default="grpo", choices=algorithms.names())
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.seed < 0:
         p.error(f"--seed must be >= 0; got {args.seed}")
+    if args.quick and args.preset not in (None, "quick"):
+        p.error(f"--quick and --preset {args.preset} disagree; give one")
+    preset = args.preset or ("quick" if args.quick else "default")
     try:
-        run(args.workdir, preset="quick" if args.quick else "default", algorithm=args.algorithm,
-            seed=args.seed)
+        run(args.workdir, preset=preset, algorithm=args.algorithm, seed=args.seed)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
