@@ -138,3 +138,26 @@ def test_copy_rows_search_for_the_named_entity(world):
     for r in rows:
         (seg,) = r["segments"]
         assert parse_action(seg["text"]).content == world.find_entity(r["question"])
+
+
+def test_copy_rows_with_made_up_names(world):
+    """With `made_up`, that share of the rows asks about a name made of the world's words
+    (in a generic or a question form) and searches for exactly that name; the rest are the
+    world's own rows, and without `made_up` the rows are what they always were."""
+    plain = R.copy_rows(world, world.splits()["train"], seed=0, n=400)
+    assert plain == R.copy_rows(world, world.splits()["train"], seed=0, n=400, made_up=0.0)
+    rows = R.copy_rows(world, world.splits()["train"], seed=0, n=400, made_up=0.5)
+    words = {w for e in world.entities() for w in e.split()}
+    forms = R.FORMAT_QUESTIONS + list(W.QUESTION_FORMS)
+    made_up = 0
+    for r in rows:
+        (seg,) = r["segments"]
+        name = parse_action(seg["text"]).content
+        assert any(r["question"] == f.format(e=name) for f in forms), r
+        assert 1 <= len(name.split()) <= 2 and set(name.split()) <= words
+        made_up += name not in world.entities()
+    # Some made-up names are an entity's by chance (a one-word city or country).
+    assert 0.35 < made_up / len(rows) < 0.55
+    assert {f for f in W.QUESTION_FORMS} <= {
+        f for r in rows for f in forms
+        if r["question"] == f.format(e=parse_action(r["segments"][0]["text"]).content)}

@@ -87,13 +87,16 @@ def settings_for(preset: str = "default") -> dict:
         s.update(rl_steps=70)
     if preset == "tiny":
         # The test suite's learning check: a smaller world and model, two documents a search,
-        # no simulator (RL and evaluation against the world's engine), 25 RL steps.
+        # no simulator (RL and evaluation against the world's engine), 40 RL steps. Half the
+        # copy stage's rows are about made-up names (`copy_rows`): with the world's names
+        # alone, the copy stage of world seeds 2 and 4 learned a lookup that copied 1-4 of 9
+        # held-out names (docs/DEMO.md).
         s.update(world={"people": 30, "cities": 8, "countries": 4},
                  model={"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                         "head_dim": 16, "d_ff": 256},
-                 vocab=1024, docs=2, sim_steps=0, copy_steps=400, copy_lr=6e-3,
-                 policy_steps=150, policy_batch=16, policy_lr=3e-3, rl_steps=25, questions=8,
-                 rl_lr=1e-3)
+                 vocab=1024, docs=2, sim_steps=0, copy_steps=700, copy_lr=2e-3,
+                 copy_made_up=0.5, policy_steps=150, policy_batch=16, policy_lr=3e-3,
+                 rl_steps=40, questions=8, rl_lr=1e-3)
     return s
 
 
@@ -176,16 +179,26 @@ def _pick_question(rng: random.Random, world: W.World, questions: list[W.Questio
 
 
 def copy_rows(world: W.World, questions: list[W.Question], seed: int, n: int,
-              generic: float = 0.5) -> list[dict]:
+              generic: float = 0.5, made_up: float = 0.0) -> list[dict]:
     """Search-only rows (the turn ends after `<search> E </search>`) for generic questions
     about every entity and for training questions: they teach the small model what a
     pretrained LM can already do, repeat a name it has been given. Learning this has a sharp
     phase change (loss flat at ~0.5, then ~0 within 50-100 steps); mixed with the noisy
-    format rows it does not happen within the demo's budget."""
+    format rows it does not happen within the demo's budget.
+
+    With probability `made_up` a row asks, in any question form (the world's own included),
+    about a made-up name (`World.made_up_name`) instead. The world's own rows are few (about
+    215 distinct ones in a 30-person world) and can be learned as a lookup instead of copying:
+    the lookup fails on held-out questions (docs/DEMO.md, the tiny preset). Made-up names
+    cannot be looked up."""
     rng = random.Random(seed)
+    forms = FORMAT_QUESTIONS + list(W.QUESTION_FORMS)
     rows = []
     for _ in range(n):
         question, entity = _pick_question(rng, world, questions, generic)
+        if made_up and rng.random() < made_up:
+            entity = world.made_up_name(rng)
+            question = rng.choice(forms).format(e=entity)
         rows.append({"question": question,
                      "segments": [{"text": f"<search> {entity} </search>", "loss": 1}]})
     return rows
@@ -504,7 +517,7 @@ def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
     times["simulator"] = time.time() - t
 
     t = time.time()
-    rows = copy_rows(world, splits["train"], seed, n=4000)
+    rows = copy_rows(world, splits["train"], seed, n=4000, made_up=s.get("copy_made_up", 0.0))
     copy_dir = os.path.join(workdir, "policy_copy_hf")
     _log(f"policy: learning to repeat names ({len(rows)} search-only rows)")
     _sft(pol_init, _write_jsonl(os.path.join(data, "policy_copy.jsonl"), rows),
@@ -580,8 +593,8 @@ def main(argv=None) -> int:
                         "--preset quick")
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help="default; quick (70 RL steps); tiny (the test suite's learning check: "
-                        "a 30-person world, a 64-wide model, no simulator, 25 RL steps against "
-                        "the world's engine, about a minute)")
+                        "a 30-person world, a 64-wide model, no simulator, 40 RL steps against "
+                        "the world's engine, about 2.5 minutes)")
     p.add_argument("--algorithm", default="grpo", choices=algorithms.names())
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

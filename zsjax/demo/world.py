@@ -28,6 +28,13 @@ OCCUPATIONS = ["baker", "potter", "sailor", "weaver", "miner", "painter", "farme
                "healer", "mason", "herder", "jeweler", "cartographer"]
 
 
+# The forms of the questions: one-hop about a person and about a city, two-hop about a person.
+BORN_IN = "Where was {e} born?"
+COUNTRY_OF_CITY = "Which country is {e} in?"
+COUNTRY_OF_BIRTH = "In which country was {e} born?"
+QUESTION_FORMS = (BORN_IN, COUNTRY_OF_CITY, COUNTRY_OF_BIRTH)
+
+
 @dataclasses.dataclass(frozen=True)
 class Question:
     question: str
@@ -120,13 +127,20 @@ class World:
         out = []
         for name in people:
             p = self.people[name]
-            out.append(Question(f"Where was {name} born?", p["city"], "one_hop", (name,)))
-            out.append(Question(f"In which country was {name} born?", self.cities[p["city"]],
+            out.append(Question(BORN_IN.format(e=name), p["city"], "one_hop", (name,)))
+            out.append(Question(COUNTRY_OF_BIRTH.format(e=name), self.cities[p["city"]],
                                 "two_hop", (name, p["city"])))
         for city in cities:
-            out.append(Question(f"Which country is {city} in?", self.cities[city], "one_hop",
+            out.append(Question(COUNTRY_OF_CITY.format(e=city), self.cities[city], "one_hop",
                                 (city,)))
         return out
+
+    def made_up_name(self, rng: random.Random) -> str:
+        """A name that sounds like this world's but need not name anything in it: one or two
+        words of its entities' names, drawn at random (with a tokenizer trained on the world,
+        its tokens are the world's)."""
+        words = sorted({w for e in self.entities() for w in e.split()})
+        return " ".join(rng.sample(words, rng.choice((1, 2))))
 
     def splits(self, fractions=(0.7, 0.1, 0.2)) -> dict[str, list[Question]]:
         """Disjoint train / validation / test questions (by person and by asked-about city)."""
