@@ -4,13 +4,16 @@ questions, which tells reading the documents (both high) from memorising the tra
 
     python -m zsjax.experiments.train_vs_test --workdir runs/claims   # a finished full claims run
     python -m zsjax.experiments.train_vs_test --demo runs/demo        # a finished demo
+    python -m zsjax.experiments.train_vs_test --demo runs/demo --model copy
 
 With --workdir: 28 training questions against the 28 test questions, for the engine-,
 curriculum- and no-noise-trained policies of seeds 0-2, and two failed test trajectories of
 each seed-0 policy (docs/RESULTS.md quotes the output, WORKDIR/train_vs_test.json). With
 --demo: every training and test question of the demo's world (its seed and settings from
-summary.json), the policy after RL, per question type (WORKDIR/train_vs_test.json;
-docs/DEMO.md quotes it). Not part of either command.
+summary.json), the policy after RL, per question type, with the share of questions whose first
+search names the question's entity (WORKDIR/train_vs_test.json; docs/DEMO.md quotes it);
+`--model copy` or `warm` scores the warm start's stages instead
+(WORKDIR/train_vs_test_copy.json, ..._warm.json). Not part of either command.
 """
 import argparse
 import json
@@ -41,25 +44,45 @@ def engine_scorer(policy_dir: str, world: W.World, docs: int):
     return score
 
 
-def by_kind(questions: list[W.Question], f1) -> dict:
-    out = {"all": {"n": len(questions), "f1": round(float(f1.mean()), 3)}}
-    for kind in ("one_hop", "two_hop"):
-        xs = [float(f) for q, f in zip(questions, f1) if q.kind == kind]
-        out[kind] = {"n": len(xs), "f1": round(sum(xs) / max(1, len(xs)), 3)}
+def names_entity(question: W.Question, trajectory) -> bool:
+    """Whether the trajectory's first search is for the entity the question names (its first
+    hop), case and surrounding spaces aside."""
+    return bool(trajectory.queries) and (
+        trajectory.queries[0].strip().lower() == question.hops[0].lower())
+
+
+def by_kind(questions: list[W.Question], f1, trajs=None) -> dict:
+    """F1 (and, given the trajectories, the share whose first search names the question's
+    entity: `first_search_names_entity`) over all questions and per question type."""
+    out = {}
+    for kind in ("all", "one_hop", "two_hop"):
+        keep = [i for i, q in enumerate(questions) if kind == "all" or q.kind == kind]
+        n = max(1, len(keep))
+        out[kind] = {"n": len(keep), "f1": round(sum(float(f1[i]) for i in keep) / n, 3)}
+        if trajs is not None:
+            out[kind]["first_search_names_entity"] = round(
+                sum(names_entity(questions[i], trajs[i]) for i in keep) / n, 3)
     return out
 
 
-def demo_workdir(workdir: str) -> dict:
+DEMO_MODELS = {"rl": os.path.join("rl", "policy_hf"), "warm": "policy_warm_hf",
+               "copy": "policy_copy_hf"}
+
+
+def demo_workdir(workdir: str, model: str = "rl") -> dict:
+    """The demo's policy after RL (`model="rl"`), its warm start ("warm") or the warm start's
+    first stage ("copy", which only learned to search for names): greedy F1 and first searches
+    on every training and test question."""
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
     s = summary["settings"]
     world = W.make_world(seed=summary["seed"], **s["world"])
     splits = world.splits(tuple(s["splits"]))
-    score = engine_scorer(os.path.join(workdir, "rl", "policy_hf"), world, s["docs"])
+    score = engine_scorer(os.path.join(workdir, DEMO_MODELS[model]), world, s["docs"])
     out = {}
     for name in ("train", "test"):
-        _, f1 = score(splits[name])
-        out[name] = by_kind(splits[name], f1)
+        trajs, f1 = score(splits[name])
+        out[name] = by_kind(splits[name], f1, trajs)
         print(name, out[name], flush=True)
     return out
 
@@ -97,10 +120,17 @@ def main(argv=None):
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--workdir", help="the claims command's workdir")
     where.add_argument("--demo", help="a finished demo's workdir")
+    parser.add_argument("--model", choices=tuple(DEMO_MODELS), default="rl",
+                        help="with --demo: the policy after RL (default), its warm start, or "
+                             "the warm start's copy stage (does it copy held-out names, or did "
+                             "it learn the world's names as a lookup?)")
     args = parser.parse_args(argv)
+    if args.workdir and args.model != "rl":
+        parser.error("--model is for --demo")
     workdir = args.workdir or args.demo
-    out = claims_workdir(workdir) if args.workdir else demo_workdir(workdir)
-    with open(os.path.join(workdir, "train_vs_test.json"), "w") as f:
+    out = claims_workdir(workdir) if args.workdir else demo_workdir(workdir, args.model)
+    name = "train_vs_test.json" if args.model == "rl" else f"train_vs_test_{args.model}.json"
+    with open(os.path.join(workdir, name), "w") as f:
         json.dump(out, f, indent=1)
 
 
