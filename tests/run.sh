@@ -4,9 +4,9 @@
 #   bash tests/run.sh --slow       # everything, slow tests included
 # A test is marked slow when it takes more than about half a minute on 2 cores and another
 # default test covers the same code path more cheaply (a GRPO run of configs/tiny.py with
-# resume and export and a PPO run stay; the others, such as resume after SIGKILL, meshes,
-# bfloat16, the other algorithms, LoRA RL and SmolLM2 generation, are slow). CI runs the
-# default suite.
+# resume and export, a PPO run and the demo's `--preset tiny` learning test stay; the others,
+# such as the quick demo, resume after SIGKILL, meshes, bfloat16, the other algorithms, LoRA
+# RL and SmolLM2 generation, are slow). CI runs the default suite.
 #   bash tests/run.sh -k parity    # any other arguments go to pytest
 #   bash tests/run.sh -s -k demo   # -s (show prints) runs in this process, not in 2 workers
 set -euo pipefail
