@@ -39,6 +39,7 @@ from zsjax.demo import world as W
 from zsjax.errors import InputError, Stopped
 from zsjax.evaluate import load_policy
 from zsjax.models import ModelConfig, init_params, save_hf
+from zsjax.models.tokenizer import load_tokenizer
 from zsjax.rl import algorithms
 from zsjax.search import FunctionBackend, RolloutSettings, SearchRequest, factory
 from zsjax.search import prompts as P
@@ -488,8 +489,7 @@ def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
     # The tokenizer and the initial models are made once: a rerun (or a run beside another on
     # a prepared workdir, as `zsjax.experiments.claims` does) reads them, never rewrites them.
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        from transformers import PreTrainedTokenizerFast
-        tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+        tok = load_tokenizer(tok_dir)
     else:
         tok = make_tokenizer(world, all_q, tok_dir, s["vocab"])
     sim_init = os.path.join(workdir, "init", "simulator")

@@ -16,6 +16,7 @@ noisy document sets are what the simulator is fine-tuned to write.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 
@@ -139,8 +140,11 @@ class World:
         """A name that sounds like this world's but need not name anything in it: one or two
         words of its entities' names, drawn at random (with a tokenizer trained on the world,
         its tokens are the world's)."""
-        words = sorted({w for e in self.entities() for w in e.split()})
-        return " ".join(rng.sample(words, rng.choice((1, 2))))
+        return " ".join(rng.sample(self._words, rng.choice((1, 2))))
+
+    @functools.cached_property
+    def _words(self) -> list[str]:
+        return sorted({w for e in self.entities() for w in e.split()})
 
     def splits(self, fractions=(0.7, 0.1, 0.2)) -> dict[str, list[Question]]:
         """Disjoint train / validation / test questions (by person and by asked-about city)."""
