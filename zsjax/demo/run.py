@@ -520,7 +520,7 @@ def prepare(workdir: str, s: dict, seed: int = 0) -> dict:
     times["simulator"] = time.time() - t
 
     t = time.time()
-    rows = copy_rows(world, splits["train"], seed, n=4000, made_up=s.get("copy_made_up", 0.0))
+    rows = copy_rows(world, splits["train"], seed, n=4000, made_up=s["copy_made_up"])
     copy_dir = os.path.join(workdir, "policy_copy_hf")
     _log(f"policy: learning to repeat names ({len(rows)} search-only rows)")
     _sft(pol_init, _write_jsonl(os.path.join(data, "policy_copy.jsonl"), rows),
