@@ -11,6 +11,7 @@ import statistics
 import pytest
 
 from zsjax.demo import run as R
+from zsjax.demo import world as W
 
 # The module fixtures run inside the first test's timeout; the suite-wide 900 s is too short
 # for the quick demo on a slow machine (measured: the fine-tunes alone took 16 minutes on one).
@@ -132,6 +133,23 @@ def test_preset_and_quick_flags():
     with pytest.raises(SystemExit):
         R.main(["--workdir", "x", "--preset", "huge"])
 
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_default_world_has_enough_disjoint_test_questions(seed):
+    """The default and quick presets' world: at least 150 held-out questions (one is at most
+    0.007 of F1), one- and two-hop balanced, about people and asked-about cities no training
+    or validation question names."""
+    s = R.settings_for()
+    assert R.settings_for("quick")["world"] == s["world"]
+    world = W.make_world(seed=seed, **s["world"])
+    splits = world.splits(s["splits"])
+    test = splits["test"]
+    kinds = [q.kind for q in test]
+    assert len(test) >= 150 and 1 / len(test) <= 0.007
+    assert 0.4 <= kinds.count("two_hop") / len(test) <= 0.6
+    held_out = {q.hops[0] for q in test}
+    for name in ("train", "validation"):
+        assert not held_out & {q.hops[0] for q in splits[name]}
 
 @pytest.fixture(scope="module")
 def quick_run(request, tmp_path_factory):
