@@ -151,6 +151,7 @@ def test_the_default_world_has_enough_disjoint_test_questions(seed):
     for name in ("train", "validation"):
         assert not held_out & {q.hops[0] for q in splits[name]}
 
+
 @pytest.fixture(scope="module")
 def quick_run(request, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("demo"))

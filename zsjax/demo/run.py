@@ -85,11 +85,11 @@ def settings_for(preset: str = "default") -> dict:
     type, one of few city names, easy to learn, so rollouts are right often enough for GRPO's
     groups of 8 to differ (DEMO.md). The simulator gets 1200 steps to memorise 150 people.
     The copy stage gets 1200 steps: its loss falls late and at a step that varies with the
-    world seed (seed 1: 0.26 after 700 steps, 33% of test names copied, and RL then did not
-    learn: F1 0.11 -> 0.19; 0.07 after 1200). The format stage gets 400: after 200, one-hop
-    rollouts on seed 1 answered with an entity of their documents 34% -> 54% of the time over
-    the 120 RL steps (seed 0: 37% -> 90%), and F1 ended at 0.37; after 400, 49% -> 74% and
-    F1 0.55."""
+    world seed (seed 1: loss 0.26 after 700 steps, 32% of test names copied, and RL then did
+    not learn: F1 0.11 -> 0.19; loss 0.07 after 1200 steps). The format stage gets 400: after
+    200, one-hop rollouts on seed 1 answered with an entity of their documents 34% -> 54% of
+    the time over the 120 RL steps (seed 0: 37% -> 90%), and F1 ended at 0.37; after 400,
+    49% -> 74% and F1 0.55."""
     s = {
         "world": {"people": 150, "cities": 16, "countries": 8},
         "model": {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
