@@ -329,6 +329,35 @@ def test_shrinking_batch_samples_what_the_whole_batch_does(hf_model_dir):
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_continuing_rows_kept_in_a_larger_batch_sample_what_a_smaller_batch_does(
+        hf_model_dir):
+    """select(rows, batch=B) keeps the continuing rows in a batch of B (padding rows beside
+    them; multi-turn rollouts with shrink_above=0 keep the first turn's batch, so later turns
+    reuse its compiled programs): the next turn samples the same tokens and logprobs as from
+    the smallest batch that holds them."""
+    from zsjax.sampling import continue_generate
+    path, _ = hf_model_dir(family="qwen2", tied=False)
+    config, params = load_hf(path)
+    prompts = [RAGGED[i % 4][:1 + i % 7] for i in range(20)]  # batch bucket 24
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=3)
+    _, session = continue_generate(config, params, prompts, session=None, shrink_above=0, **kw)
+    keep = [3, 17, 8, 0, 11]
+    chunk = [[40, 41 + i] for i in range(len(keep))]
+    kw2 = dict(max_new_tokens=8, temperature=1.0, seed=4, row_seeds=[7 * r for r in keep])
+    small = session.select(keep)
+    large = session.select(keep, batch=24)
+    assert small.cache.valid.shape[0] == 6 and large.cache.valid.shape[0] == 24
+    a, s_small = continue_generate(config, params, chunk, session=small, **kw2)
+    b, s_large = continue_generate(config, params, chunk, session=large, **kw2)
+    assert s_large.cache.valid.shape[0] == 24
+    assert a.tokens == b.tokens and a.finish_reasons == b.finish_reasons
+    for x, y in zip(a.logprobs, b.logprobs):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    np.testing.assert_array_equal(s_small.next_pos[:len(keep)], s_large.next_pos[:len(keep)])
+    with pytest.raises(ValueError, match="select"):  # a batch too small for the chunks
+        continue_generate(config, params, chunk + chunk, session=small, **kw)
+
+
 def test_row_seeds_are_any_python_int_modulo_2_to_the_32():
     from zsjax.sampling.sampler import _row_seeds
     assert _row_seeds([-1, 2 ** 32 + 1, 7], 3, 4).tolist() == [2 ** 32 - 1, 1, 7, 0]

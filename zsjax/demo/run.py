@@ -99,7 +99,7 @@ def settings_for(preset: str = "default") -> dict:
         "copy_steps": 1200, "copy_made_up": 0.5, "policy_steps": 400, "policy_batch": 32,
         "policy_lr": 2e-3,
         "rl_steps": 120, "questions": 16, "rollouts": 8, "rl_lr": 5e-4, "entropy_coef": 0.001,
-        "kl_coef": 0.1, "reward_kl_coef": 0.001, "rl_freeze": "embed",
+        "kl_coef": 0.1, "reward_kl_coef": 0.001, "rl_freeze": "embed", "rl_length_multiple": 16,
         "splits": (0.4, 0.1, 0.5),
     }
     if preset not in PRESETS:
@@ -113,7 +113,11 @@ def settings_for(preset: str = "default") -> dict:
                  model={"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                         "head_dim": 16, "d_ff": 256},
                  vocab=1024, docs=2, sim_steps=0, copy_steps=700, copy_lr=2e-3, policy_steps=150,
-                 policy_batch=16, policy_lr=3e-3, rl_steps=40, questions=8, rl_lr=1e-3)
+                 policy_batch=16, policy_lr=3e-3, rl_steps=40, questions=8, rl_lr=1e-3,
+                 # Update batches padded to 128 tokens (256 or 384): this model's update takes
+                 # 0.35 s, compiling one for a new width 4-5 s, and at 16 tokens a seed's 40
+                 # steps met three or four widths.
+                 rl_length_multiple=128)
     return s
 
 
@@ -362,7 +366,7 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     if paths["simulator"] is None:  # no simulator (`tiny`): the world's engine, registered
         c.backend.kind = ENGINE_KIND  # by `register_engine`
     c.data.train_path = paths["train"]
-    c.data.length_multiple = 16
+    c.data.length_multiple = s["rl_length_multiple"]
     # share_documents: as the demo was measured (identical searches of a step, such as a
     # question's rollouts searching its entity, get the same documents)
     c.simulator.update(temperature=0.5, max_new_tokens=16 * s["docs"], top_k_docs=s["docs"],

@@ -427,10 +427,11 @@ class DecodeSession:
     next_pos: np.ndarray
     last_slot: np.ndarray
 
-    def select(self, keep: Sequence[int], mesh=None) -> "DecodeSession":
-        """Keeps rows `keep` (in that order), padded to a batch bucket."""
+    def select(self, keep: Sequence[int], mesh=None, batch: int = 0) -> "DecodeSession":
+        """Keeps rows `keep` (in that order), padded to a batch bucket, or to `batch` rows when
+        that is larger (a batch size already in use: no new compiled programs)."""
         keep = list(keep)
-        b = _batch_size(len(keep), mesh)
+        b = max(_batch_size(len(keep), mesh), batch)
         idx = np.array(keep + [keep[0] if keep else 0] * (b - len(keep)), np.int32)
         cache = _take_rows(self.cache, jnp.asarray(idx))
         next_pos = self.next_pos[idx].copy()
@@ -509,9 +510,10 @@ def continue_generate(config: ModelConfig, params, chunks: Sequence[Sequence[int
     if session is None:
         session = DecodeSession(_new_cache(config, b, bucket(c + g, 64)), 0, n,
                                 np.zeros(b, np.int64), np.full(b, -1, np.int64))
-    if session.rows != n or session.cache.valid.shape[0] != b:
+    if session.rows != n or session.cache.valid.shape[0] < b:
         raise ValueError(f"session has {session.rows} rows (batch {session.cache.valid.shape[0]})"
                          f" but {n} chunks were given; select() the continuing rows first")
+    b = session.cache.valid.shape[0]  # select() may have kept a larger batch
     needed = session.index + c + g
     cache = session.cache
     if needed > cache.capacity:

@@ -154,7 +154,8 @@ MIN_SHARED_PREFIX = 32  # tokens: a shorter common prefix is prefilled with each
 
 class ModelTurnGenerator:
     """Generates turns with `zsjax.sampling`, re-prefilling or reusing the KV cache.
-    `shrink_above`: see `zsjax.sampling.generate` (0: the batch never shrinks).
+    `shrink_above`: see `zsjax.sampling.generate` (0: the batch never shrinks, from turn to
+    turn either).
 
     With KV reuse, the first turn prefills the rows' common prefix once (the policy prompt's
     instructions, 150 of SmolLM2's 170 prompt tokens) and copies its cache to every row, which
@@ -210,8 +211,11 @@ class ModelTurnGenerator:
             where = {r: k for k, r in enumerate(self._rows)}
             session = self._session.drop_last_token(
                 [where[r] for r, d in zip(inputs.rows, inputs.dropped_eos) if d])
+            # shrink_above 0: the continuing rows stay in a batch of the first turn's size, so
+            # every turn reuses the first turn's programs (a smaller batch compiles its own).
+            keep = self._session.cache.valid.shape[0] if self.shrink_above == 0 else 0
             session = session.select([where[r] for r in inputs.rows],
-                                     mesh=_mesh_of(self.params))
+                                     mesh=_mesh_of(self.params), batch=keep)
             chunks = inputs.new_tokens
         result, self._session = continue_generate(self.config, self.params, chunks,
                                                   session=session, **self._kwargs(inputs))
