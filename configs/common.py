@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict({"train_path": "", "eval_paths": "", "eval_limit": 0,
                                         "length_multiple": 64})
     # shrink_above: a decode batch of more rows than this continues its still-running rows in
-    # a smaller batch once half have finished (`zsjax.sampling.generate`); 0: never. It saves
+    # a smaller batch once half have finished (`zsjax.sampling.generate`); 0: never, and the
+    # rows that go on to a next turn stay in the first turn's batch size too. Shrinking saves
     # the finished rows' compute at the price of more compiled programs and row copies: worth
     # it for large models on a CPU, a loss for tiny ones (docs/PERFORMANCE.md).
     # The reference's lengths (docs/METHOD.md): the context is kept from the left at
