@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # A persistent compilation cache, through the environment so that the CLI tests' subprocesses
 # (training runs, resumed runs, the multi-process run) share it too. tests/run.sh (the README's
-# test command, and CI's) turns it off unless JAX_ENABLE_COMPILATION_CACHE=true: see there.
+# test command, and CI's) gives each run a fresh cache folder of its own unless
+# JAX_ENABLE_COMPILATION_CACHE is set: see there.
 _CACHE = os.environ.get("ZSJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zsjax"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "jax_compile"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")

@@ -12,12 +12,20 @@
 set -euo pipefail
 ZSJAX_EXTRAS="${ZSJAX_EXTRAS:-test}" source "$(dirname "${BASH_SOURCE[0]}")/../launch/env.sh"
 cd "$ZSJAX_ROOT"
-# Without JAX's persistent compilation cache (set JAX_ENABLE_COMPILATION_CACHE=true to use it):
-# each run compiles everything itself. Late in the suite's one long-lived process, XLA:CPU has
-# crashed on test_bfloat16_compute_trains_float32_weights's program, while serializing it for
-# the cache and, without the cache, while compiling it; that test now trains in a process of
-# its own.
-export JAX_ENABLE_COMPILATION_CACHE="${JAX_ENABLE_COMPILATION_CACHE:-false}"
+# JAX's persistent compilation cache in a fresh folder of this run's own (removed at the end):
+# a program that one test compiled (the tiny models recur across files), another test or a
+# CLI test's subprocess loads instead of compiling it again, and no earlier run's cache makes
+# a run faster or slower. The default suite on 2 cores: 577 s against 669 s without the cache
+# (docs/PERFORMANCE.md). JAX_ENABLE_COMPILATION_CACHE=false turns it off; =true uses
+# JAX_COMPILATION_CACHE_DIR (launch/env.sh: ~/.cache/zsjax/jax_compile), kept between runs.
+# XLA:CPU once crashed late in the suite's one long-lived process on
+# test_bfloat16_compute_trains_float32_weights's program, with and without the cache; that
+# test trains in a process of its own, and the suite runs in worker processes.
+if [[ -z "${JAX_ENABLE_COMPILATION_CACHE:-}" ]]; then
+  run_cache="$(mktemp -d "${TMPDIR:-/tmp}/zsjax_test_jax_cache.XXXXXX")"
+  export JAX_ENABLE_COMPILATION_CACHE=true JAX_COMPILATION_CACHE_DIR="$run_cache"
+  trap 'rm -rf "$run_cache"' EXIT
+fi
 args=()
 workers="${ZSJAX_TEST_WORKERS:-2}"
 for a in "$@"; do
@@ -31,4 +39,5 @@ done
 # suite (XLA:CPU has crashed late in one long-lived process). A worker that crashes fails its
 # test, and pytest's exit code says so.
 # pytest exits 5 when it collected nothing: that is a failure here, as is any other non-zero code.
-exec python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "${args[@]}"
+# (Not exec: the EXIT trap removes this run's compilation cache; set -e exits with pytest's code.)
+python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "${args[@]}"
