@@ -1,6 +1,6 @@
 """The demo end to end. `--preset tiny` on two world seeds, in the default suite: a 30-person
 world, a 64-wide policy trained from scratch, then RL against the world's engine; held-out F1
-must rise (about 5 minutes on 2 cores). `--quick` (a simulator fine-tuned from scratch, the
+must rise (about 3.5 minutes on 2 cores). `--quick` (a simulator fine-tuned from scratch, the
 curriculum, 70 RL steps; 10 to 30 minutes on 2 cores) is marked slow: `bash tests/run.sh
 --slow -k quick_demo`."""
 
@@ -46,9 +46,9 @@ def tiny_runs(request, tmp_path_factory):
 def test_tiny_demo_learns_on_two_seeds(tiny_runs):
     """On each seed the sampled training reward rises; held-out F1 with the engine rises by a
     clear margin on the two seeds' mean (15 test questions a seed: one is 0.067). Measured here
-    on a 2-core AMD EPYC: test F1 0.067 -> 0.333 (seed 0) and 0.000 -> 0.533 (seed 1). With the
+    on a 2-core AMD EPYC: test F1 0.267 -> 1.000 (seed 0) and 0.000 -> 0.467 (seed 1). With the
     CLI (one device, other float rounding) across world seeds 0-4 the reward rose on all five
-    (+0.06 to +0.60) and test F1 by 0.07 to 0.80 (docs/DEMO.md), so a seed that misses the
+    (+0.27 to +0.61) and test F1 by 0.20 to 0.69 (docs/DEMO.md), so a seed that misses the
     held-out bar after a change in float rounding is tolerated, a pipeline that does not learn
     is not."""
     gains = {}
