@@ -213,9 +213,9 @@ class ModelTurnGenerator:
                 [where[r] for r, d in zip(inputs.rows, inputs.dropped_eos) if d])
             # shrink_above 0: the continuing rows stay in a batch of the first turn's size, so
             # every turn reuses the first turn's programs (a smaller batch compiles its own).
-            keep = self._session.cache.valid.shape[0] if self.shrink_above == 0 else 0
+            batch = self._session.cache.valid.shape[0] if self.shrink_above == 0 else 0
             session = session.select([where[r] for r in inputs.rows],
-                                     mesh=_mesh_of(self.params), batch=keep)
+                                     mesh=_mesh_of(self.params), batch=batch)
             chunks = inputs.new_tokens
         result, self._session = continue_generate(self.config, self.params, chunks,
                                                   session=session, **self._kwargs(inputs))
