@@ -108,7 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
         # tokens/s of training all of them on a CPU, docs/PERFORMANCE.md).
         "freeze": "",
         # PPO's critic and GAE.
-        "critic_lr": 1e-5, "value_clip": 0.5, "gamma": 1.0, "lam": 1.0})
+        "critic_lr": 1e-5, "value_clip": 0.5, "gamma": 1.0, "lam": 1.0,
+        # PPO and REINFORCE++ (the algorithms with the KL in the reward): "group" subtracts
+        # each question's mean reward over its rollouts from the score before the returns are
+        # taken (REINFORCE++-baseline); "none" leaves the batch-wide whitening as the only
+        # baseline, as the reference does.
+        "score_baseline": "none",
+        # "loss": PPO and REINFORCE++ take the KL to the reference as a loss term (kl_coef x
+        # the kl_kind estimate, a per-token mean, as GRPO does; veRL's use_kl_loss) instead of
+        # in the reward; "" keeps each algorithm's own placement (zsjax.rl.algorithms.resolve)
+        "kl_placement": ""})
     c.train = ml_collections.ConfigDict({
         "steps": 200, "log_every": 10, "checkpoint_every": 50, "keep_checkpoints": 3,
         "tensorboard": True, "progress": True,

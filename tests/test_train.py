@@ -443,6 +443,9 @@ def test_other_bad_inputs(tmp_path):
 @pytest.mark.parametrize("key,value,match", [
     ("rl.kl_kind", "k9", r"rl.kl_kind='k9'; expected one of \('k1'"),
     ("rl.aggregation", "foo", "rl.aggregation='foo'"),
+    ("rl.score_baseline", "question", "rl.score_baseline='question'"),
+    ("rl.kl_placement", "reward", "rl.kl_placement='reward'"),
+    ("rl.score_baseline", "group", "is for ppo and reinforce_pp; grpo already"),
     ("policy.dtype", "float8", "policy.dtype='float8'"),
     ("simulator.style", "bogus", "simulator.style='bogus'"),
     ("rollout.top_p", 0.0, r"top_p must be in \(0, 1\]"),

@@ -204,6 +204,8 @@ def _check_values(config) -> None:
     rl, tc, ro = config.rl, config.train, config.rollout
     choices = [("rl.kl_kind", rl.kl_kind, KL_KINDS),
                ("rl.aggregation", rl.aggregation, AGGREGATIONS),
+               ("rl.score_baseline", rl.get("score_baseline", "none"),
+                algorithms.SCORE_BASELINES),
                ("simulator.style", config.simulator.style, PROMPT_STYLES)]
     for key, dtype in (("policy.dtype", config.policy.dtype),
                        ("policy.param_dtype", config.policy.param_dtype),
@@ -212,6 +214,11 @@ def _check_values(config) -> None:
     for key, value, allowed in choices:
         if value not in allowed:
             raise InputError(f"{key}={value!r}; expected one of {tuple(allowed)}")
+    if rl.get("score_baseline", "none") != "none" and rl.algorithm in ("grpo", "dr_grpo",
+                                                                        "rloo"):
+        raise InputError(f"rl.score_baseline={rl.score_baseline!r} is for ppo and "
+                         f"reinforce_pp; {rl.algorithm} already compares each rollout with its "
+                         "group")
     try:
         WandbSettings.from_config(tc.wandb).check("train.wandb")
     except ValueError as e:
@@ -270,7 +277,7 @@ def _check_batch(config, mesh) -> None:
     rl = config.rl
     if config.data.length_multiple < 1:
         raise InputError(f"data.length_multiple must be >= 1; got {config.data.length_multiple}")
-    algo = algorithms.get(rl.algorithm)
+    algo = algorithms.resolve(rl.algorithm, rl.get("kl_placement", ""))
     if rl.rollouts_per_question < algo.min_group_size:
         raise InputError(f"rl.algorithm={rl.algorithm!r} ({algo.description or 'registered'}) "
                          f"compares the rollouts of a question: set rl.rollouts_per_question >= "
@@ -333,7 +340,7 @@ def run(config, workdir: str, *, backend=None, generator=None) -> list[dict]:
     """
     rl = config.rl
     try:
-        algorithms.get(rl.algorithm)
+        algorithms.resolve(rl.algorithm, rl.get("kl_placement", ""))
         R.get_reward(rl.reward)
     except ValueError as e:
         raise InputError(f"config.{e}") from None
@@ -484,7 +491,7 @@ def _setup(config, workdir: str, backend):
         raise InputError(f"rl.questions_per_step={rl.questions_per_step} does not split over "
                          f"{jax.process_count()} processes")
     rollout_mesh, sim_mesh = _meshes(config, mesh)
-    algo = algorithms.get(rl.algorithm)
+    algo = algorithms.resolve(rl.algorithm, rl.get("kl_placement", ""))
     use_ref = algo.needs_reference(rl.kl_coef)
     tokenizers = _check_models(paths, external, use_ref)
     loop = TrainingLoop(

@@ -2,6 +2,7 @@
 (float64) implementation through the trainer's interface, exact zeros for all-equal groups,
 and names that are not registered."""
 
+import dataclasses
 import types
 
 import numpy as np
@@ -110,6 +111,29 @@ def test_advantages_match_numpy(name):
     assert np.all(np.asarray(adv)[MASK == 0] == 0)  # documents and padding get nothing
 
 
+@pytest.mark.parametrize("baseline", ["group", "group_norm"])
+@pytest.mark.parametrize("name", ["ppo", "reinforce_pp"])
+def test_score_baselines_are_the_reference_on_group_centred_rewards(name, baseline):
+    """rl.score_baseline="group": the same estimator on each reward minus its question's mean
+    (REINFORCE++-baseline); "group_norm": on GRPO's (r - mean) / (std + eps). Without it the
+    same rewards give other advantages."""
+    r = rng.random(Q * K)
+    centred = np.concatenate([row - row.mean() for row in _groups(r)])
+    if baseline == "group_norm":
+        centred = np.concatenate([(row - row.mean()) / (row.std(ddof=1) + RL.std_eps)
+                                  for row in _groups(r)])
+    x = _inputs(r)
+    rl = types.SimpleNamespace(**vars(RL), score_baseline=baseline)
+    adv, returns = algorithms.get(name).advantages(dataclasses.replace(x, rl=rl))
+    want = REFERENCES[name](dataclasses.replace(x, rewards=centred))
+    if name == "ppo":
+        want, want_returns = want
+        np.testing.assert_allclose(returns, want_returns, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(adv, want, rtol=1e-4, atol=1e-5)
+    plain, _ = algorithms.get(name).advantages(x)
+    assert np.abs(np.asarray(plain) - np.asarray(adv)).max() > 1e-2
+
+
 @pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
 @pytest.mark.parametrize("value", [2 / 7, 0.1, 1 / 3, 0.0, 1.0, 0.8571428])
 def test_all_equal_groups_get_exactly_zero(name, value):
@@ -129,6 +153,30 @@ def test_needs_reference_and_where_the_kl_goes():
     assert grpo.needs_reference(0.001) and not grpo.needs_reference(0.0)
     assert ppo.needs_reference(0.0) and ppo.critic and not grpo.critic
     assert grpo.loss_kl_coef(0.01) == 0.01 and ppo.loss_kl_coef(0.01) == 0.0
+
+
+@pytest.mark.parametrize("name", ["ppo", "reinforce_pp"])
+def test_kl_in_the_loss_takes_it_out_of_the_reward(name):
+    """rl.kl_placement="loss": the reward-KL algorithms become loss-KL ones (a reference only
+    when kl_coef > 0, the loss's coefficient kl_coef) and their advantages are the reference's
+    at reward-KL 0, with or without the reference's logprobs."""
+    algo = algorithms.resolve(name, "loss")
+    assert algo.kl == "loss" and algo.loss_kl_coef(0.1) == 0.1
+    assert algo.needs_reference(0.1) and not algo.needs_reference(0.0)
+    assert algorithms.resolve(name, "").kl == "reward"
+    assert algorithms.resolve("grpo", "loss") is algorithms.get("grpo")
+    x = _inputs(rng.random(Q * K))
+    x = dataclasses.replace(x, rl=types.SimpleNamespace(**vars(RL), kl_placement="loss"))
+    no_kl = dataclasses.replace(x, ref_logprobs=x.old_logprobs)  # k1 KL exactly 0
+    want = REFERENCES[name](no_kl)
+    for inputs in (x, dataclasses.replace(x, ref_logprobs=None)):
+        adv, returns = algo.advantages(inputs)
+        if name == "ppo":
+            np.testing.assert_allclose(returns, want[1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(adv, want[0] if name == "ppo" else want, rtol=1e-4,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="rl.kl_placement='reward'"):
+        algorithms.resolve(name, "reward")
 
 
 def test_unknown_names_and_bad_registrations():
