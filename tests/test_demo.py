@@ -220,13 +220,18 @@ def test_a_workdir_is_prepared_for_one_seed(tmp_path):
         demo._claim_workdir(workdir, 0, other)
 
 
-def test_reward_kl_algorithms_take_the_reference_kl_coefficient():
-    """PPO and REINFORCE++ put the KL in the reward, summed over every later token of a
-    return: the demo gives them ZeroSearch's 0.001 there (at GRPO's 0.1 in the loss they did
-    not learn); the algorithms with the KL in the loss keep 0.1."""
+def test_every_algorithm_takes_the_kl_in_the_loss_and_reward_kl_keeps_its_own_coefficient():
+    """The demo gives every algorithm GRPO's KL, 0.1 in the loss (PPO and REINFORCE++ through
+    rl.kl_placement: with the KL in the reward they settled on one search on some world
+    seeds). With the KL in the reward, summed over every later token of a return, they take
+    ZeroSearch's 0.001 (at 0.1 there they did not learn)."""
     from zsjax.demo import run as demo
-    s = demo.settings_for()
+    from zsjax.rl import algorithms
     paths = {"policy": "p", "simulator": "s", "train": "t.jsonl"}
-    kl = {a: demo.rl_config(s, paths, a, 0).rl.kl_coef
-          for a in ("grpo", "dr_grpo", "rloo", "ppo", "reinforce_pp")}
-    assert kl == {"grpo": 0.1, "dr_grpo": 0.1, "rloo": 0.1, "ppo": 0.001, "reinforce_pp": 0.001}
+    names = ("grpo", "dr_grpo", "rloo", "ppo", "reinforce_pp")
+    for placement, want in (("loss", [0.1] * 5), ("", [0.1, 0.1, 0.1, 0.001, 0.001])):
+        s = dict(demo.settings_for(), kl_placement=placement)
+        rl = {a: demo.rl_config(s, paths, a, 0).rl for a in names}
+        assert [rl[a].kl_coef for a in names] == want
+        where = [algorithms.resolve(a, rl[a].kl_placement).kl for a in names]
+        assert where == ["loss"] * 5 if placement else ["loss"] * 3 + ["reward"] * 2

@@ -65,12 +65,14 @@ def settings_for(preset: str = "default") -> dict:
     every two-hop question. An entropy bonus of 0.01 on top held the sampled reward at 0.44;
     0.001 reached 0.46-0.50 and test F1 0.77 (simulator) against 0.57.
 
-    `kl_coef` is for the algorithms with the KL in the loss (a per-token mean); those with it
-    in the reward (PPO, REINFORCE++) take `reward_kl_coef`, ZeroSearch's 0.001. There the KL
-    of every later token is summed into each token's return, so 0.1 outweighed the F1 reward
-    once the policy moved: REINFORCE++ on world seed 2 (its warm start, 120 steps) reached
-    held-out F1 0.857 / 0.857 (simulator / engine) at 0.001, GRPO 0.893 / 0.893 at 0.1
-    (docs/DEMO.md).
+    Every algorithm takes the KL to the warm start in the loss, `kl_coef` x a per-token mean
+    (`kl_placement`: PPO and REINFORCE++ would put it in the reward). With it in the reward
+    at ZeroSearch's 0.001 (`reward_kl_coef`, used with `kl_placement=""`), PPO and REINFORCE++
+    settled on one search per question on world seeds 0 and 1 and answered almost no two-hop
+    question (held-out engine F1 gains 25-79% of GRPO's); a per-question baseline, a lower lr
+    or a larger entropy bonus did not change that, the KL in the loss did (docs/DEMO.md,
+    #algorithms). In the reward the KL of every later token is summed into each token's
+    return, so GRPO's 0.1 there outweighed the F1 reward once the policy moved.
 
     Half the policy's copy-stage rows are about made-up names (`copy_made_up`, `copy_rows`).
     With the world's names alone the copy stage can learn a lookup of those names instead of
@@ -99,7 +101,8 @@ def settings_for(preset: str = "default") -> dict:
         "copy_steps": 1200, "copy_made_up": 0.5, "policy_steps": 400, "policy_batch": 32,
         "policy_lr": 2e-3,
         "rl_steps": 120, "questions": 16, "rollouts": 8, "rl_lr": 5e-4, "entropy_coef": 0.001,
-        "kl_coef": 0.1, "reward_kl_coef": 0.001, "rl_freeze": "embed", "rl_length_multiple": 16,
+        "kl_coef": 0.1, "reward_kl_coef": 0.001, "kl_placement": "loss", "score_baseline": "none",
+        "rl_freeze": "embed", "rl_length_multiple": 16,
         "splits": (0.4, 0.1, 0.5),
     }
     if preset not in PRESETS:
@@ -387,12 +390,14 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     # total rate over the warm-up as the 5 updates the demo was tuned with. 5 steps left the
     # quick demo's seed-0 gains at +0.07 / +0.07 (simulator / search engine), against
     # +0.25 / +0.18 with 2.
-    in_loss = algorithms.get(algorithm).kl == "loss"  # else in the reward (settings_for)
+    # else in the reward (settings_for)
+    in_loss = algorithms.resolve(algorithm, s["kl_placement"]).kl == "loss"
     kl_coef = s["kl_coef"] if in_loss else s["reward_kl_coef"]
     c.rl.update(algorithm=algorithm, questions_per_step=s["questions"],
                 rollouts_per_question=s["rollouts"], mini_batches=2, lr=s["rl_lr"],
                 kl_coef=kl_coef, entropy_coef=s["entropy_coef"], freeze=s["rl_freeze"],
-                critic_lr=s["rl_lr"], warmup_steps=2, old_logprobs="sampler")
+                critic_lr=s["rl_lr"], warmup_steps=2, old_logprobs="sampler",
+                score_baseline=s["score_baseline"], kl_placement=s["kl_placement"])
     c.train.update(steps=s["rl_steps"], log_every=10, checkpoint_every=25, progress=True,
                    eval_every=0)
     c.lock()
@@ -475,7 +480,8 @@ PREPARED = "prepared.json"  # the seed and stage settings a workdir's fine-tunes
 def _claim_workdir(workdir: str, seed: int, s: dict) -> None:
     mine = {"seed": seed, "settings": {k: v for k, v in s.items() if not k.startswith("rl_")
                                        and k not in ("questions", "rollouts", "entropy_coef",
-                                                     "kl_coef", "reward_kl_coef")}}
+                                                     "kl_coef", "reward_kl_coef",
+                                                     "score_baseline", "kl_placement")}}
     path = os.path.join(workdir, PREPARED)
     if os.path.exists(path):
         with open(path) as f:

@@ -15,7 +15,7 @@ import math
 
 # What a user can do about it (the ZeroSearch authors recommend REINFORCE when GRPO collapses).
 ADVICE = ("a sign of collapse: lower rl.lr, raise rl.kl_coef or rl.entropy_coef, or try "
-          "rl.algorithm=reinforce_pp")
+          "rl.algorithm=reinforce_pp with rl.kl_placement=loss")
 
 
 @dataclasses.dataclass
