@@ -445,7 +445,7 @@ def test_other_bad_inputs(tmp_path):
     ("rl.aggregation", "foo", "rl.aggregation='foo'"),
     ("rl.score_baseline", "question", "rl.score_baseline='question'"),
     ("rl.kl_placement", "reward", "rl.kl_placement='reward'"),
-    ("rl.score_baseline", "group", "is for ppo and reinforce_pp; grpo already"),
+    ("rl.score_baseline", "group", "is for the algorithms that score in the reward"),
     ("policy.dtype", "float8", "policy.dtype='float8'"),
     ("simulator.style", "bogus", "simulator.style='bogus'"),
     ("rollout.top_p", 0.0, r"top_p must be in \(0, 1\]"),

@@ -198,6 +198,11 @@ def _update_plan(rl) -> tuple[list[int], int]:
     return sizes, micro
 
 
+def _algorithm(rl) -> algorithms.Algorithm:
+    """The config's algorithm, with its KL where rl.kl_placement puts it."""
+    return algorithms.resolve(rl.algorithm, rl.get("kl_placement", ""))
+
+
 def _check_values(config) -> None:
     """The config's values that are not sizes of the step's batches, checked before anything
     runs: each would otherwise fail minutes in (after a rollout, at the first evaluation)."""
@@ -214,11 +219,11 @@ def _check_values(config) -> None:
     for key, value, allowed in choices:
         if value not in allowed:
             raise InputError(f"{key}={value!r}; expected one of {tuple(allowed)}")
-    if rl.get("score_baseline", "none") != "none" and rl.algorithm in ("grpo", "dr_grpo",
-                                                                        "rloo"):
-        raise InputError(f"rl.score_baseline={rl.score_baseline!r} is for ppo and "
-                         f"reinforce_pp; {rl.algorithm} already compares each rollout with its "
-                         "group")
+    if (rl.get("score_baseline", "none") != "none"
+            and algorithms.get(rl.algorithm).kl != "reward"):
+        raise InputError(f"rl.score_baseline={rl.score_baseline!r} is for the algorithms that "
+                         f"score in the reward (ppo, reinforce_pp); {rl.algorithm} has its own "
+                         "advantages")
     try:
         WandbSettings.from_config(tc.wandb).check("train.wandb")
     except ValueError as e:
@@ -277,7 +282,7 @@ def _check_batch(config, mesh) -> None:
     rl = config.rl
     if config.data.length_multiple < 1:
         raise InputError(f"data.length_multiple must be >= 1; got {config.data.length_multiple}")
-    algo = algorithms.resolve(rl.algorithm, rl.get("kl_placement", ""))
+    algo = _algorithm(rl)
     if rl.rollouts_per_question < algo.min_group_size:
         raise InputError(f"rl.algorithm={rl.algorithm!r} ({algo.description or 'registered'}) "
                          f"compares the rollouts of a question: set rl.rollouts_per_question >= "
@@ -340,7 +345,7 @@ def run(config, workdir: str, *, backend=None, generator=None) -> list[dict]:
     """
     rl = config.rl
     try:
-        algorithms.resolve(rl.algorithm, rl.get("kl_placement", ""))
+        _algorithm(rl)
         R.get_reward(rl.reward)
     except ValueError as e:
         raise InputError(f"config.{e}") from None
@@ -491,7 +496,7 @@ def _setup(config, workdir: str, backend):
         raise InputError(f"rl.questions_per_step={rl.questions_per_step} does not split over "
                          f"{jax.process_count()} processes")
     rollout_mesh, sim_mesh = _meshes(config, mesh)
-    algo = algorithms.resolve(rl.algorithm, rl.get("kl_placement", ""))
+    algo = _algorithm(rl)
     use_ref = algo.needs_reference(rl.kl_coef)
     tokenizers = _check_models(paths, external, use_ref)
     loop = TrainingLoop(

@@ -390,7 +390,7 @@ def rl_config(s: dict, paths: dict, algorithm: str, seed: int):
     # total rate over the warm-up as the 5 updates the demo was tuned with. 5 steps left the
     # quick demo's seed-0 gains at +0.07 / +0.07 (simulator / search engine), against
     # +0.25 / +0.18 with 2.
-    # else in the reward (settings_for)
+    # the KL in the loss (kl_coef), or in the reward (reward_kl_coef): settings_for
     in_loss = algorithms.resolve(algorithm, s["kl_placement"]).kl == "loss"
     kl_coef = s["kl_coef"] if in_loss else s["reward_kl_coef"]
     c.rl.update(algorithm=algorithm, questions_per_step=s["questions"],

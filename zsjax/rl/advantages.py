@@ -47,15 +47,6 @@ def rloo(rewards_qk: jax.Array) -> jax.Array:
     return jnp.where(same, 0.0, r - (r.sum(-1, keepdims=True) - r) / (k - 1))
 
 
-def group_centred(rewards_b: jax.Array, group_size: int) -> jax.Array:
-    """Each trajectory's reward minus the mean reward of its question's `group_size` rollouts
-    (groups of adjacent rows, as `AdvantageInputs.rewards` holds them). A per-question
-    baseline for the algorithms whose own baseline is shared by the whole batch: REINFORCE++
-    with it is REINFORCE++-baseline (Hu et al., 2025); with a group of one it is 0."""
-    r = rewards_b.astype(jnp.float32).reshape(-1, group_size)
-    return (r - r.mean(-1, keepdims=True)).reshape(-1)
-
-
 def masked_mean(x, mask, axis=None):
     return (x * mask).sum(axis) / jnp.maximum(mask.sum(axis), 1)
 

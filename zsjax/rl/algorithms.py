@@ -111,7 +111,9 @@ def resolve(name: str, kl_placement: str = "") -> Algorithm:
     if kl_placement not in KL_PLACEMENTS:
         raise ValueError(f"rl.kl_placement={kl_placement!r}; expected one of {KL_PLACEMENTS}")
     if kl_placement == "loss" and algorithm.kl == "reward":
-        return dataclasses.replace(algorithm, kl="loss")
+        def without_reward_kl(x: AdvantageInputs):  # no reference logprobs: no KL to subtract
+            return algorithm.advantages(dataclasses.replace(x, ref_logprobs=None))
+        return dataclasses.replace(algorithm, advantages=without_reward_kl, kl="loss")
     return algorithm
 
 
@@ -139,15 +141,9 @@ def _rloo(x: AdvantageInputs):
     return _per_sequence(A.rloo(x.rewards.reshape(-1, x.group_size)), x)
 
 
-def _reward_kl_coef(x: AdvantageInputs) -> float:
-    """The reward-KL algorithms' coefficient: rl.kl_coef, or 0 when rl.kl_placement moves the
-    KL into the loss (`resolve`)."""
-    return 0.0 if getattr(x.rl, "kl_placement", "") == "loss" else x.rl.kl_coef
-
-
 def _reward_kl(x: AdvantageInputs) -> jax.Array:
     """The k1 KL estimate on each policy token: what the reward-KL algorithms subtract (0
-    without a reference, when the KL is in the loss at coefficient 0)."""
+    without a reference's logprobs: `resolve` moved the KL into the loss)."""
     if x.ref_logprobs is None:
         return jnp.zeros_like(x.mask, dtype=jnp.float32)
     return L.kl_estimate(x.old_logprobs, x.ref_logprobs, "k1") * x.mask
@@ -158,28 +154,26 @@ SCORE_BASELINES = ("none", "group", "group_norm")
 
 def _scores(x: AdvantageInputs) -> jax.Array:
     """The sequence scores the reward-KL algorithms put on the last token: the rewards; with
-    `rl.score_baseline="group"` the rewards minus their question's mean reward; with
-    "group_norm" GRPO's group-normalised rewards."""
+    `rl.score_baseline="group"` the rewards minus their question's mean reward (Dr.GRPO's
+    advantages; with REINFORCE++ this is REINFORCE++-baseline); with "group_norm" GRPO's."""
     baseline = getattr(x.rl, "score_baseline", "none")
-    if baseline == "group":
-        return A.group_centred(x.rewards, x.group_size)
-    if baseline == "group_norm":
-        return A.group_normalized(x.rewards.reshape(-1, x.group_size),
-                                  eps=x.rl.std_eps).reshape(-1)
-    return x.rewards
+    if baseline == "none":
+        return x.rewards
+    return A.group_normalized(x.rewards.reshape(-1, x.group_size), eps=x.rl.std_eps,
+                              scale=baseline == "group_norm").reshape(-1)
 
 
 def _ppo(x: AdvantageInputs):
     # KL to the reference in the reward, GAE (skipping document tokens), whitened.
     token_rewards = (A.place_on_last_token(_scores(x), x.mask)
-                     - _reward_kl_coef(x) * _reward_kl(x))
+                     - x.rl.kl_coef * _reward_kl(x))
     adv, returns = A.gae(token_rewards, x.values, x.mask, gamma=x.rl.gamma, lam=x.rl.lam)
     return A.masked_whiten(adv, x.mask), returns
 
 
 def _reinforce_pp(x: AdvantageInputs):
     return A.reinforce_plus_plus(A.place_on_last_token(_scores(x), x.mask), _reward_kl(x),
-                                 x.mask, kl_coef=_reward_kl_coef(x)), None
+                                 x.mask, kl_coef=x.rl.kl_coef), None
 
 
 register("grpo", Algorithm(_grpo, min_group_size=2, description=(
