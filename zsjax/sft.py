@@ -134,14 +134,16 @@ def run(config, workdir: str) -> dict:
         for step in range(loop.start, tc.steps):
             position, tokens, attn, mask = next(stream)
             batch = U.sft_batch(tokens, attn, mask)
-            # One compiled step per (padded width, first position whose logits the loss needs).
+            # One compiled step per (padded width, first position whose logits the loss needs,
+            # length of the prefix every row shares: a templated prompt's, run once).
             width = tokens.shape[1]
-            key = (width, U.compiled_start(steps_fns, width, U.loss_start(mask)))
+            start = U.compiled_start(steps_fns, width, U.loss_start(mask))
+            key = (width, start, U.shared_prefix_length(tokens, attn, start))
             if key not in steps_fns:
                 steps_fns[key] = U.jit_step(U.supervised_step, state, batch, mesh=mesh,
                                             config=model_config, tx=tx, n_micro=tc.micro_batches,
-                                            remat=tc.remat, logits_from=key[1],
-                                            freeze=freeze)
+                                            remat=tc.remat, logits_from=start,
+                                            shared_prefix=key[2], freeze=freeze)
             state, m = U.run_step(steps_fns[key], state, batch)
             last = {"step": step + 1, **{k: round(v, 6) for k, v in m.items()}}
             loop.log(last)

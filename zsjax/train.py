@@ -425,11 +425,10 @@ def _run(config, workdir: str, backend, generator) -> list[dict]:
             trajs = _rollout_step(r, state, stream.next(), step, p, my_rows)
             t_rollout = time.perf_counter() - t0
             t1 = time.perf_counter()
-            batch, stats, logits_from = _training_batch(r, trajs, state, critic_state,
-                                                        to_global)
+            batch, stats, span = _training_batch(r, trajs, state, critic_state, to_global)
             t_logprobs = time.perf_counter() - t1
             t2 = time.perf_counter()
-            state, critic_state, updates = _updates(r, state, critic_state, batch, logits_from)
+            state, critic_state, updates = _updates(r, state, critic_state, batch, span)
             seconds = time.perf_counter() - t0
             record = _step_record(r, step, p, stats, updates, seconds, {
                 "time_rollout_s": t_rollout - r.simulator.seconds,
@@ -726,7 +725,8 @@ def _rollout_step(r: _Run, state, questions, step: int, p: float, my_rows: slice
 def _training_batch(r: _Run, trajs, state, critic_state, to_global):
     """The update's batch: rewards, padded tokens and masks, old and reference logprobs,
     values and advantages; with every process's per-trajectory statistics (by name) and the
-    first position whose logits the loss needs."""
+    first position whose logits the loss needs and the length of the prefix every row shares
+    (`U.shared_prefix_length`: the prompt template's tokens, run once a micro-batch)."""
     c, mesh, micro = r.config, r.mesh, r.micro
     answers, golden = [t.answer for t in trajs], [t.golden_answers for t in trajs]
     scores = R.score(answers, golden)
@@ -740,12 +740,14 @@ def _training_batch(r: _Run, trajs, state, critic_state, to_global):
     # process (rounded down, so steps with similar prompts share programs).
     logits_from = U.compiled_start(r.step_fns, width,
                                    -distributed.global_max(-U.loss_start(mask)))
+    prefix = -distributed.global_max(-U.shared_prefix_length(tokens, attn, logits_from))
     tokens, attn, mask = map(to_global, (tokens, attn, mask))
     temperature = r.loss_cfg.temperature
 
     def logprobs(params):
         return U.logprobs_pass(r.policy_config, params, tokens, attn, micro_batch=micro,
-                               temperature=temperature, mesh=mesh, logits_from=logits_from)
+                               temperature=temperature, mesh=mesh, logits_from=logits_from,
+                               shared_prefix=prefix)
     # the rollouts' own logprobs (0 off the policy's tokens), or recomputed
     old = to_global(sampled_lp) if c.rl.old_logprobs == "sampler" else logprobs(state.params)
     ref_params = _reference(r, state)
@@ -759,7 +761,7 @@ def _training_batch(r: _Run, trajs, state, critic_state, to_global):
     batch = U.Batch(tokens=tokens, attention_mask=attn, loss_mask=mask, old_logprobs=old,
                     advantages=adv, ref_logprobs=ref, old_values=old_values, returns=returns)
     jax.block_until_ready(batch)
-    return batch, stats, logits_from
+    return batch, stats, (logits_from, prefix)
 
 
 def _reference(r: _Run, state):
@@ -771,22 +773,23 @@ def _reference(r: _Run, state):
     return r.ref_params
 
 
-def _updates(r: _Run, state, critic_state, batch, logits_from):
+def _updates(r: _Run, state, critic_state, batch, span):
     """Epochs x mini-batches optimizer steps of the policy (and of the critic); one compiled
-    step per (width, first logits position, mini-batch size). Returns the new states and each
-    update's metrics."""
+    step per (width, first logits position, shared prefix, mini-batch size), `span` holding
+    the middle two. Returns the new states and each update's metrics."""
+    logits_from, prefix = span
     rl, metrics = r.config.rl, []
     for _ in range(rl.epochs):
         for i, size in enumerate(r.mb_sizes):
             lo = sum(r.mb_sizes[:i])
             mb = jax.tree.map(lambda x: x[lo:lo + size], batch)
             width = mb.tokens.shape[1]
-            key = (width, logits_from, size)
+            key = (width, logits_from, prefix, size)
             if key not in r.step_fns:
                 r.step_fns[key] = U.make_policy_step(
                     state, mb, config=r.policy_config, tx=r.tx, cfg=r.loss_cfg,
                     n_micro=size // r.micro, mesh=r.mesh, remat=rl.remat,
-                    logits_from=logits_from, freeze=r.freeze)
+                    logits_from=logits_from, shared_prefix=prefix, freeze=r.freeze)
             state, m = U.run_step(r.step_fns[key], state, mb)
             if critic_state is not None:
                 if ("critic", width, size) not in r.step_fns:

@@ -1,5 +1,6 @@
 """The policy/critic update: masks, exact accumulation, sharding, learning direction."""
 
+import dataclasses
 import functools
 import math
 
@@ -468,3 +469,93 @@ def test_values_pass_and_run_step_metrics():
     for key in ("policy_loss", "entropy", "kl", "clip_fraction", "grad_norm", "tokens_per_s"):
         assert np.isfinite(m[key]), key
     assert m["tokens"] == float(np.asarray(batch.attention_mask).sum()) and m["entropy"] > 0
+
+
+def _prefix_batch(seed=0, prefix=8):
+    """`_batch` with the first `prefix` tokens the same in every row and the loss from
+    position 10 on."""
+    b = _batch(seed)
+    tokens = np.asarray(b.tokens).copy()
+    tokens[:, :prefix] = tokens[0, :prefix]
+    loss = np.asarray(b.loss_mask).copy()
+    loss[:, :10] = 0
+    return b.replace(tokens=jnp.asarray(tokens), loss_mask=jnp.asarray(loss),
+                     advantages=b.advantages * loss)
+
+
+@pytest.mark.parametrize("variant", ["layers", "scan_layers", "lora"])
+def test_shared_prefix_is_the_same_function(variant):
+    """The prefix run once and broadcast (`shared_prefix`) gives the logprobs, the
+    entropies, the gradients and the supervised step of the full forward pass."""
+    from zsjax.models import lora
+    from zsjax.models.decoder import Decoder, stack_layers
+    config = CONFIG
+    params = _params()
+    if variant == "scan_layers":
+        config = dataclasses.replace(CONFIG, scan_layers=True)
+        params = stack_layers(params, CONFIG.n_layers)
+    if variant == "lora":
+        params = lora.attach(params, lora.LoraConfig(rank=4), jax.random.key(1))
+        params = params.replace(adapters=jax.tree.map(lambda a: a + 0.01, params.adapters))
+    batch = _prefix_batch()
+    model = Decoder(config)
+
+    def terms(p, prefix):
+        lp, ent = U.model_logprobs(model, p, batch.tokens, batch.attention_mask, 1.0, 8, prefix)
+        w = batch.attention_mask.astype(jnp.float32)
+        return (lp * w).sum() + 0.5 * (ent * w).sum(), (lp, ent)
+
+    (v0, (lp0, e0)), g0 = jax.value_and_grad(terms, has_aux=True)(params, 0)
+    (v8, (lp8, e8)), g8 = jax.value_and_grad(terms, has_aux=True)(params, 8)
+    attn = np.asarray(batch.attention_mask)
+    np.testing.assert_allclose(np.asarray(lp8)[attn], np.asarray(lp0)[attn], atol=2e-6)
+    np.testing.assert_allclose(np.asarray(e8)[attn], np.asarray(e0)[attn], atol=2e-6)
+    np.testing.assert_allclose(float(v8), float(v0), rtol=1e-6)
+    assert _rel(g0, g8) < 1e-5
+
+    if variant == "layers":
+        grad = jax.jit(functools.partial(U.policy_gradients, config=config, cfg=CFG, n_micro=2),
+                       static_argnames=("logits_from", "shared_prefix"))
+        (ga, ma), (gb, mb) = (grad(params, batch, logits_from=8, shared_prefix=k)
+                              for k in (0, 8))
+        assert _rel(ga, gb) < 1e-5
+        for name in ma:
+            np.testing.assert_allclose(ma[name], mb[name], rtol=1e-5, atol=1e-8)
+        passes = [U.logprobs_pass(config, params, batch.tokens, batch.attention_mask,
+                                  micro_batch=4, logits_from=8, shared_prefix=k) for k in (0, 8)]
+        np.testing.assert_allclose(np.asarray(passes[1]), np.asarray(passes[0]), atol=2e-6)
+        tx = U.make_optimizer(1e-3)
+        sft = U.sft_batch(batch.tokens, batch.attention_mask, batch.loss_mask)
+        (s0, n0), (s8, n8) = (
+            jax.jit(functools.partial(U.supervised_step, config=config, tx=tx, logits_from=8,
+                                      shared_prefix=k))(U.init_state(params, tx), sft)
+            for k in (0, 8))
+        np.testing.assert_allclose(n0["loss"], n8["loss"], rtol=1e-6)
+        assert _rel(s0.params, s8.params) < 1e-5
+        with pytest.raises(ValueError, match="shared_prefix"):
+            U.model_logprobs(model, params, batch.tokens, batch.attention_mask, 1.0, 4, 8)
+
+
+def test_shared_prefix_length_against_a_loop():
+    rng = np.random.default_rng(0)
+    tokens = np.tile(rng.integers(1, 50, 40), (3, 1))
+    mask = np.ones((3, 40), bool)
+    assert U.shared_prefix_length(tokens, mask, 38, 1) == 40 - 2  # capped by the limit
+    assert U.shared_prefix_length(tokens, mask, 38, 16) == 32
+    tokens[1, 21] += 1
+    assert U.shared_prefix_length(tokens, mask, 38, 1) == 21
+    assert U.shared_prefix_length(tokens, mask, 38, 16) == 16
+    mask[2, 5:] = False  # a padded row shares only its real tokens
+    assert U.shared_prefix_length(tokens, mask, 38, 1) == 5
+    assert U.shared_prefix_length(tokens, mask, 38, 8) == 0
+    for _ in range(50):
+        b, t = rng.integers(1, 5), rng.integers(2, 60)
+        tokens = np.tile(rng.integers(0, 3, t), (b, 1))
+        tokens[rng.random((b, t)) < 0.05] = 7
+        mask = np.arange(t)[None] < rng.integers(1, t + 1, (b, 1))
+        limit, multiple = int(rng.integers(0, t)), int(rng.choice([1, 4, 16]))
+        n = 0
+        while n < t and all(mask[r, n] and tokens[r, n] == tokens[0, n] for r in range(b)):
+            n += 1
+        assert U.shared_prefix_length(tokens, mask, limit, multiple) == (
+            min(n, limit) // multiple * multiple)

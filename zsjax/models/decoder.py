@@ -70,6 +70,18 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype: str | None
                    valid=jnp.zeros((batch, capacity), bool), index=jnp.zeros((), jnp.int32))
 
 
+def broadcast_cache(cache: KVCache, batch: int) -> KVCache:
+    """A one-row cache repeated for `batch` rows (a prefix every row shares). Under autodiff
+    the rows' gradients with respect to the prefix's keys and values are summed."""
+    axis = 1 if cache.k[0].ndim == 5 else 0  # scan_layers: [L, B, ...]
+
+    def rows(a):
+        return jnp.broadcast_to(a, a.shape[:axis] + (batch,) + a.shape[axis + 1:])
+    return KVCache(k=tuple(map(rows, cache.k)), v=tuple(map(rows, cache.v)),
+                   valid=jnp.broadcast_to(cache.valid, (batch,) + cache.valid.shape[1:]),
+                   index=cache.index)
+
+
 def _dense_init(axes):
     return nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
 
@@ -290,6 +302,8 @@ class Decoder(nn.Module):
                 raise ValueError(f"logits_positions {logits_positions} must satisfy 0 <= start "
                                  f"< stop <= {t} (the sequence length)")
             x = x[:, start:stop]
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + t)
         x = RMSNorm(c.rms_norm_eps, dt, jnp.dtype(c.param_dtype), name="final_norm")(x)
         if return_hidden:
             return x, cache
@@ -302,8 +316,6 @@ class Decoder(nn.Module):
                               dot_general=K.dot_general, name="lm_head")(x)
         logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"),
                                     self.mesh, self.rules)
-        if cache is not None:
-            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid, index=index + t)
         return logits, cache
 
 

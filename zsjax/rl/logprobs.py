@@ -13,7 +13,7 @@ import numpy as np
 from zsjax import sharding
 from zsjax.models import lora
 from zsjax.models.config import ModelConfig
-from zsjax.models.decoder import Decoder
+from zsjax.models.decoder import Decoder, broadcast_cache, init_cache
 
 
 def token_logprobs_from_logits(logits_btv, tokens_bt, temperature: float = 1.0,
@@ -35,20 +35,52 @@ def token_logprobs_from_logits(logits_btv, tokens_bt, temperature: float = 1.0,
 
 
 def model_logprobs(model, params, tokens_bt, attention_mask_bt, temperature: float = 1.0,
-                    logits_from: int = 0):
+                    logits_from: int = 0, shared_prefix: int = 0):
     """`token_logprobs_from_logits` of `model`'s forward pass, which computes logits at
     positions [logits_from, T - 1) only: a training batch needs none at its prompt's positions,
     and the lm_head and the loss over the vocabulary are a large part of a small model's step.
     Nothing about the sequence's other positions changes (attention still sees every token).
     `params` may be LoRA params (`zsjax.models.lora.LoraParams`): the adapted projections add
-    their adapters' outputs (`zsjax.models.lora.apply`)."""
+    their adapters' outputs (`zsjax.models.lora.apply`).
+
+    `shared_prefix` P (static, at most logits_from): every row holds the same P real tokens
+    first (`shared_prefix_length` finds P on the host). They go through the model once, as a
+    one-row prefill whose keys and values every row then attends to; the rows' own positions
+    run after it. The same function of the params as without P, gradients included: a
+    templated prompt (the search prompt is about 110 tokens) is most of a short trajectory's
+    compute."""
     t = tokens_bt.shape[1]
     if not 0 <= logits_from <= t - 2:
         raise ValueError(f"logits_from {logits_from} must be in [0, {t - 2}] for sequences of "
                          f"length {t}")
-    logits, _ = lora.apply(model, params, tokens_bt, positions(attention_mask_bt), None,
-                           attention_mask_bt, logits_positions=(logits_from, t - 1))
+    if not 0 <= shared_prefix <= logits_from:
+        raise ValueError(f"shared_prefix {shared_prefix} must be in [0, logits_from = "
+                         f"{logits_from}]")
+    pos = positions(attention_mask_bt)
+    if getattr(params, "dropout", 0.0):
+        shared_prefix = 0  # LoRA dropout: each row draws its own masks on the prefix too
+    if not shared_prefix:
+        logits, _ = lora.apply(model, params, tokens_bt, pos, None, attention_mask_bt,
+                               logits_positions=(logits_from, t - 1))
+        return token_logprobs_from_logits(logits, tokens_bt, temperature, logits_from)
+    p = shared_prefix
+    cache = init_cache(model.config, 1, t)
+    _, cache = lora.apply(model, params, tokens_bt[:1, :p], pos[:1, :p], cache,
+                          attention_mask_bt[:1, :p], return_hidden=True)
+    cache = broadcast_cache(cache, tokens_bt.shape[0])
+    logits, _ = lora.apply(model, params, tokens_bt[:, p:], pos[:, p:], cache,
+                           attention_mask_bt[:, p:], logits_positions=(logits_from - p, t - 1 - p))
     return token_logprobs_from_logits(logits, tokens_bt, temperature, logits_from)
+
+
+def shared_prefix_length(tokens_bt, attention_mask_bt, limit: int, multiple: int = 16) -> int:
+    """A `shared_prefix` for a host-side batch: the length of the real tokens every row
+    starts with, at most `limit` (the batch's logits_from), rounded down to a multiple of
+    `multiple` so that batches share a compiled step; 0 under `multiple` tokens."""
+    tokens, mask = np.asarray(tokens_bt), np.asarray(attention_mask_bt).astype(bool)
+    same = (tokens == tokens[:1]).all(axis=0) & mask.all(axis=0)
+    n = int(same.argmin()) if not same.all() else same.size
+    return min(n, limit) // multiple * multiple
 
 
 def _log_normalizer(z):
@@ -114,11 +146,12 @@ def compiled_start(compiled, width: int, start: int) -> int:
 
 def logprobs_pass(config: ModelConfig, params, tokens_bt, attention_mask_bt, *,
                   micro_batch: int, temperature: float = 1.0, mesh=None,
-                  rules=sharding.DEFAULT_RULES, logits_from: int = 0):
+                  rules=sharding.DEFAULT_RULES, logits_from: int = 0, shared_prefix: int = 0):
     """log p(tokens[t] | tokens[<t]) [B, T] computed micro-batch by micro-batch (a scan), for
-    the old and the reference policy; 0 at t <= logits_from (see `policy_gradients`)."""
+    the old and the reference policy; 0 at t <= logits_from (see `policy_gradients`;
+    `shared_prefix` as in `model_logprobs`)."""
     return _logprobs_jit(config, params, tokens_bt, attention_mask_bt, micro_batch, temperature,
-                         mesh, sharding.as_rules(rules), logits_from)
+                         mesh, sharding.as_rules(rules), logits_from, shared_prefix)
 
 
 def scan_micro_batches(fn, micro_batch: int, tokens, mask):
@@ -131,12 +164,12 @@ def scan_micro_batches(fn, micro_batch: int, tokens, mask):
     return out.reshape(tokens.shape)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
 def _logprobs_jit(config, params, tokens, mask, micro_batch, temperature, mesh, rules,
-                  logits_from):
+                  logits_from, shared_prefix):
     model = Decoder(config, mesh, rules)
 
     def fn(t, m):
-        return model_logprobs(model, params, t, m, temperature, logits_from)[0]
+        return model_logprobs(model, params, t, m, temperature, logits_from, shared_prefix)[0]
 
     return scan_micro_batches(fn, micro_batch, tokens, mask)
