@@ -505,8 +505,9 @@ def test_shared_prefix_is_the_same_function(variant):
         w = batch.attention_mask.astype(jnp.float32)
         return (lp * w).sum() + 0.5 * (ent * w).sum(), (lp, ent)
 
-    (v0, (lp0, e0)), g0 = jax.value_and_grad(terms, has_aux=True)(params, 0)
-    (v8, (lp8, e8)), g8 = jax.value_and_grad(terms, has_aux=True)(params, 8)
+    value_and_grad = jax.jit(jax.value_and_grad(terms, has_aux=True), static_argnums=1)
+    (v0, (lp0, e0)), g0 = value_and_grad(params, 0)
+    (v8, (lp8, e8)), g8 = value_and_grad(params, 8)
     attn = np.asarray(batch.attention_mask)
     np.testing.assert_allclose(np.asarray(lp8)[attn], np.asarray(lp0)[attn], atol=2e-6)
     np.testing.assert_allclose(np.asarray(e8)[attn], np.asarray(e0)[attn], atol=2e-6)
@@ -514,7 +515,7 @@ def test_shared_prefix_is_the_same_function(variant):
     assert _rel(g0, g8) < 1e-5
 
     if variant == "layers":
-        grad = jax.jit(functools.partial(U.policy_gradients, config=config, cfg=CFG, n_micro=2),
+        grad = jax.jit(functools.partial(U.policy_gradients, config=config, cfg=CFG),
                        static_argnames=("logits_from", "shared_prefix"))
         (ga, ma), (gb, mb) = (grad(params, batch, logits_from=8, shared_prefix=k)
                               for k in (0, 8))
