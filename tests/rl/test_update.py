@@ -406,6 +406,12 @@ def test_sharded_step_matches_single_device():
     # no logits at the prompt's positions (loss mask 0 at t < 6), sharded: the same gradient
     g8p, _ = jax.jit(functools.partial(grad, mesh=mesh, logits_from=5))(sharded_params, batch)
     assert _rel(g1, g8p) < 1e-5
+    # the shared prefix run once (one row, on every data shard), sharded: the same gradient
+    pbatch = _prefix_batch()
+    g1s, _ = jax.jit(grad)(params, pbatch)
+    g8s, _ = jax.jit(functools.partial(grad, mesh=mesh, logits_from=8, shared_prefix=8))(
+        sharded_params, pbatch)
+    assert _rel(g1s, g8s) < 1e-5
 
     # a whole step (AdamW), jitted with explicit shardings, vs the single-device step
     tx = U.make_optimizer(1e-3)
