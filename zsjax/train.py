@@ -753,7 +753,7 @@ def _training_batch(r: _Run, trajs, state, critic_state, to_global):
     ref_params = _reference(r, state)
     ref = logprobs(ref_params) if ref_params is not None else None
     old_values = (U.values_pass(r.policy_config, critic_state.params, tokens, attn,
-                                micro_batch=micro, mesh=mesh) * mask
+                                micro_batch=micro, mesh=mesh, shared_prefix=prefix) * mask
                   if critic_state is not None else None)
     adv, returns = r.algo.advantages(algorithms.AdvantageInputs(
         rewards=to_global(reward), group_size=c.rl.rollouts_per_question, mask=mask,
@@ -792,13 +792,13 @@ def _updates(r: _Run, state, critic_state, batch, span):
                     logits_from=logits_from, shared_prefix=prefix, freeze=r.freeze)
             state, m = U.run_step(r.step_fns[key], state, mb)
             if critic_state is not None:
-                if ("critic", width, size) not in r.step_fns:
-                    r.step_fns[("critic", width, size)] = U.jit_step(
+                critic_key = ("critic", width, prefix, size)
+                if critic_key not in r.step_fns:
+                    r.step_fns[critic_key] = U.jit_step(
                         U.critic_step, critic_state, mb, mesh=r.mesh, config=r.policy_config,
                         tx=r.critic_tx, cfg=r.loss_cfg, n_micro=size // r.micro,
-                        remat=rl.remat)
-                critic_state, cm = U.run_step(r.step_fns[("critic", width, size)],
-                                              critic_state, mb)
+                        remat=rl.remat, shared_prefix=prefix)
+                critic_state, cm = U.run_step(r.step_fns[critic_key], critic_state, mb)
                 m["nonfinite"] = max(m["nonfinite"], cm.pop("nonfinite"))
                 m.update(cm)
             metrics.append(m)

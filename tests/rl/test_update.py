@@ -460,6 +460,30 @@ def test_critic_values_are_aligned_to_actions():
     assert np.abs(v1[:, 11:] - v2[:, 11:]).max() > 0
 
 
+def test_critic_with_a_shared_prefix():
+    """Values after the shared prefix as without it (0 up to it: no loss reads them there);
+    the critic step the same. The prefix is most of the row (16 of 24 tokens)."""
+    params = _params()
+    batch = _prefix_batch(prefix=16, loss_from=18)
+    critic = U.init_critic(CONFIG, params)
+    critic["head"] = jax.tree.map(lambda x: x + 0.1, critic["head"])
+    full, cut = (np.asarray(U.values_pass(CONFIG, critic, batch.tokens, batch.attention_mask,
+                                          micro_batch=4, shared_prefix=k)) for k in (0, 16))
+    attn = np.asarray(batch.attention_mask)
+    np.testing.assert_allclose(cut[:, 17:][attn[:, 17:]], full[:, 17:][attn[:, 17:]],
+                               atol=2e-6)
+    assert not cut[:, :17].any()
+    batch = batch.replace(old_values=jnp.asarray(full) * batch.loss_mask,
+                          returns=batch.loss_mask * 0.5)
+    tx = U.make_optimizer(3e-3, weight_decay=0.0)
+    (s0, m0), (s8, m8) = (
+        jax.jit(functools.partial(U.critic_step, config=CONFIG, tx=tx, cfg=U.LossConfig(),
+                                  shared_prefix=k))(U.init_state(critic, tx), batch)
+        for k in (0, 16))
+    np.testing.assert_allclose(m0["value_loss"], m8["value_loss"], rtol=1e-6)
+    assert _rel(s0.params, s8.params) < 1e-5
+
+
 def test_values_pass_and_run_step_metrics():
     params = _params()
     batch = _batch(params=params)
@@ -477,14 +501,14 @@ def test_values_pass_and_run_step_metrics():
     assert m["tokens"] == float(np.asarray(batch.attention_mask).sum()) and m["entropy"] > 0
 
 
-def _prefix_batch(seed=0, prefix=8):
+def _prefix_batch(seed=0, prefix=8, loss_from=10):
     """`_batch` with the first `prefix` tokens the same in every row and the loss from
-    position 10 on."""
+    position `loss_from` on."""
     b = _batch(seed)
     tokens = np.asarray(b.tokens).copy()
     tokens[:, :prefix] = tokens[0, :prefix]
     loss = np.asarray(b.loss_mask).copy()
-    loss[:, :10] = 0
+    loss[:, :loss_from] = 0
     return b.replace(tokens=jnp.asarray(tokens), loss_mask=jnp.asarray(loss),
                      advantages=b.advantages * loss)
 

@@ -14,7 +14,7 @@ from zsjax import sharding
 from zsjax.models.config import ModelConfig
 from zsjax.models.decoder import Decoder
 from zsjax.rl import losses as L
-from zsjax.rl.logprobs import positions, scan_micro_batches
+from zsjax.rl.logprobs import after_prefix, scan_micro_batches
 from zsjax.rl.step import Batch, LossConfig, TrainState, gradient_step
 
 
@@ -42,22 +42,29 @@ def init_critic(config: ModelConfig, decoder_params) -> dict:
 
 
 def critic_values(config: ModelConfig, critic_params, tokens_bt, attention_mask_bt, *,
-                  mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False):
+                  mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False,
+                  shared_prefix: int = 0):
     """[B, T] values aligned to actions: entry t is V(tokens[:t]), the value of the state in
-    which token t was chosen (0 at t = 0), like the policy's logprobs and advantages."""
-    hidden, _ = Decoder(config, mesh, sharding.as_rules(rules), remat=remat).apply(
-        {"params": critic_params["decoder"]}, tokens_bt, positions(attention_mask_bt), None,
-        attention_mask_bt, return_hidden=True)
+    which token t was chosen (0 at t = 0), like the policy's logprobs and advantages.
+    `shared_prefix` P (static): the first P tokens are the same in every row and run once
+    (`zsjax.rl.logprobs.after_prefix`); entries t <= P are then 0 (a batch's loss starts
+    later)."""
+    hidden = after_prefix(Decoder(config, mesh, sharding.as_rules(rules), remat=remat),
+                          critic_params["decoder"], tokens_bt, attention_mask_bt, shared_prefix,
+                          return_hidden=True)
     v = ValueHead(config).apply({"params": critic_params["head"]}, hidden)
-    return jnp.concatenate([jnp.zeros_like(v[:, :1]), v[:, :-1]], axis=1)
+    return jnp.concatenate([jnp.zeros((v.shape[0], shared_prefix + 1), v.dtype), v[:, :-1]],
+                           axis=1)
 
 
 def critic_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg: LossConfig,
-                n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False):
-    """One optimizer step on the critic with the clipped value loss."""
+                n_micro: int = 1, mesh=None, rules=sharding.DEFAULT_RULES, remat: bool = False,
+                shared_prefix: int = 0):
+    """One optimizer step on the critic with the clipped value loss (`shared_prefix` as in
+    `critic_values`)."""
     def loss_fn(params, mb: Batch):
         values = critic_values(config, params, mb.tokens, mb.attention_mask, mesh=mesh,
-                               rules=rules, remat=remat)
+                               rules=rules, remat=remat, shared_prefix=shared_prefix)
         s, _ = L.value_loss(values, mb.old_values, mb.returns, mb.loss_mask,
                             clip=cfg.value_clip, mode=cfg.aggregation)
         return s, {"value_loss": s}
@@ -67,15 +74,18 @@ def critic_step(state: TrainState, batch: Batch, *, config: ModelConfig, tx, cfg
                          norm_key="critic_grad_norm")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _values_jit(config, critic_params, tokens, mask, micro_batch, mesh, rules):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _values_jit(config, critic_params, tokens, mask, micro_batch, mesh, rules, shared_prefix):
     return scan_micro_batches(
-        lambda t, m: critic_values(config, critic_params, t, m, mesh=mesh, rules=rules),
+        lambda t, m: critic_values(config, critic_params, t, m, mesh=mesh, rules=rules,
+                                   shared_prefix=shared_prefix),
         micro_batch, tokens, mask)
 
 
 def values_pass(config: ModelConfig, critic_params, tokens_bt, attention_mask_bt, *,
-                micro_batch: int, mesh=None, rules=sharding.DEFAULT_RULES):
-    """Critic values [B, T] computed micro-batch by micro-batch (a scan)."""
+                micro_batch: int, mesh=None, rules=sharding.DEFAULT_RULES,
+                shared_prefix: int = 0):
+    """Critic values [B, T] computed micro-batch by micro-batch (a scan; `shared_prefix` as
+    in `critic_values`)."""
     return _values_jit(config, critic_params, tokens_bt, attention_mask_bt, micro_batch, mesh,
-                       sharding.as_rules(rules))
+                       sharding.as_rules(rules), shared_prefix)

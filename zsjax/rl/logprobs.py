@@ -56,21 +56,29 @@ def model_logprobs(model, params, tokens_bt, attention_mask_bt, temperature: flo
     if not 0 <= shared_prefix <= logits_from:
         raise ValueError(f"shared_prefix {shared_prefix} must be in [0, logits_from = "
                          f"{logits_from}]")
-    pos = positions(attention_mask_bt)
     if getattr(params, "dropout", 0.0):
         shared_prefix = 0  # LoRA dropout: each row draws its own masks on the prefix too
-    if not shared_prefix:
-        logits, _ = lora.apply(model, params, tokens_bt, pos, None, attention_mask_bt,
-                               logits_positions=(logits_from, t - 1))
-        return token_logprobs_from_logits(logits, tokens_bt, temperature, logits_from)
+    logits = after_prefix(model, params, tokens_bt, attention_mask_bt, shared_prefix,
+                          logits_positions=(logits_from - shared_prefix, t - 1 - shared_prefix))
+    return token_logprobs_from_logits(logits, tokens_bt, temperature, logits_from)
+
+
+def after_prefix(model, params, tokens_bt, attention_mask_bt, shared_prefix: int, **kwargs):
+    """`model`'s output (logits, or hidden states with return_hidden=True) at positions
+    [shared_prefix, T), given `kwargs` for the model (positions in them count from
+    shared_prefix). The first shared_prefix tokens, the same real tokens in every row, run
+    once as a one-row prefill whose keys and values every row then attends to: the same
+    function of the params as the whole rows' forward pass, gradients included."""
+    pos = positions(attention_mask_bt)
     p = shared_prefix
-    cache = init_cache(model.config, 1, t)
+    if not p:
+        return lora.apply(model, params, tokens_bt, pos, None, attention_mask_bt, **kwargs)[0]
+    cache = init_cache(model.config, 1, tokens_bt.shape[1])
     _, cache = lora.apply(model, params, tokens_bt[:1, :p], pos[:1, :p], cache,
                           attention_mask_bt[:1, :p], return_hidden=True)
     cache = broadcast_cache(cache, tokens_bt.shape[0])
-    logits, _ = lora.apply(model, params, tokens_bt[:, p:], pos[:, p:], cache,
-                           attention_mask_bt[:, p:], logits_positions=(logits_from - p, t - 1 - p))
-    return token_logprobs_from_logits(logits, tokens_bt, temperature, logits_from)
+    return lora.apply(model, params, tokens_bt[:, p:], pos[:, p:], cache,
+                      attention_mask_bt[:, p:], **kwargs)[0]
 
 
 def shared_prefix_length(tokens_bt, attention_mask_bt, limit: int, multiple: int = 16) -> int:
