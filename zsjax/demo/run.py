@@ -88,8 +88,8 @@ def settings_for(preset: str = "default") -> dict:
     groups of 8 to differ (DEMO.md). The simulator gets 1200 steps to memorise 150 people.
     The copy stage gets 2400 steps: its loss falls late and at a step that varies with the
     world seed and with float rounding (seed 1: loss 0.26 after 700 steps, 32% of test names
-    copied, and RL then did not learn: F1 0.11 -> 0.19; loss 0.07 after 1200 steps; after a
-    change that only reordered float sums, 0.12 after 1200 steps and F1 0.03 -> 0.16). The
+    copied, and RL then did not learn: F1 0.11 -> 0.19; loss 0.07 after 1200 steps; with the
+    floats summed in another order, 0.12 after 1200 steps, 0.02 after 2400). The
     format stage gets 400: after 200, one-hop rollouts on seed 1 answered with an entity of
     their documents 34% -> 54% of the time over the 120 RL steps (seed 0: 37% -> 90%), and F1
     ended at 0.37; after 400, 49% -> 74% and F1 0.55."""
