@@ -68,7 +68,9 @@ def after_prefix(model, params, tokens_bt, attention_mask_bt, shared_prefix: int
     [shared_prefix, T), given `kwargs` for the model (positions in them count from
     shared_prefix). The first shared_prefix tokens, the same real tokens in every row, run
     once as a one-row prefill whose keys and values every row then attends to: the same
-    function of the params as the whole rows' forward pass, gradients included."""
+    function of the params as the whole rows' forward pass, gradients included. Not for LoRA
+    params with dropout, whose rows draw their own masks on the prefix too (`model_logprobs`
+    runs those whole; the critic holds plain params)."""
     pos = positions(attention_mask_bt)
     p = shared_prefix
     if not p:
