@@ -127,6 +127,37 @@ def test_the_copy_stage_copies_held_out_names(tiny_runs, seed):
     assert out["test"]["all"]["f1"] <= 0.2  # it searches and stops: no answers yet
 
 
+def test_answer_in_documents_counts_whole_words():
+    from types import SimpleNamespace as T
+    from zsjax.experiments.train_vs_test import answer_in_documents
+    docs = ["Doc 1: Broth Bikus was born in Laistain.", "Doc 1: Laistain is a city in Bastax."]
+    assert answer_in_documents(T(answer=" Laistain ", documents=docs))
+    assert answer_in_documents(T(answer="broth bikus", documents=docs))
+    assert answer_in_documents(T(answer="Bastax", documents=docs))  # the second search's
+    assert not answer_in_documents(T(answer="Laist", documents=docs))
+    assert not answer_in_documents(T(answer="Teatath", documents=docs))
+    assert not answer_in_documents(T(answer=None, documents=docs))
+    assert not answer_in_documents(T(answer="Laistain", documents=[]))
+
+
+def test_sampled_diagnostic_counts_answers_from_documents(tiny_runs):
+    """`--sampled K`: K rollouts a question at temperature 1; the warm start answers, and
+    some answers come from its documents, while the copy stage (search-only rows) never
+    answers at all."""
+    from zsjax.experiments import train_vs_test
+    workdir, s = tiny_runs[TINY_SEEDS[0]]
+    out = {}
+    for model in ("warm", "copy"):
+        train_vs_test.main(["--demo", workdir, "--model", model, "--sampled", "2"])
+        with open(os.path.join(workdir, f"train_vs_test_{model}_sampled.json")) as f:
+            out[model] = json.load(f)
+    assert out["warm"]["test"]["all"]["n"] == 2 * s["after_rl"]["search_engine"]["all"]["n"]
+    assert 0.0 < out["warm"]["train"]["all"]["answer_in_documents"] <= 1.0
+    assert out["copy"]["train"]["all"]["answer_in_documents"] == 0.0
+    with pytest.raises(SystemExit):
+        train_vs_test.main(["--workdir", workdir, "--sampled", "2"])
+
+
 def test_preset_and_quick_flags():
     with pytest.raises(SystemExit):
         R.main(["--workdir", "x", "--quick", "--preset", "tiny"])
