@@ -147,12 +147,13 @@ def test_sampled_diagnostic_counts_answers_from_documents(tiny_runs):
     from zsjax.experiments import train_vs_test
     workdir, s = tiny_runs[TINY_SEEDS[0]]
     out = {}
-    for model in ("warm", "copy"):
-        train_vs_test.main(["--demo", workdir, "--model", model, "--sampled", "2"])
+    for model, k in (("warm", "2"), ("copy", "1")):
+        train_vs_test.main(["--demo", workdir, "--model", model, "--sampled", k])
         with open(os.path.join(workdir, f"train_vs_test_{model}_sampled.json")) as f:
             out[model] = json.load(f)
     assert out["warm"]["test"]["all"]["n"] == 2 * s["after_rl"]["search_engine"]["all"]["n"]
     assert 0.0 < out["warm"]["train"]["all"]["answer_in_documents"] <= 1.0
+    assert out["copy"]["test"]["all"]["n"] == s["after_rl"]["search_engine"]["all"]["n"]
     assert out["copy"]["train"]["all"]["answer_in_documents"] == 0.0
     with pytest.raises(SystemExit):
         train_vs_test.main(["--workdir", workdir, "--sampled", "2"])
