@@ -140,6 +140,7 @@ def test_answer_in_documents_counts_whole_words():
     assert not answer_in_documents(T(answer="Laistain", documents=[]))
 
 
+@pytest.mark.slow  # about 55 s on 2 cores: three sampled passes over the tiny world
 def test_sampled_diagnostic_counts_answers_from_documents(tiny_runs):
     """`--sampled K`: K rollouts a question at temperature 1; the warm start answers, and
     some answers come from its documents, while the copy stage (search-only rows) never
