@@ -159,3 +159,29 @@ def test_copy_rows_with_made_up_names(world):
     assert {f for f in W.QUESTION_FORMS} <= {
         f for r in rows for f in forms
         if r["question"] == f.format(e=parse_action(r["segments"][0]["text"]).content)}
+
+
+def test_fact_rates_tell_knowing_the_world_from_reading_the_prompt(world):
+    questions = world.splits()["test"]
+    hops = sum(len(q.hops) for q in questions)
+
+    def engine(requests, noisy=False):
+        return [world.documents(r.query, noisy=noisy, k=3) for r in requests]
+
+    def from_prompt(requests):
+        # a backend that knows nothing by itself: it states the asked-for fact only when
+        # the question in its prompt names the entity searched for
+        out = []
+        for r in requests:
+            named = bool(r.question) and W.mentions(r.question, r.query)
+            out.append(f"Doc 1: {world.answer_fact(r.query)}" if named else "Doc 1: nothing")
+        return out
+
+    assert R.fact_rates(engine, world, questions) == {"alone": 1.0, "in_rollouts": 1.0}
+    assert R.fact_rates(lambda rs: engine(rs, noisy=True), world, questions) == {
+        "alone": 0.0, "in_rollouts": 0.0}
+    # a two-hop question names its person, not the city of its second hop
+    named = sum(W.mentions(q.question, e) for q in questions for e in q.hops)
+    assert 0 < named < hops
+    assert R.fact_rates(from_prompt, world, questions) == {"alone": 0.0,
+                                                            "in_rollouts": named / hops}
